@@ -1,0 +1,306 @@
+//! Where the key travels: a header (any name, quoted or bare) or a field of a JSON body.
+//!
+//! Servers disagree: the IETF draft wants `Idempotency-Key: "…"` (a Structured-Field string,
+//! quoted), Stripe and most frameworks take it bare, tower calls it `X-Tower-Idempotency-Key`,
+//! bencher wants an `idempotency_key` field in the JSON body. The carrier is a per-server setting.
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue, InvalidHeaderName};
+use reqwest::Request;
+use serde_json::Value;
+
+use crate::error::Error;
+use crate::key::IdempotencyKey;
+
+/// How a key is put on a request.
+///
+/// # Examples
+///
+/// ```
+/// use idempotent_retry::KeyCarrier;
+///
+/// let stripe = KeyCarrier::standard();                       // Idempotency-Key: 3f2a…
+/// let ietf = KeyCarrier::ietf();                             // Idempotency-Key: "3f2a…"
+/// let tower = KeyCarrier::header("X-Tower-Idempotency-Key").unwrap();
+/// let bencher = KeyCarrier::body_field("idempotency_key");   // {"idempotency_key":"3f2a…", …}
+/// # let _ = (stripe, ietf, tower, bencher);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyCarrier(Carrier);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Carrier {
+    Header { name: HeaderName, structured: bool },
+    BodyField(String),
+}
+
+/// The header most servers use.
+pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+
+impl KeyCarrier {
+    /// `Idempotency-Key`, bare (Stripe and most server frameworks).
+    pub fn standard() -> Self {
+        Self(Carrier::Header { name: HeaderName::from_static("idempotency-key"), structured: false })
+    }
+
+    /// `Idempotency-Key` as an IETF Structured-Field string, i.e. quoted (draft-ietf-httpapi-idempotency-key-header).
+    pub fn ietf() -> Self {
+        Self::standard().structured_field(true)
+    }
+
+    /// A header with any name, bare.
+    ///
+    /// # Errors
+    ///
+    /// If `name` is not a valid header name.
+    pub fn header(name: &str) -> Result<Self, InvalidHeaderName> {
+        Ok(Self(Carrier::Header { name: HeaderName::from_bytes(name.as_bytes())?, structured: false }))
+    }
+
+    /// A string field at the top level of a JSON object body.
+    pub fn body_field(name: impl Into<String>) -> Self {
+        Self(Carrier::BodyField(name.into()))
+    }
+
+    /// For a header carrier, sends the key as a Structured-Field string (`"…"`) when `on`.
+    /// No effect on a body-field carrier.
+    pub fn structured_field(mut self, on: bool) -> Self {
+        if let Carrier::Header { structured, .. } = &mut self.0 {
+            *structured = on;
+        }
+        self
+    }
+
+    /// The header name, for a header carrier.
+    pub fn header_name(&self) -> Option<&HeaderName> {
+        match &self.0 {
+            Carrier::Header { name, .. } => Some(name),
+            Carrier::BodyField(_) => None,
+        }
+    }
+
+    /// The body field name, for a body-field carrier.
+    pub fn field_name(&self) -> Option<&str> {
+        match &self.0 {
+            Carrier::BodyField(field) => Some(field),
+            Carrier::Header { .. } => None,
+        }
+    }
+
+    /// Whether this carrier puts the key in the body (and so needs a JSON object body).
+    pub fn in_body(&self) -> bool {
+        matches!(self.0, Carrier::BodyField(_))
+    }
+
+    /// The header value for `key`, quoted if this carrier uses Structured-Field strings.
+    pub fn header_value(&self, key: &IdempotencyKey) -> HeaderValue {
+        let text = match &self.0 {
+            Carrier::Header { structured: true, .. } => sf_quote(key.as_str()),
+            _ => key.as_str().to_owned(),
+        };
+        // Keys are printable ASCII, and quoting adds only '"' and '\\'.
+        HeaderValue::from_str(&text).expect("a validated key is a valid header value")
+    }
+
+    /// Reads the key a caller already put on the request, if any, and validates it against
+    /// `max_len`.
+    ///
+    /// `body` is the request body if it is in memory; for a body carrier the body must then be a
+    /// JSON object.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidKey`] if the key present is not valid; [`Error::InvalidRequest`] if the
+    /// body cannot carry a key.
+    pub fn existing_key(&self, headers: &HeaderMap, body: Option<&[u8]>, max_len: usize) -> Result<Option<IdempotencyKey>, Error> {
+        match &self.0 {
+            Carrier::Header { name, structured } => {
+                let Some(value) = headers.get(name) else { return Ok(None) };
+                let text = value.to_str().map_err(|_| {
+                    Error::InvalidRequest(format!("the `{name}` header set on the request is not visible ASCII"))
+                })?;
+                let raw = if *structured || text.starts_with('"') {
+                    sf_unquote(text).ok_or_else(|| {
+                        Error::InvalidRequest(format!("the `{name}` header set on the request is not a valid Structured-Field string"))
+                    })?
+                } else {
+                    text.to_owned()
+                };
+                Ok(Some(IdempotencyKey::with_max_len(raw, max_len)?))
+            }
+            Carrier::BodyField(field) => {
+                let object = json_object(field, body)?;
+                match object.get(field) {
+                    None => Ok(None),
+                    Some(Value::String(s)) => Ok(Some(IdempotencyKey::with_max_len(s.clone(), max_len)?)),
+                    Some(_) => Err(Error::InvalidRequest(format!("the body's `{field}` field is present but is not a string"))),
+                }
+            }
+        }
+    }
+
+    /// Puts `key` on `request`: sets the header, or rewrites the JSON body with the field added
+    /// (other fields keep their order).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidRequest`] if the carrier is a body field and the body is not a JSON object
+    /// held in memory.
+    pub fn attach(&self, request: &mut Request, key: &IdempotencyKey) -> Result<(), Error> {
+        match &self.0 {
+            Carrier::Header { name, .. } => {
+                request.headers_mut().insert(name.clone(), self.header_value(key));
+            }
+            Carrier::BodyField(field) => {
+                let body = request.body().map(|b| b.as_bytes());
+                let mut object = json_object(field, body.unwrap_or(Some(&[])))?;
+                object.insert(field.clone(), Value::String(key.as_str().to_owned()));
+                let bytes = serde_json::to_vec(&Value::Object(object)).expect("a JSON object serializes");
+                *request.body_mut() = Some(Bytes::from(bytes).into());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for KeyCarrier {
+    /// [`KeyCarrier::standard`].
+    fn default() -> Self {
+        Self::standard()
+    }
+}
+
+/// Parses `body` as a JSON object for a body-field carrier.
+fn json_object(field: &str, body: Option<&[u8]>) -> Result<serde_json::Map<String, Value>, Error> {
+    let Some(body) = body else {
+        return Err(Error::InvalidRequest(format!(
+            "the key goes in the JSON body field `{field}`, but the body is a stream, which cannot be read to add it"
+        )));
+    };
+    if body.is_empty() {
+        return Err(Error::InvalidRequest(format!(
+            "the key goes in the JSON body field `{field}`, but the request has no body; send a JSON object"
+        )));
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => Err(Error::InvalidRequest(format!(
+            "the key goes in the JSON body field `{field}`, but the body is a JSON {}, not an object",
+            json_kind(&other)
+        ))),
+        Err(e) => Err(Error::InvalidRequest(format!(
+            "the key goes in the JSON body field `{field}`, but the body is not JSON: {e}"
+        ))),
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// RFC 8941 sf-string serialization: `"` + (escaped `\` and `"`) + `"`.
+fn sf_quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+/// RFC 8941 sf-string parsing; `None` if malformed.
+fn sf_unquote(s: &str) -> Option<String> {
+    let inner = s.trim().strip_prefix('"')?.strip_suffix('"')?;
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next()? {
+                e @ ('"' | '\\') => out.push(e),
+                _ => return None,
+            },
+            '"' => return None,
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::DEFAULT_MAX_KEY_LEN;
+
+    fn key(s: &str) -> IdempotencyKey {
+        IdempotencyKey::new(s).unwrap()
+    }
+
+    #[test]
+    fn structured_field_round_trip() {
+        for raw in ["abc", r#"a"b"#, r"a\b", r#"\"\\"#] {
+            let quoted = sf_quote(raw);
+            assert_eq!(sf_unquote(&quoted).as_deref(), Some(raw), "{quoted}");
+        }
+        assert_eq!(sf_quote(r#"a"b"#), r#""a\"b""#);
+        assert_eq!(sf_unquote(r#""a"b""#), None);
+        assert_eq!(sf_unquote(r#""a\xb""#), None);
+        assert_eq!(sf_unquote("abc"), None);
+    }
+
+    #[test]
+    fn header_values() {
+        let k = key("k-1");
+        assert_eq!(KeyCarrier::standard().header_value(&k), "k-1");
+        assert_eq!(KeyCarrier::ietf().header_value(&k), "\"k-1\"");
+    }
+
+    #[test]
+    fn reads_a_users_header_quoted_or_not() {
+        let mut h = HeaderMap::new();
+        h.insert("idempotency-key", HeaderValue::from_static("\"user-1\""));
+        let got = KeyCarrier::ietf().existing_key(&h, None, DEFAULT_MAX_KEY_LEN).unwrap();
+        assert_eq!(got, Some(key("user-1")));
+        h.insert("idempotency-key", HeaderValue::from_static("user-2"));
+        let got = KeyCarrier::standard().existing_key(&h, None, DEFAULT_MAX_KEY_LEN).unwrap();
+        assert_eq!(got, Some(key("user-2")));
+        let too_long = KeyCarrier::standard().existing_key(&h, None, 3);
+        assert!(matches!(too_long, Err(Error::InvalidKey(_))));
+    }
+
+    #[test]
+    fn body_field_inserts_and_reads() {
+        let c = KeyCarrier::body_field("idempotency_key");
+        let mut req = Request::new(http::Method::POST, "http://x.test/".parse().unwrap());
+        *req.body_mut() = Some(r#"{"b":1,"a":2}"#.into());
+        c.attach(&mut req, &key("k-9")).unwrap();
+        let body = req.body().unwrap().as_bytes().unwrap();
+        // Field order is kept; the key is appended.
+        assert_eq!(std::str::from_utf8(body).unwrap(), r#"{"b":1,"a":2,"idempotency_key":"k-9"}"#);
+        assert_eq!(c.existing_key(req.headers(), Some(body), DEFAULT_MAX_KEY_LEN).unwrap(), Some(key("k-9")));
+    }
+
+    #[test]
+    fn body_field_rejects_what_cannot_carry_a_key() {
+        let c = KeyCarrier::body_field("idempotency_key");
+        for (body, needle) in [("[1,2]", "JSON array, not an object"), ("nope", "not JSON"), ("", "no body"), ("\"s\"", "JSON string")] {
+            let mut req = Request::new(http::Method::POST, "http://x.test/".parse().unwrap());
+            *req.body_mut() = Some(body.to_owned().into());
+            let err = c.attach(&mut req, &key("k")).unwrap_err();
+            assert!(err.to_string().contains(needle), "{body:?}: {err}");
+        }
+        let h = HeaderMap::new();
+        let err = c.existing_key(&h, Some(br#"{"idempotency_key":5}"#), 255).unwrap_err();
+        assert!(err.to_string().contains("not a string"), "{err}");
+    }
+}

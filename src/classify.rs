@@ -1,0 +1,430 @@
+//! Classification of one attempt: was it a success, a final answer, something to retry, or a
+//! refusal of the key? And, for a failure, may the request have been applied?
+//!
+//! The engine keeps three layers apart: a [`Classifier`] says what an attempt *was*
+//! ([`Verdict`]); the engine then *decides* (attempts left, deadline, budget, whether the request
+//! is safe to resend) and *sleeps* through an injected [`Sleeper`](crate::Sleeper). The classifier
+//! is replaceable; [`DefaultClassifier`] implements the table below.
+//!
+//! | attempt ended in | keyed request | idempotent method (GET, PUT, DELETE…) | keyless POST/PATCH |
+//! |---|---|---|---|
+//! | connection refused, DNS or TLS failure (not sent) | retry | retry | retry |
+//! | reset, EOF, timeout after sending (maybe applied) | retry | retry | stop: outcome unknown |
+//! | 429 | retry | retry | retry |
+//! | 502, 503, 504 | retry | retry | stop: outcome unknown |
+//! | 500 | retry | retry | stop: outcome unknown |
+//! | 409 in flight, 423 locked | retry | final | final |
+//! | 409 with mismatch text, 422, 417, 400 `idempotency_error` | key-reuse error | final | final |
+//! | a replayed 5xx | stop: replayed failure | – | – |
+//! | any other status | final | final | final |
+//!
+//! A 5xx or a gateway status means the server (or a proxy in front of it) may have processed the
+//! request, so for a keyless POST it is an unknown outcome, not a reason to resend. A 429 is a
+//! refusal before processing and is always safe to retry.
+
+use std::fmt;
+
+use http::{HeaderMap, Method, StatusCode};
+use reqwest::Request;
+
+/// What happened to the request when an attempt failed below HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Delivery {
+    /// The request never left: connection refused, DNS or TLS failure, connect timeout.
+    /// Always safe to send again.
+    NotSent,
+    /// The request may have reached the server: reset, EOF, incomplete response, or a timeout
+    /// after writing. Safe to send again only with a key, or for an idempotent method.
+    MaybeApplied,
+}
+
+/// The kind of transport failure, for decisions and for the `cause` field of traces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TransportCause {
+    /// The connection could not be established (refused, DNS, TLS).
+    Connect,
+    /// A timeout: the attempt timeout, or one set on the client.
+    Timeout,
+    /// The connection was reset or aborted.
+    Reset,
+    /// The connection closed before a complete response arrived.
+    Closed,
+    /// Any other failure.
+    Other,
+}
+
+impl TransportCause {
+    /// A short lowercase name, as used in traces.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportCause::Connect => "connect",
+            TransportCause::Timeout => "timeout",
+            TransportCause::Reset => "reset",
+            TransportCause::Closed => "closed",
+            TransportCause::Other => "transport",
+        }
+    }
+}
+
+impl fmt::Display for TransportCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an attempt should be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RetryKind {
+    /// Rate limited (429): refused before processing.
+    Throttled,
+    /// A gateway or availability failure (502, 503, 504).
+    Unavailable,
+    /// The server failed (500).
+    ServerError,
+    /// The first request with this key is still being processed (409, 423).
+    InFlight,
+    /// The exchange failed below HTTP.
+    Transport(TransportCause),
+}
+
+impl RetryKind {
+    /// A short lowercase name, as used in traces.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryKind::Throttled => "throttled",
+            RetryKind::Unavailable => "unavailable",
+            RetryKind::ServerError => "server_error",
+            RetryKind::InFlight => "in_flight",
+            RetryKind::Transport(cause) => cause.as_str(),
+        }
+    }
+}
+
+impl fmt::Display for RetryKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a classifier says about one attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Verdict {
+    /// Hand the response (or error) to the caller as it is: a success or a final answer.
+    Done,
+    /// A transient failure: retry if the engine's rules allow.
+    Retry {
+        /// Why.
+        kind: RetryKind,
+        /// Whether this attempt may have taken effect on the server. A keyless, non-idempotent
+        /// request that may have been applied is never resent.
+        may_have_been_applied: bool,
+    },
+    /// The server refused the key as reused with a different payload.
+    KeyReuse,
+}
+
+impl Verdict {
+    /// A retry verdict with the usual answer to "may it have been applied": no for a 429 or a
+    /// connect failure, yes for everything else.
+    pub fn retry(kind: RetryKind) -> Self {
+        let may_have_been_applied =
+            !matches!(kind, RetryKind::Throttled | RetryKind::Transport(TransportCause::Connect));
+        Verdict::Retry { kind, may_have_been_applied }
+    }
+}
+
+/// How one attempt ended, as shown to a [`Classifier`].
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub enum AttemptResult<'a> {
+    /// The server answered.
+    Response {
+        /// The status.
+        status: StatusCode,
+        /// The response headers.
+        headers: &'a HeaderMap,
+        /// The body, for responses with status 400 or above (read in full so the classifier can
+        /// look inside); `None` for other statuses, whose body is left streaming for the caller.
+        body: Option<&'a [u8]>,
+        /// Whether the server marked the response as a replay.
+        replayed: bool,
+    },
+    /// The exchange failed below HTTP.
+    Error {
+        /// The error.
+        error: &'a reqwest_middleware::Error,
+        /// Whether the request may have reached the server.
+        delivery: Delivery,
+        /// The kind of failure.
+        cause: TransportCause,
+    },
+}
+
+/// Everything a classifier may look at: the request, how the attempt ended, and which attempt
+/// it was.
+#[derive(Debug)]
+pub struct AttemptContext<'a> {
+    request: &'a Request,
+    attempt: u32,
+    keyed: bool,
+    result: AttemptResult<'a>,
+}
+
+impl<'a> AttemptContext<'a> {
+    /// A context for `request`'s attempt number `attempt` (1-based). Public so custom classifiers
+    /// can be unit-tested.
+    pub fn new(request: &'a Request, attempt: u32, keyed: bool, result: AttemptResult<'a>) -> Self {
+        Self { request, attempt, keyed, result }
+    }
+
+    /// The request as sent (key included).
+    pub fn request(&self) -> &'a Request {
+        self.request
+    }
+
+    /// The request method.
+    pub fn method(&self) -> &'a Method {
+        self.request.method()
+    }
+
+    /// 1 for the first attempt.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Whether the request carries an idempotency key.
+    pub fn is_keyed(&self) -> bool {
+        self.keyed
+    }
+
+    /// Whether the method is idempotent by HTTP semantics (GET, HEAD, OPTIONS, TRACE, PUT, DELETE).
+    pub fn is_idempotent(&self) -> bool {
+        self.request.method().is_idempotent()
+    }
+
+    /// How the attempt ended.
+    pub fn result(&self) -> AttemptResult<'a> {
+        self.result
+    }
+
+    /// The response status, if the server answered.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self.result {
+            AttemptResult::Response { status, .. } => Some(status),
+            AttemptResult::Error { .. } => None,
+        }
+    }
+
+    /// The response body, if it was read (status 400 or above).
+    pub fn body(&self) -> Option<&'a [u8]> {
+        match self.result {
+            AttemptResult::Response { body, .. } => body,
+            AttemptResult::Error { .. } => None,
+        }
+    }
+}
+
+/// Decides what an attempt was.
+///
+/// # Examples
+///
+/// A server that uses 422 for validation errors, not for key reuse:
+///
+/// ```
+/// use idempotent_retry::{classify_fn, Classifier, DefaultClassifier, IdempotentRetry, Verdict};
+///
+/// let classifier = classify_fn(|ctx| match ctx.status() {
+///     Some(s) if s.as_u16() == 422 => Verdict::Done,
+///     _ => DefaultClassifier.classify(ctx),
+/// });
+/// let middleware = IdempotentRetry::builder().classifier(classifier).build();
+/// # let _ = middleware;
+/// ```
+pub trait Classifier: Send + Sync {
+    /// Classifies one attempt.
+    fn classify(&self, attempt: &AttemptContext<'_>) -> Verdict;
+}
+
+/// Wraps a closure as a [`Classifier`].
+///
+/// A wrapper rather than a blanket impl for closures keeps type inference working at call sites.
+pub fn classify_fn<F>(f: F) -> ClassifyFn<F>
+where
+    F: Fn(&AttemptContext<'_>) -> Verdict + Send + Sync,
+{
+    ClassifyFn(f)
+}
+
+/// See [`classify_fn`].
+#[derive(Clone, Copy)]
+pub struct ClassifyFn<F>(F);
+
+impl<F> fmt::Debug for ClassifyFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClassifyFn(..)")
+    }
+}
+
+impl<F> Classifier for ClassifyFn<F>
+where
+    F: Fn(&AttemptContext<'_>) -> Verdict + Send + Sync,
+{
+    fn classify(&self, attempt: &AttemptContext<'_>) -> Verdict {
+        (self.0)(attempt)
+    }
+}
+
+/// The default classification (see the [module table](self)).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DefaultClassifier;
+
+impl DefaultClassifier {
+    /// Phrases by which servers say "this key was used with a different payload" in a 409
+    /// (brandur's design: "mismatch"; AWS: `IdempotentParameterMismatch`; Stripe: "same
+    /// parameters"). Matched case-insensitively.
+    pub const MISMATCH_PHRASES: &'static [&'static str] =
+        &["mismatch", "same parameters", "different parameters", "different payload", "different request"];
+
+    /// Whether a response body says the key was reused with another payload.
+    pub fn says_mismatch(body: &[u8]) -> bool {
+        let text = String::from_utf8_lossy(body).to_ascii_lowercase();
+        Self::MISMATCH_PHRASES.iter().any(|p| text.contains(p))
+    }
+
+    /// Whether a body carries Stripe's `idempotency_error` type.
+    pub fn says_idempotency_error(body: &[u8]) -> bool {
+        String::from_utf8_lossy(body).contains("idempotency_error")
+    }
+}
+
+impl Classifier for DefaultClassifier {
+    fn classify(&self, ctx: &AttemptContext<'_>) -> Verdict {
+        let keyed = ctx.is_keyed();
+        let (status, body) = match ctx.result() {
+            AttemptResult::Error { delivery, cause, error } => {
+                if cause == TransportCause::Other && !error.is_request() && !error.is_body() {
+                    // Builder, redirect or another middleware's error: nothing transient about it.
+                    return Verdict::Done;
+                }
+                return Verdict::Retry {
+                    kind: RetryKind::Transport(cause),
+                    may_have_been_applied: delivery == Delivery::MaybeApplied,
+                };
+            }
+            AttemptResult::Response { status, body, .. } => (status, body.unwrap_or_default()),
+        };
+        match status.as_u16() {
+            429 => Verdict::retry(RetryKind::Throttled),
+            502..=504 => Verdict::retry(RetryKind::Unavailable),
+            500 => Verdict::retry(RetryKind::ServerError),
+            409 if keyed && Self::says_mismatch(body) => Verdict::KeyReuse,
+            409 | 423 if keyed => Verdict::retry(RetryKind::InFlight),
+            422 | 417 if keyed => Verdict::KeyReuse,
+            400 if keyed && Self::says_idempotency_error(body) => Verdict::KeyReuse,
+            _ => Verdict::Done,
+        }
+    }
+}
+
+/// Works out how far a failed exchange got, from the error and its sources.
+pub(crate) fn categorize(error: &reqwest_middleware::Error) -> (Delivery, TransportCause) {
+    let reqwest_middleware::Error::Reqwest(e) = error else {
+        let timed_out = matches!(error, reqwest_middleware::Error::Middleware(m) if m.is::<AttemptTimedOut>());
+        return if timed_out {
+            (Delivery::MaybeApplied, TransportCause::Timeout)
+        } else {
+            (Delivery::MaybeApplied, TransportCause::Other)
+        };
+    };
+    if e.is_builder() {
+        return (Delivery::NotSent, TransportCause::Other);
+    }
+    if e.is_connect() {
+        return (Delivery::NotSent, if e.is_timeout() { TransportCause::Timeout } else { TransportCause::Connect });
+    }
+    if e.is_timeout() {
+        return (Delivery::MaybeApplied, TransportCause::Timeout);
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            match io.kind() {
+                ConnectionReset | ConnectionAborted | BrokenPipe => return (Delivery::MaybeApplied, TransportCause::Reset),
+                UnexpectedEof => return (Delivery::MaybeApplied, TransportCause::Closed),
+                _ => {}
+            }
+        }
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_closed())
+        {
+            return (Delivery::MaybeApplied, TransportCause::Closed);
+        }
+        source = err.source();
+    }
+    (Delivery::MaybeApplied, TransportCause::Other)
+}
+
+/// The engine's per-attempt timeout fired before response headers arrived.
+#[derive(Debug, thiserror::Error)]
+#[error("attempt timed out after {0:?} without a response")]
+pub(crate) struct AttemptTimedOut(pub(crate) std::time::Duration);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn _object_safe(_: &dyn Classifier) {}
+
+    fn classify(method: Method, keyed: bool, status: u16, body: &str) -> Verdict {
+        let req = Request::new(method, "http://example.test/x".parse().unwrap());
+        let headers = HeaderMap::new();
+        let result = AttemptResult::Response {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: &headers,
+            body: Some(body.as_bytes()),
+            replayed: false,
+        };
+        DefaultClassifier.classify(&AttemptContext::new(&req, 1, keyed, result))
+    }
+
+    #[test]
+    fn status_table() {
+        use Verdict::*;
+        let maybe = |kind| Retry { kind, may_have_been_applied: true };
+        #[rustfmt::skip]
+        let cases: &[(Method, bool, u16, &str, Verdict)] = &[
+            (Method::POST, true, 200, "", Done),
+            (Method::POST, true, 201, "", Done),
+            (Method::POST, true, 429, "", Retry { kind: RetryKind::Throttled, may_have_been_applied: false }),
+            (Method::POST, false, 429, "", Retry { kind: RetryKind::Throttled, may_have_been_applied: false }),
+            (Method::POST, true, 503, "", maybe(RetryKind::Unavailable)),
+            (Method::POST, true, 502, "", maybe(RetryKind::Unavailable)),
+            (Method::POST, true, 504, "", maybe(RetryKind::Unavailable)),
+            (Method::POST, false, 503, "", maybe(RetryKind::Unavailable)),
+            (Method::POST, true, 500, "", maybe(RetryKind::ServerError)),
+            (Method::POST, true, 409, r#"{"error":"request in progress"}"#, maybe(RetryKind::InFlight)),
+            (Method::POST, true, 409, "", maybe(RetryKind::InFlight)),
+            (Method::POST, true, 423, "locked", maybe(RetryKind::InFlight)),
+            (Method::POST, true, 409, "There was a MISMATCH between this request's parameters", KeyReuse),
+            (Method::POST, true, 409, "IdempotentParameterMismatch", KeyReuse),
+            (Method::POST, false, 409, "name already exists", Done),
+            (Method::POST, true, 422, "", KeyReuse),
+            (Method::POST, true, 417, "", KeyReuse),
+            (Method::POST, false, 422, "", Done),
+            (Method::POST, true, 400, r#"{"error":{"type":"idempotency_error"}}"#, KeyReuse),
+            (Method::POST, true, 400, r#"{"error":"bad field"}"#, Done),
+            (Method::POST, true, 404, "", Done),
+            (Method::POST, true, 501, "", Done),
+            (Method::GET, false, 503, "", maybe(RetryKind::Unavailable)),
+            (Method::GET, false, 409, "", Done),
+        ];
+        for (method, keyed, status, body, want) in cases {
+            assert_eq!(classify(method.clone(), *keyed, *status, body), *want, "{method} keyed={keyed} {status} {body:?}");
+        }
+    }
+}

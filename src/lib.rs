@@ -1,0 +1,95 @@
+//! Make non-idempotent HTTP writes safe to retry.
+//!
+//! `POST /cvms` whose response is lost: was the machine created? Retrying blindly creates a
+//! duplicate; not retrying turns every transient fault into a failed apply. This crate's
+//! [`IdempotentRetry`] layer for [`reqwest_middleware`] gives every POST and PATCH one
+//! [`IdempotencyKey`], minted once and sent unchanged on every attempt, retries what is
+//! transient within a deadline and a [retry budget](RetryBudget), and knows, for every failure,
+//! whether the request [may have been applied](Error::may_have_been_applied). A keyless write that
+//! may have been applied is never resent: the caller is told the outcome is unknown.
+//!
+//! ```
+//! use idempotent_retry::IdempotentRetry;
+//!
+//! let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+//!     .with(IdempotentRetry::new())
+//!     .build();
+//! # let _ = client;
+//! ```
+//!
+//! # The path of a request
+//!
+//! 1. **Key** ([`key`](IdempotencyKey), [`KeyCarrier`]): a key the caller set is kept; otherwise
+//!    one is taken from [`RequestOptions`] or minted. It is validated for this server (a bad key
+//!    is an error and nothing is sent) and put in a header or a JSON body field. The body bytes
+//!    are pinned: every attempt sends the same bytes and the same key.
+//! 2. **Attempt**: sent down the chain within the per-attempt timeout, clipped to the deadline.
+//!    Error responses (status ≥ 400) are read in full so they can be classified; the caller
+//!    still gets the whole response.
+//! 3. **Classify** ([`Classifier`], [`DefaultClassifier`]): done, retry (and whether it may have
+//!    been applied), or key reuse. Replays are recognised by [`ReplayDetector`].
+//! 4. **Decide**: attempts left, `Retry-After` as a floor under the [backoff](ExponentialBackoff)
+//!    and capped, the wait must fit the deadline, the budget must pay.
+//! 5. **Sleep** through the injected [`Sleeper`].
+//! 6. **Outcome**: the response carries a [`RetryOutcome`]; a failure is an [`Error`] that says
+//!    how many attempts were made, with which key, how the last ended, and whether the request
+//!    may have been applied.
+//!
+//! # Features
+//!
+//! - `backoff`: [`FromBackoff`] adapts a `backoff::backoff::Backoff` (from the unmaintained
+//!   `backoff` crate, RUSTSEC-2025-0012) as a delay schedule, for callers migrating from it.
+//!   Off by default.
+//!
+//! # Tracing
+//!
+//! One `idempotent_request` span per request (`method`, `host`, `key`, `attempts`, `replayed`,
+//! `outcome`) and one `attempt` span per attempt (`attempt`, `cause`, `delay_ms`, `replayed`).
+//! The `key` field is a [fingerprint](IdempotencyKey::fingerprint), never the key; headers,
+//! `Authorization` included, are never recorded.
+
+#![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod attempt;
+mod backoff;
+#[cfg(feature = "backoff")]
+mod backoff_compat;
+mod budget;
+mod carrier;
+mod classify;
+mod decide;
+mod error;
+mod key;
+mod middleware;
+mod options;
+mod outcome;
+mod policy;
+mod replay;
+mod retry_after;
+mod rng;
+mod time;
+
+pub use crate::backoff::{Backoff, BackoffFn, ExponentialBackoff, Jitter, backoff_fn};
+#[cfg(feature = "backoff")]
+pub use crate::backoff_compat::FromBackoff;
+pub use crate::budget::{RetryBudget, Withdrawal};
+pub use crate::carrier::{IDEMPOTENCY_KEY, KeyCarrier};
+pub use crate::classify::{
+    AttemptContext, AttemptResult, Classifier, ClassifyFn, DefaultClassifier, Delivery, RetryKind, TransportCause, Verdict,
+    classify_fn,
+};
+pub use crate::error::{Error, Failure, LastAttempt};
+pub use crate::key::{DEFAULT_MAX_KEY_LEN, IdempotencyKey, KeyError};
+pub use crate::middleware::{IdempotentRetry, IdempotentRetryBuilder};
+pub use crate::options::RequestOptions;
+pub use crate::outcome::RetryOutcome;
+pub use crate::policy::RetryPolicy;
+pub use crate::replay::ReplayDetector;
+pub use crate::retry_after::{parse_retry_after, retry_after};
+pub use crate::rng::{Random, SeededRng};
+pub use crate::time::{Clock, ManualClock, RecordingSleeper, Sleep, Sleeper, SystemClock, TokioSleeper};
+
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -1,0 +1,430 @@
+//! The retry layer: a `reqwest_middleware::Middleware` that keys, attempts, classifies, decides,
+//! sleeps and reports.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{Extensions, Method};
+use reqwest::{Request, Response};
+use reqwest_middleware::{Middleware, Next};
+use tracing::Instrument;
+use tracing::field::Empty;
+
+use crate::attempt::{self, Ended};
+use crate::budget::{RetryBudget, Withdrawal};
+use crate::carrier::KeyCarrier;
+use crate::classify::{AttemptContext, Classifier, DefaultClassifier, RetryKind, TransportCause, Verdict};
+use crate::decide::{Decision, Failed, Stop, decide};
+use crate::error::{Error, Failure};
+use crate::key::{DEFAULT_MAX_KEY_LEN, IdempotencyKey};
+use crate::options::RequestOptions;
+use crate::outcome::RetryOutcome;
+use crate::policy::RetryPolicy;
+use crate::replay::ReplayDetector;
+use crate::retry_after::retry_after;
+use crate::rng::{Random, SeededRng};
+use crate::time::{Clock, Sleeper, SystemClock, TokioSleeper};
+
+/// Makes non-idempotent writes safe to retry: one key per request, sent unchanged on every
+/// attempt; transient failures retried within a deadline and a budget; a keyless request that
+/// may have been applied never resent.
+///
+/// # Examples
+///
+/// ```
+/// use idempotent_retry::{IdempotentRetry, KeyCarrier, RetryPolicy};
+///
+/// let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+///     .with(
+///         IdempotentRetry::builder()
+///             .carrier(KeyCarrier::ietf())
+///             .policy(RetryPolicy::standard().max_attempts(8))
+///             .build(),
+///     )
+///     .build();
+/// # let _ = client;
+/// ```
+#[derive(Debug, Clone)]
+pub struct IdempotentRetry {
+    config: Arc<Config>,
+}
+
+#[derive(Clone)]
+struct Config {
+    policy: RetryPolicy,
+    carrier: KeyCarrier,
+    keyed_methods: Vec<Method>,
+    max_key_len: usize,
+    budget: Option<Arc<RetryBudget>>,
+    classifier: Arc<dyn Classifier>,
+    replay: ReplayDetector,
+    clock: Arc<dyn Clock>,
+    sleeper: Arc<dyn Sleeper>,
+    rng: Arc<dyn Random>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("policy", &self.policy)
+            .field("carrier", &self.carrier)
+            .field("keyed_methods", &self.keyed_methods)
+            .field("max_key_len", &self.max_key_len)
+            .field("budget", &self.budget)
+            .field("replay", &self.replay)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds an [`IdempotentRetry`]. Every setting has a default; see each method.
+#[derive(Debug, Clone)]
+pub struct IdempotentRetryBuilder {
+    config: Config,
+}
+
+impl IdempotentRetry {
+    /// The layer with every default: [`RetryPolicy::standard`], the `Idempotency-Key` header,
+    /// keys on POST and PATCH, a fresh [`RetryBudget`], [`DefaultClassifier`],
+    /// [`ReplayDetector::standard`], the system clock, tokio's timer, and jitter seeded from the
+    /// operating system.
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+
+    /// A builder starting from the defaults of [`new`](Self::new).
+    pub fn builder() -> IdempotentRetryBuilder {
+        IdempotentRetryBuilder {
+            config: Config {
+                policy: RetryPolicy::standard(),
+                carrier: KeyCarrier::standard(),
+                keyed_methods: vec![Method::POST, Method::PATCH],
+                max_key_len: DEFAULT_MAX_KEY_LEN,
+                budget: Some(Arc::new(RetryBudget::new())),
+                classifier: Arc::new(DefaultClassifier),
+                replay: ReplayDetector::standard(),
+                clock: Arc::new(SystemClock),
+                sleeper: Arc::new(TokioSleeper),
+                rng: Arc::new(SeededRng::from_entropy()),
+            },
+        }
+    }
+
+    /// The retry budget in use, if any.
+    pub fn budget(&self) -> Option<&Arc<RetryBudget>> {
+        self.config.budget.as_ref()
+    }
+}
+
+impl Default for IdempotentRetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl IdempotentRetryBuilder {
+    /// The retry policy (default [`RetryPolicy::standard`]). A request can override it with
+    /// [`RequestOptions`].
+    pub fn policy(mut self, policy: RetryPolicy) -> Self {
+        self.config.policy = policy;
+        self
+    }
+
+    /// Where the key goes (default [`KeyCarrier::standard`], a bare `Idempotency-Key` header).
+    pub fn carrier(mut self, carrier: KeyCarrier) -> Self {
+        self.config.carrier = carrier;
+        self
+    }
+
+    /// The methods that get a key minted (default POST and PATCH).
+    pub fn keyed_methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+        self.config.keyed_methods = methods.into_iter().collect();
+        self
+    }
+
+    /// The longest key this server accepts (default 255; AWS EC2 accepts 64). Longer keys given
+    /// by the caller are refused before sending.
+    pub fn max_key_len(mut self, max: usize) -> Self {
+        self.config.max_key_len = max;
+        self
+    }
+
+    /// A retry budget, possibly shared with other layers (default: a fresh
+    /// [`RetryBudget::new`] per layer).
+    pub fn budget(mut self, budget: Arc<RetryBudget>) -> Self {
+        self.config.budget = Some(budget);
+        self
+    }
+
+    /// Turns the retry budget off: only the policy bounds retries.
+    pub fn no_budget(mut self) -> Self {
+        self.config.budget = None;
+        self
+    }
+
+    /// The classifier (default [`DefaultClassifier`]).
+    pub fn classifier(mut self, classifier: impl Classifier + 'static) -> Self {
+        self.config.classifier = Arc::new(classifier);
+        self
+    }
+
+    /// How replays are recognised (default [`ReplayDetector::standard`]).
+    pub fn replay_detector(mut self, detector: ReplayDetector) -> Self {
+        self.config.replay = detector;
+        self
+    }
+
+    /// The clock (default [`SystemClock`]).
+    pub fn clock(mut self, clock: impl Clock + 'static) -> Self {
+        self.config.clock = Arc::new(clock);
+        self
+    }
+
+    /// The sleeper (default [`TokioSleeper`]).
+    pub fn sleeper(mut self, sleeper: impl Sleeper + 'static) -> Self {
+        self.config.sleeper = Arc::new(sleeper);
+        self
+    }
+
+    /// The jitter source (default [`SeededRng::from_entropy`]).
+    pub fn rng(mut self, rng: impl Random + 'static) -> Self {
+        self.config.rng = Arc::new(rng);
+        self
+    }
+
+    /// The layer.
+    pub fn build(self) -> IdempotentRetry {
+        IdempotentRetry { config: Arc::new(self.config) }
+    }
+}
+
+#[async_trait::async_trait]
+impl Middleware for IdempotentRetry {
+    async fn handle(&self, req: Request, extensions: &mut Extensions, next: Next<'_>) -> reqwest_middleware::Result<Response> {
+        let options = extensions.get::<RequestOptions>().cloned().unwrap_or_default();
+        self.config.execute(req, extensions, next, &options).await.map_err(reqwest_middleware::Error::middleware)
+    }
+}
+
+/// Per-request state of the attempt loop.
+struct Run {
+    key: Option<IdempotencyKey>,
+    attempts: u32,
+    total_delay: Duration,
+    may_have_been_applied: bool,
+    retry_after: Option<Duration>,
+}
+
+impl Run {
+    fn failure(&self, ended: Ended) -> Failure {
+        Failure {
+            attempts: self.attempts,
+            key: self.key.clone(),
+            may_have_been_applied: self.may_have_been_applied,
+            last: ended.into_last(),
+            retry_after: self.retry_after,
+            total_delay: self.total_delay,
+        }
+    }
+}
+
+impl Config {
+    async fn execute(&self, mut request: Request, extensions: &mut Extensions, next: Next<'_>, options: &RequestOptions) -> Result<Response, Error> {
+        // Key: validated and attached before anything is sent.
+        options.validate()?;
+        let policy = options.policy_or(&self.policy);
+        let key = self.prepare_key(&mut request, options)?;
+        let replayable = request.body().is_none_or(|b| b.as_bytes().is_some());
+        let resendable = key.is_some() || request.method().is_idempotent();
+        let host = budget_host(&request);
+        let span = tracing::info_span!(
+            "idempotent_request",
+            method = %request.method(),
+            host = %host,
+            key = key.as_ref().map(IdempotencyKey::fingerprint),
+            attempts = Empty,
+            replayed = Empty,
+            outcome = Empty,
+        );
+        // A stream goes out once, as is; the classifier sees a body-less copy of it.
+        let (template, mut stream) = if replayable { (request, None) } else { (without_body(&request), Some(request)) };
+        let mut run = Run { key, attempts: 0, total_delay: Duration::ZERO, may_have_been_applied: false, retry_after: None };
+        let mut withdrawal: Option<Withdrawal> = None;
+        let started = self.clock.now();
+
+        async move {
+            loop {
+                // Attempt, within what is left of the deadline.
+                let elapsed = since(started, self.clock.now());
+                let timeout = match (policy.get_attempt_timeout(), policy.get_deadline()) {
+                    (t, None) => t,
+                    (t, Some(deadline)) => Some(t.unwrap_or(Duration::MAX).min(deadline.saturating_sub(elapsed))),
+                };
+                let attempt_request = match stream.take() {
+                    Some(original) => original,
+                    None => template.try_clone().expect("only replayable requests are attempted more than once"),
+                };
+                run.attempts += 1;
+                let attempt_span =
+                    tracing::debug_span!("attempt", attempt = run.attempts, cause = Empty, delay_ms = Empty, replayed = Empty);
+                let ended = attempt::run(next.clone(), attempt_request, extensions, timeout).instrument(attempt_span.clone()).await;
+
+                // Classify.
+                let replayed = ended.headers().is_some_and(|h| self.replay.is_replayed(h));
+                let context = AttemptContext::new(&template, run.attempts, run.key.is_some(), ended.as_result(replayed));
+                let verdict = self.classifier.classify(&context);
+                attempt_span.record("cause", ended.cause()).record("replayed", replayed);
+                tracing::Span::current().record("attempts", run.attempts).record("replayed", replayed);
+
+                // Decide.
+                let kind = match verdict {
+                    Verdict::Done => return self.finish(ended, run, replayed, &host, withdrawal),
+                    Verdict::KeyReuse => {
+                        tracing::Span::current().record("outcome", "key_reuse");
+                        return Err(Error::KeyReuse(run.failure(ended)));
+                    }
+                    Verdict::Retry { kind, may_have_been_applied } => {
+                        run.may_have_been_applied |= may_have_been_applied;
+                        kind
+                    }
+                };
+                let now = self.clock.now();
+                let server_delay = ended.headers().and_then(|h| retry_after(h, now));
+                run.retry_after = server_delay.or(run.retry_after);
+                let failed = Failed {
+                    attempts: run.attempts,
+                    may_have_been_applied: matches!(verdict, Verdict::Retry { may_have_been_applied: true, .. }),
+                    replayed_server_error: replayed && ended.status().is_some_and(|s| s.is_server_error()),
+                    resendable,
+                    replayable,
+                    server_delay,
+                    elapsed: since(started, now),
+                };
+                let delay = match decide(&policy, &failed, &*self.rng) {
+                    Decision::Retry { delay } => delay,
+                    Decision::Stop(stop) => {
+                        tracing::Span::current().record("outcome", stop_name(stop));
+                        return Err(stop_error(stop, run.failure(ended)));
+                    }
+                };
+                if let Some(budget) = &self.budget {
+                    match budget.try_acquire(&host, kind == RetryKind::Transport(TransportCause::Timeout)) {
+                        Some(w) => withdrawal = Some(w),
+                        None => {
+                            tracing::Span::current().record("outcome", "budget_exhausted");
+                            return Err(Error::BudgetExhausted(run.failure(ended)));
+                        }
+                    }
+                }
+
+                // Sleep.
+                attempt_span.record("delay_ms", delay.as_millis() as u64);
+                tracing::debug!(
+                    parent: &attempt_span,
+                    attempt = run.attempts,
+                    cause = %ended.cause(),
+                    delay_ms = delay.as_millis() as u64,
+                    replayed,
+                    "retrying"
+                );
+                drop(ended);
+                self.sleeper.sleep(delay).await;
+                run.total_delay += delay;
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Settles the key: the one already on the request (never overwritten), the one in the
+    /// options, or a fresh one for keyed methods. Validates it and puts it on the request.
+    fn prepare_key(&self, request: &mut Request, options: &RequestOptions) -> Result<Option<IdempotencyKey>, Error> {
+        let wants_key = options.get_key().is_some() || (!options.is_keyless() && self.keyed_methods.contains(request.method()));
+        let existing = if self.carrier.in_body() && !wants_key {
+            None
+        } else {
+            let body = match request.body() {
+                None => Some(&[][..]),
+                Some(b) => b.as_bytes(),
+            };
+            self.carrier.existing_key(request.headers(), body, self.max_key_len)?
+        };
+        let key = match (existing, options.get_key()) {
+            (Some(have), Some(want)) if have != *want => {
+                return Err(Error::InvalidRequest(format!(
+                    "the request already carries idempotency key sha256:{} and RequestOptions sets another, sha256:{}",
+                    have.fingerprint(),
+                    want.fingerprint()
+                )));
+            }
+            (Some(have), _) => return Ok(Some(have)),
+            (None, Some(want)) => want.clone(),
+            (None, None) if wants_key => IdempotencyKey::random(),
+            (None, None) => return Ok(None),
+        };
+        key.check_max_len(self.max_key_len)?;
+        self.carrier.attach(request, &key)?;
+        Ok(Some(key))
+    }
+
+    /// Hands a final answer to the caller, with the outcome record attached.
+    fn finish(&self, ended: Ended, run: Run, replayed: bool, host: &str, withdrawal: Option<Withdrawal>) -> Result<Response, Error> {
+        let mut response = match ended {
+            Ended::Streaming(response) => response,
+            Ended::Buffered(buffered) => buffered.into_response(),
+            failed @ Ended::Failed { .. } => {
+                tracing::Span::current().record("outcome", "transport_error");
+                return Err(Error::Transport(run.failure(failed)));
+            }
+        };
+        if let Some(budget) = &self.budget {
+            budget.on_success(host, withdrawal);
+        }
+        tracing::Span::current().record("outcome", if replayed { "replayed" } else { "done" });
+        response.extensions_mut().insert(RetryOutcome {
+            attempts: run.attempts,
+            key: run.key,
+            replayed,
+            total_delay: run.total_delay,
+        });
+        Ok(response)
+    }
+}
+
+fn stop_error(stop: Stop, failure: Failure) -> Error {
+    match stop {
+        Stop::ReplayedFailure => Error::ReplayedFailure(failure),
+        Stop::OutcomeUnknown => Error::OutcomeUnknown(failure),
+        Stop::NotReplayable => Error::NotReplayable(failure),
+        Stop::AttemptsExhausted => Error::AttemptsExhausted(failure),
+        Stop::Deadline => Error::DeadlineExceeded(failure),
+    }
+}
+
+fn stop_name(stop: Stop) -> &'static str {
+    match stop {
+        Stop::ReplayedFailure => "replayed_failure",
+        Stop::OutcomeUnknown => "outcome_unknown",
+        Stop::NotReplayable => "not_replayable",
+        Stop::AttemptsExhausted => "attempts_exhausted",
+        Stop::Deadline => "deadline_exceeded",
+    }
+}
+
+fn since(start: SystemTime, now: SystemTime) -> Duration {
+    now.duration_since(start).unwrap_or(Duration::ZERO)
+}
+
+/// The budget is per host and port.
+fn budget_host(request: &Request) -> String {
+    let url = request.url();
+    format!("{}:{}", url.host_str().unwrap_or(""), url.port_or_known_default().unwrap_or(0))
+}
+
+/// A copy of `request` without its body, for classifiers to look at when the original (a
+/// stream) has been sent.
+fn without_body(request: &Request) -> Request {
+    let mut copy = Request::new(request.method().clone(), request.url().clone());
+    *copy.headers_mut() = request.headers().clone();
+    *copy.version_mut() = request.version();
+    copy
+}

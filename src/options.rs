@@ -1,0 +1,121 @@
+//! Per-request overrides, passed through request extensions.
+
+use crate::error::Error;
+use crate::key::IdempotencyKey;
+use crate::policy::RetryPolicy;
+
+/// Overrides for one request: a specific key, no key, no retries, or another policy.
+///
+/// Attach with `reqwest_middleware::RequestBuilder::with_extension`:
+///
+/// ```
+/// # async fn run(client: reqwest_middleware::ClientWithMiddleware) -> Result<(), Box<dyn std::error::Error>> {
+/// use idempotent_retry::{IdempotencyKey, RequestOptions, RetryPolicy};
+///
+/// let key = IdempotencyKey::new("deploy-3f2a9c1")?;
+/// client
+///     .post("http://127.0.0.1:9/deploy")
+///     .body("{}")
+///     .with_extension(RequestOptions::new().key(key).policy(RetryPolicy::standard().max_attempts(8)))
+///     .send()
+///     .await?;
+/// # Ok(()) }
+/// ```
+///
+/// Contradictory choices (a key and [`no_key`](Self::no_key); a policy and
+/// [`no_retry`](Self::no_retry)) are reported as [`Error::InvalidRequest`] when the request is
+/// sent, and nothing is sent.
+#[derive(Debug, Clone, Default)]
+pub struct RequestOptions {
+    key: Option<IdempotencyKey>,
+    no_key: bool,
+    policy: Option<RetryPolicy>,
+    no_retry: bool,
+}
+
+impl RequestOptions {
+    /// No overrides.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sends this key (instead of minting one), on any method.
+    pub fn key(mut self, key: IdempotencyKey) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// Sends no key, even on a method that normally gets one. A key the caller put on the request
+    /// themselves is still left alone: the layer never removes what the caller set.
+    pub fn no_key(mut self) -> Self {
+        self.no_key = true;
+        self
+    }
+
+    /// Uses this policy instead of the middleware's.
+    pub fn policy(mut self, policy: RetryPolicy) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+
+    /// Makes one attempt only ([`RetryPolicy::never`]).
+    pub fn no_retry(mut self) -> Self {
+        self.no_retry = true;
+        self
+    }
+
+    /// The explicit key, if any.
+    pub fn get_key(&self) -> Option<&IdempotencyKey> {
+        self.key.as_ref()
+    }
+
+    /// Whether minting a key is switched off.
+    pub fn is_keyless(&self) -> bool {
+        self.no_key
+    }
+
+    /// Checks the options for contradictions.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidRequest`] naming the two options that contradict each other.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.key.is_some() && self.no_key {
+            return Err(Error::InvalidRequest("RequestOptions sets both an explicit key and no_key()".into()));
+        }
+        if self.policy.is_some() && self.no_retry {
+            return Err(Error::InvalidRequest("RequestOptions sets both a policy and no_retry()".into()));
+        }
+        Ok(())
+    }
+
+    /// The policy these options select, given the middleware's default.
+    pub(crate) fn policy_or<'a>(&'a self, default: &'a RetryPolicy) -> std::borrow::Cow<'a, RetryPolicy> {
+        if self.no_retry {
+            std::borrow::Cow::Owned(RetryPolicy::never())
+        } else {
+            self.policy.as_ref().map_or(std::borrow::Cow::Borrowed(default), std::borrow::Cow::Borrowed)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contradictions_are_errors() {
+        let k = IdempotencyKey::new("k").unwrap();
+        assert!(RequestOptions::new().key(k.clone()).validate().is_ok());
+        assert!(RequestOptions::new().key(k).no_key().validate().is_err());
+        assert!(RequestOptions::new().policy(RetryPolicy::standard()).no_retry().validate().is_err());
+        assert!(RequestOptions::new().no_retry().no_key().validate().is_ok());
+    }
+
+    #[test]
+    fn no_retry_means_one_attempt() {
+        let std = RetryPolicy::standard();
+        assert_eq!(RequestOptions::new().no_retry().policy_or(&std).get_max_attempts(), 1);
+        assert_eq!(RequestOptions::new().policy_or(&std).get_max_attempts(), 5);
+    }
+}

@@ -1,0 +1,41 @@
+//! The record of how a response was obtained, attached to every response the layer returns.
+
+use std::time::Duration;
+
+use crate::key::IdempotencyKey;
+
+/// How a response was obtained: attempts, key, replay, time waited. Found in the response's
+/// extensions, for successes and final answers alike (so telemetry can count retries that
+/// ended well).
+///
+/// # Examples
+///
+/// ```
+/// # async fn run(client: reqwest_middleware::ClientWithMiddleware) -> Result<(), reqwest_middleware::Error> {
+/// use idempotent_retry::RetryOutcome;
+///
+/// let response = client.post("http://127.0.0.1:9/cvms").body("{}").send().await?;
+/// if let Some(outcome) = RetryOutcome::of(&response) {
+///     println!("{} attempt(s), replayed: {}", outcome.attempts, outcome.replayed);
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RetryOutcome {
+    /// Attempts made, the successful one included.
+    pub attempts: u32,
+    /// The key sent on every attempt, if the request had one.
+    pub key: Option<IdempotencyKey>,
+    /// Whether the server marked the final response as a replay of an earlier one.
+    pub replayed: bool,
+    /// Time spent waiting between attempts.
+    pub total_delay: Duration,
+}
+
+impl RetryOutcome {
+    /// The record attached to `response`, if it went through the layer.
+    pub fn of(response: &reqwest::Response) -> Option<&RetryOutcome> {
+        response.extensions().get::<RetryOutcome>()
+    }
+}

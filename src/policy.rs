@@ -1,0 +1,146 @@
+//! Retry policy: how many attempts, how long in total, how long each, and how long between.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backoff::{Backoff, ExponentialBackoff};
+
+/// How persistently to retry.
+///
+/// Start from a named preset and adjust:
+///
+/// ```
+/// use std::time::Duration;
+/// use idempotent_retry::{ExponentialBackoff, RetryPolicy};
+///
+/// let policy = RetryPolicy::standard()
+///     .max_attempts(8)
+///     .deadline(Duration::from_secs(120))
+///     .backoff(ExponentialBackoff::new(Duration::from_millis(500), Duration::from_secs(20)));
+/// assert_eq!(policy.get_max_attempts(), 8);
+/// ```
+#[derive(Clone)]
+pub struct RetryPolicy {
+    max_attempts: u32,
+    deadline: Option<Duration>,
+    attempt_timeout: Option<Duration>,
+    max_retry_after: Duration,
+    backoff: Arc<dyn Backoff>,
+}
+
+impl RetryPolicy {
+    /// The default policy:
+    ///
+    /// | setting | value | why |
+    /// |---|---|---|
+    /// | `max_attempts` | 5 | one first attempt and four retries, as go-retryablehttp; enough to ride out a proxy restart |
+    /// | `deadline` | 60 s | total time for the operation, sleeps included |
+    /// | `attempt_timeout` | 10 s | per attempt, further clipped to what remains of the deadline |
+    /// | `max_retry_after` | 30 s | a server's `Retry-After` is honoured up to this, never hours |
+    /// | `backoff` | [`ExponentialBackoff::STANDARD`] | 200 ms doubling to 10 s, full jitter |
+    pub fn standard() -> Self {
+        Self {
+            max_attempts: 5,
+            deadline: Some(Duration::from_secs(60)),
+            attempt_timeout: Some(Duration::from_secs(10)),
+            max_retry_after: Duration::from_secs(30),
+            backoff: Arc::new(ExponentialBackoff::STANDARD),
+        }
+    }
+
+    /// One attempt, no retries, no deadline or attempt timeout beyond the client's own.
+    ///
+    /// Keys are still minted and sent, so a retry by the caller, with the same key, is safe.
+    pub fn never() -> Self {
+        Self { max_attempts: 1, deadline: None, attempt_timeout: None, ..Self::standard() }
+    }
+
+    /// Sets the maximum number of attempts, the first included. Values below 1 count as 1: the
+    /// request is always sent once.
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// Sets the total time budget for the operation, sleeps included.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// Removes the total deadline: only `max_attempts` bounds the operation.
+    pub fn no_deadline(mut self) -> Self {
+        self.deadline = None;
+        self
+    }
+
+    /// Sets the timeout of one attempt (until the response headers arrive). It is clipped to
+    /// what remains of the deadline.
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = Some(timeout);
+        self
+    }
+
+    /// Removes the per-attempt timeout (the deadline, if any, still clips each attempt).
+    pub fn no_attempt_timeout(mut self) -> Self {
+        self.attempt_timeout = None;
+        self
+    }
+
+    /// Sets the most the engine will wait because a server said `Retry-After`.
+    pub fn max_retry_after(mut self, cap: Duration) -> Self {
+        self.max_retry_after = cap;
+        self
+    }
+
+    /// Sets the delay schedule.
+    pub fn backoff(mut self, backoff: impl Backoff + 'static) -> Self {
+        self.backoff = Arc::new(backoff);
+        self
+    }
+
+    /// The maximum number of attempts.
+    pub fn get_max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// The total deadline, if any.
+    pub fn get_deadline(&self) -> Option<Duration> {
+        self.deadline
+    }
+
+    /// The per-attempt timeout, if any.
+    pub fn get_attempt_timeout(&self) -> Option<Duration> {
+        self.attempt_timeout
+    }
+
+    /// The cap on server-directed waits.
+    pub fn get_max_retry_after(&self) -> Duration {
+        self.max_retry_after
+    }
+
+    /// The delay schedule.
+    pub fn get_backoff(&self) -> &dyn Backoff {
+        &*self.backoff
+    }
+}
+
+impl Default for RetryPolicy {
+    /// [`RetryPolicy::standard`].
+    fn default() -> Self {
+        Self::standard()
+    }
+}
+
+impl fmt::Debug for RetryPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryPolicy")
+            .field("max_attempts", &self.max_attempts)
+            .field("deadline", &self.deadline)
+            .field("attempt_timeout", &self.attempt_timeout)
+            .field("max_retry_after", &self.max_retry_after)
+            .field("backoff", &self.backoff)
+            .finish()
+    }
+}

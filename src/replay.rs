@@ -1,0 +1,87 @@
+//! Replay detection: did the server answer from its idempotency store?
+//!
+//! Stripe marks replays with `Idempotent-Replayed: true`; other servers spell it
+//! `Idempotency-Replayed`. Many servers do not mark replays at all (see the server variants in
+//! the README); for those the flag stays `false` and the caller must infer from the resource.
+
+use http::{HeaderMap, HeaderName};
+
+/// Recognises a replayed response by its headers.
+///
+/// # Examples
+///
+/// ```
+/// use http::HeaderMap;
+/// use idempotent_retry::ReplayDetector;
+///
+/// let mut headers = HeaderMap::new();
+/// headers.insert("idempotent-replayed", "true".parse().unwrap());
+/// assert!(ReplayDetector::standard().is_replayed(&headers));
+/// assert!(!ReplayDetector::none().is_replayed(&headers));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayDetector {
+    headers: Vec<HeaderName>,
+}
+
+impl ReplayDetector {
+    /// `Idempotent-Replayed` (Stripe) and `Idempotency-Replayed`.
+    pub fn standard() -> Self {
+        Self::headers([HeaderName::from_static("idempotent-replayed"), HeaderName::from_static("idempotency-replayed")])
+    }
+
+    /// Recognises replays by the given header names.
+    pub fn headers(names: impl IntoIterator<Item = HeaderName>) -> Self {
+        Self { headers: names.into_iter().collect() }
+    }
+
+    /// Never reports a replay.
+    pub fn none() -> Self {
+        Self { headers: Vec::new() }
+    }
+
+    /// Whether any marker header says "true" (`true`, `1`, or the Structured-Field boolean `?1`,
+    /// case-insensitively).
+    pub fn is_replayed(&self, headers: &HeaderMap) -> bool {
+        self.headers.iter().flat_map(|name| headers.get_all(name)).any(|value| {
+            value.to_str().is_ok_and(|v| {
+                let v = v.trim();
+                v.eq_ignore_ascii_case("true") || v == "1" || v == "?1"
+            })
+        })
+    }
+}
+
+impl Default for ReplayDetector {
+    /// [`ReplayDetector::standard`].
+    fn default() -> Self {
+        Self::standard()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values() {
+        let d = ReplayDetector::standard();
+        for (name, value, want) in [
+            ("idempotent-replayed", "true", true),
+            ("Idempotent-Replayed", "TRUE", true),
+            ("idempotency-replayed", "?1", true),
+            ("idempotency-replayed", "1", true),
+            ("idempotent-replayed", "false", false),
+            ("idempotent-replayed", "?0", false),
+            ("x-replayed", "true", false),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
+            assert_eq!(d.is_replayed(&h), want, "{name}: {value}");
+        }
+        let custom = ReplayDetector::headers([HeaderName::from_static("x-replayed")]);
+        let mut h = HeaderMap::new();
+        h.insert("x-replayed", "true".parse().unwrap());
+        assert!(custom.is_replayed(&h));
+    }
+}

@@ -35,7 +35,12 @@ pub(crate) struct Buffered {
 }
 
 /// Sends `request` down the chain, giving up after `timeout`.
-pub(crate) async fn run(next: Next<'_>, request: Request, extensions: &mut Extensions, timeout: Option<Duration>) -> Ended {
+pub(crate) async fn run(
+    next: Next<'_>,
+    request: Request,
+    extensions: &mut Extensions,
+    timeout: Option<Duration>,
+) -> Ended {
     let sent = next.run(request, extensions);
     let result = match timeout {
         Some(limit) => match tokio::time::timeout(limit, sent).await {
@@ -84,11 +89,15 @@ impl Ended {
     /// The view a classifier gets.
     pub(crate) fn as_result(&self, replayed: bool) -> AttemptResult<'_> {
         match self {
-            Ended::Streaming(r) => AttemptResult::Response { status: r.status(), headers: r.headers(), body: None, replayed },
+            Ended::Streaming(r) => {
+                AttemptResult::Response { status: r.status(), headers: r.headers(), body: None, replayed }
+            }
             Ended::Buffered(b) => {
                 AttemptResult::Response { status: b.status, headers: &b.headers, body: Some(&b.body), replayed }
             }
-            Ended::Failed { error, delivery, cause } => AttemptResult::Error { error, delivery: *delivery, cause: *cause },
+            Ended::Failed { error, delivery, cause } => {
+                AttemptResult::Error { error, delivery: *delivery, cause: *cause }
+            }
         }
     }
 
@@ -121,7 +130,9 @@ impl Ended {
     /// The attempt as the last one of a failure.
     pub(crate) fn into_last(self) -> LastAttempt {
         match self {
-            Ended::Streaming(r) => LastAttempt::Status { status: r.status(), headers: r.headers().clone(), body: Bytes::new() },
+            Ended::Streaming(r) => {
+                LastAttempt::Status { status: r.status(), headers: r.headers().clone(), body: Bytes::new() }
+            }
             Ended::Buffered(b) => LastAttempt::Status { status: b.status, headers: b.headers, body: b.body },
             Ended::Failed { error, cause, .. } => LastAttempt::Transport { cause, error },
         }

@@ -10,7 +10,7 @@ use reqwest::Request;
 use serde_json::Value;
 
 use crate::error::Error;
-use crate::key::IdempotencyKey;
+use crate::key::{IdempotencyKey, KeyError};
 
 /// How a key is put on a request.
 ///
@@ -112,16 +112,30 @@ impl KeyCarrier {
     ///
     /// [`Error::InvalidKey`] if the key present is not valid; [`Error::InvalidRequest`] if the
     /// body cannot carry a key.
-    pub fn existing_key(&self, headers: &HeaderMap, body: Option<&[u8]>, max_len: usize) -> Result<Option<IdempotencyKey>, Error> {
+    pub fn existing_key(
+        &self,
+        headers: &HeaderMap,
+        body: Option<&[u8]>,
+        max_len: usize,
+    ) -> Result<Option<IdempotencyKey>, Error> {
         match &self.0 {
             Carrier::Header { name, structured } => {
                 let Some(value) = headers.get(name) else { return Ok(None) };
-                let text = value.to_str().map_err(|_| {
-                    Error::InvalidRequest(format!("the `{name}` header set on the request is not visible ASCII"))
-                })?;
-                let raw = if *structured || text.starts_with('"') {
+                // Header values may carry bytes a key may not (obs-text, tabs): report them as a
+                // bad key, with the position, before anything else.
+                if let Some((position, &byte)) =
+                    value.as_bytes().iter().enumerate().find(|(_, b)| !(0x20..=0x7e).contains(*b))
+                {
+                    return Err(KeyError::InvalidByte { position, byte }.into());
+                }
+                let text = value.to_str().expect("checked to be visible ASCII or space");
+                // Quotes are syntax only for a Structured-Field carrier; for a bare one a `"` is
+                // part of the key.
+                let raw = if *structured && text.starts_with('"') {
                     sf_unquote(text).ok_or_else(|| {
-                        Error::InvalidRequest(format!("the `{name}` header set on the request is not a valid Structured-Field string"))
+                        Error::InvalidRequest(format!(
+                            "the `{name}` header set on the request is not a valid Structured-Field string"
+                        ))
                     })?
                 } else {
                     text.to_owned()
@@ -133,7 +147,9 @@ impl KeyCarrier {
                 match object.get(field) {
                     None => Ok(None),
                     Some(Value::String(s)) => Ok(Some(IdempotencyKey::with_max_len(s.clone(), max_len)?)),
-                    Some(_) => Err(Error::InvalidRequest(format!("the body's `{field}` field is present but is not a string"))),
+                    Some(_) => {
+                        Err(Error::InvalidRequest(format!("the body's `{field}` field is present but is not a string")))
+                    }
                 }
             }
         }
@@ -274,6 +290,17 @@ mod tests {
         h.insert("idempotency-key", HeaderValue::from_static("user-2"));
         let got = KeyCarrier::standard().existing_key(&h, None, DEFAULT_MAX_KEY_LEN).unwrap();
         assert_eq!(got, Some(key("user-2")));
+        // A bare IETF value is accepted as is; quotes are part of a key for a bare carrier.
+        assert_eq!(KeyCarrier::ietf().existing_key(&h, None, 255).unwrap(), Some(key("user-2")));
+        h.insert("idempotency-key", HeaderValue::from_static("\"q\""));
+        assert_eq!(KeyCarrier::standard().existing_key(&h, None, 255).unwrap(), Some(key("\"q\"")));
+        h.insert("idempotency-key", HeaderValue::from_bytes(b"cl\xc3\xa9").unwrap());
+        let err = KeyCarrier::standard().existing_key(&h, None, 255).unwrap_err();
+        assert!(matches!(err, Error::InvalidKey(KeyError::InvalidByte { position: 2, byte: 0xc3 })), "{err:?}");
+        h.insert("idempotency-key", HeaderValue::from_static("a b"));
+        let err = KeyCarrier::standard().existing_key(&h, None, 255).unwrap_err();
+        assert!(matches!(err, Error::InvalidKey(KeyError::InvalidByte { position: 1, byte: b' ' })), "{err:?}");
+        h.insert("idempotency-key", HeaderValue::from_static("user-2"));
         let too_long = KeyCarrier::standard().existing_key(&h, None, 3);
         assert!(matches!(too_long, Err(Error::InvalidKey(_))));
     }
@@ -293,7 +320,9 @@ mod tests {
     #[test]
     fn body_field_rejects_what_cannot_carry_a_key() {
         let c = KeyCarrier::body_field("idempotency_key");
-        for (body, needle) in [("[1,2]", "JSON array, not an object"), ("nope", "not JSON"), ("", "no body"), ("\"s\"", "JSON string")] {
+        for (body, needle) in
+            [("[1,2]", "JSON array, not an object"), ("nope", "not JSON"), ("", "no body"), ("\"s\"", "JSON string")]
+        {
             let mut req = Request::new(http::Method::POST, "http://x.test/".parse().unwrap());
             *req.body_mut() = Some(body.to_owned().into());
             let err = c.attach(&mut req, &key("k")).unwrap_err();

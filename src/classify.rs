@@ -4,23 +4,7 @@
 //! The engine keeps three layers apart: a [`Classifier`] says what an attempt *was*
 //! ([`Verdict`]); the engine then *decides* (attempts left, deadline, budget, whether the request
 //! is safe to resend) and *sleeps* through an injected [`Sleeper`](crate::Sleeper). The classifier
-//! is replaceable; [`DefaultClassifier`] implements the table below.
-//!
-//! | attempt ended in | keyed request | idempotent method (GET, PUT, DELETE…) | keyless POST/PATCH |
-//! |---|---|---|---|
-//! | connection refused, DNS or TLS failure (not sent) | retry | retry | retry |
-//! | reset, EOF, timeout after sending (maybe applied) | retry | retry | stop: outcome unknown |
-//! | 429 | retry | retry | retry |
-//! | 502, 503, 504 | retry | retry | stop: outcome unknown |
-//! | 500 | retry | retry | stop: outcome unknown |
-//! | 409 in flight, 423 locked | retry | final | final |
-//! | 409 with mismatch text, 422, 417, 400 `idempotency_error` | key-reuse error | final | final |
-//! | a replayed 5xx | stop: replayed failure | – | – |
-//! | any other status | final | final | final |
-//!
-//! A 5xx or a gateway status means the server (or a proxy in front of it) may have processed the
-//! request, so for a keyless POST it is an unknown outcome, not a reason to resend. A 429 is a
-//! refusal before processing and is always safe to retry.
+//! is replaceable; [`DefaultClassifier`] documents the default table.
 
 use std::fmt;
 
@@ -278,7 +262,24 @@ where
     }
 }
 
-/// The default classification (see the [module table](self)).
+/// The default classification. The table shows what happens with its verdicts; the "stop"
+/// entries are the engine's rules, which apply to any classifier.
+///
+/// | attempt ended in | keyed request | idempotent method (GET, PUT, DELETE…) | keyless POST/PATCH |
+/// |---|---|---|---|
+/// | connection refused, DNS or TLS failure (not sent) | retry | retry | retry |
+/// | reset, EOF, timeout after sending (maybe applied) | retry | retry | stop: outcome unknown |
+/// | 429 | retry | retry | retry |
+/// | 502, 503, 504 | retry | retry | stop: outcome unknown |
+/// | 500 | retry | retry | stop: outcome unknown |
+/// | 409 in flight, 423 locked | retry | final | final |
+/// | 409 with mismatch text, 422, 417, 400 `idempotency_error` | key-reuse error | final | final |
+/// | a replayed 5xx | stop: replayed failure | – | – |
+/// | any other status | final | final | final |
+///
+/// A 5xx or a gateway status means the server (or a proxy in front of it) may have processed the
+/// request, so for a keyless POST it is an unknown outcome, not a reason to resend. A 429 is a
+/// refusal before processing and is always safe to retry.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DefaultClassifier;
 
@@ -354,7 +355,9 @@ pub(crate) fn categorize(error: &reqwest_middleware::Error) -> (Delivery, Transp
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
             use std::io::ErrorKind::*;
             match io.kind() {
-                ConnectionReset | ConnectionAborted | BrokenPipe => return (Delivery::MaybeApplied, TransportCause::Reset),
+                ConnectionReset | ConnectionAborted | BrokenPipe => {
+                    return (Delivery::MaybeApplied, TransportCause::Reset);
+                }
                 UnexpectedEof => return (Delivery::MaybeApplied, TransportCause::Closed),
                 _ => {}
             }
@@ -424,7 +427,11 @@ mod tests {
             (Method::GET, false, 409, "", Done),
         ];
         for (method, keyed, status, body, want) in cases {
-            assert_eq!(classify(method.clone(), *keyed, *status, body), *want, "{method} keyed={keyed} {status} {body:?}");
+            assert_eq!(
+                classify(method.clone(), *keyed, *status, body),
+                *want,
+                "{method} keyed={keyed} {status} {body:?}"
+            );
         }
     }
 }

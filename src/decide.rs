@@ -116,7 +116,10 @@ mod tests {
         let secs = |s| Some(Duration::from_secs(s));
         assert_eq!(run(Failed { server_delay: secs(2), ..failed() }), retry_ms(2000));
         // Below the backoff: the backoff wins.
-        assert_eq!(run(Failed { attempts: 4, server_delay: Some(Duration::from_millis(50)), ..failed() }), retry_ms(800));
+        assert_eq!(
+            run(Failed { attempts: 4, server_delay: Some(Duration::from_millis(50)), ..failed() }),
+            retry_ms(800)
+        );
         // Above the cap: capped.
         assert_eq!(run(Failed { server_delay: secs(3600), ..failed() }), retry_ms(20_000));
     }

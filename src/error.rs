@@ -54,40 +54,40 @@ pub enum Error {
     /// have reached the server, so it was not resent. Whether it took effect is unknown: read
     /// the resource back to find out.
     #[error("outcome unknown after {attempts}: the request may have been applied and carries no idempotency key, so it was not resent", attempts = attempts(.0))]
-    OutcomeUnknown(#[source] Failure),
+    OutcomeUnknown(#[source] Box<Failure>),
 
     /// Every attempt allowed by the policy failed transiently.
     #[error("gave up after {attempts}", attempts = attempts(.0))]
-    AttemptsExhausted(#[source] Failure),
+    AttemptsExhausted(#[source] Box<Failure>),
 
     /// The deadline ran out, or the next wait (often the server's `Retry-After`) would not fit in
     /// what remained of it. The engine fails at once instead of sleeping and then failing.
     #[error("deadline exceeded after {attempts}{hint}", attempts = attempts(.0), hint = retry_after_hint(.0))]
-    DeadlineExceeded(#[source] Failure),
+    DeadlineExceeded(#[source] Box<Failure>),
 
     /// The shared retry budget for this host is empty (a sustained outage): no retry was made.
     #[error("retry budget exhausted after {attempts}; not retrying so as not to add load to a failing server", attempts = attempts(.0))]
-    BudgetExhausted(#[source] Failure),
+    BudgetExhausted(#[source] Box<Failure>),
 
     /// The server refused the key: it was used before with a different payload (422, 417, a
     /// 409 that says so, or Stripe's 400 `idempotency_error`). Retrying cannot help.
     #[error("the server rejected the idempotency key as reused with a different payload")]
-    KeyReuse(#[source] Failure),
+    KeyReuse(#[source] Box<Failure>),
 
     /// The server replayed a stored 5xx for this key. Every retry with the key would get it
     /// again, so the engine stopped.
     #[error("the server replayed a stored failure for this idempotency key; retrying it is futile")]
-    ReplayedFailure(#[source] Failure),
+    ReplayedFailure(#[source] Box<Failure>),
 
     /// The body is a stream that cannot be replayed, so the request was sent once and not
     /// retried after a transient failure.
     #[error("the request body is a stream and could not be replayed, so the request was not retried")]
-    NotReplayable(#[source] Failure),
+    NotReplayable(#[source] Box<Failure>),
 
     /// A transport failure the engine does not retry (e.g. a redirect loop or an error from
     /// another middleware).
     #[error("request failed after {attempts}", attempts = attempts(.0))]
-    Transport(#[source] Failure),
+    Transport(#[source] Box<Failure>),
 }
 
 fn attempts(f: &Failure) -> String {
@@ -120,7 +120,9 @@ impl Error {
     /// Gives `err` back unchanged when it did not come from this layer.
     pub fn from_middleware(err: reqwest_middleware::Error) -> Result<Error, reqwest_middleware::Error> {
         match err {
-            reqwest_middleware::Error::Middleware(e) => e.downcast::<Error>().map_err(reqwest_middleware::Error::Middleware),
+            reqwest_middleware::Error::Middleware(e) => {
+                e.downcast::<Error>().map_err(reqwest_middleware::Error::Middleware)
+            }
             other => Err(other),
         }
     }
@@ -153,7 +155,10 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Error::AttemptsExhausted(_) | Error::DeadlineExceeded(_) | Error::BudgetExhausted(_) | Error::NotReplayable(_)
+            Error::AttemptsExhausted(_)
+                | Error::DeadlineExceeded(_)
+                | Error::BudgetExhausted(_)
+                | Error::NotReplayable(_)
         )
     }
 

@@ -266,10 +266,7 @@ mod tests {
         for (key, want) in cases {
             assert_eq!(IdempotencyKey::new(*key).unwrap_err(), *want, "{key:?}");
         }
-        assert_eq!(
-            IdempotencyKey::new("k".repeat(256)).unwrap_err(),
-            KeyError::TooLong { len: 256, max: 255 }
-        );
+        assert_eq!(IdempotencyKey::new("k".repeat(256)).unwrap_err(), KeyError::TooLong { len: 256, max: 255 });
         assert_eq!(
             IdempotencyKey::with_max_len("k".repeat(65), 64).unwrap_err(),
             KeyError::TooLong { len: 65, max: 64 }
@@ -298,14 +295,8 @@ mod tests {
         // A change here changes every derived key ever issued.
         assert_eq!(k.as_str(), "4ac6a298-5f0e-5b46-a45c-57cc2c8a320f");
         assert_eq!(Uuid::parse_str(k.as_str()).unwrap().get_version_num(), 5);
-        assert_ne!(
-            IdempotencyKey::derive(&ns, "s", &["ab", "c"]),
-            IdempotencyKey::derive(&ns, "s", &["a", "bc"])
-        );
-        assert_ne!(
-            IdempotencyKey::derive(&ns, "tenant-a", &["op"]),
-            IdempotencyKey::derive(&ns, "tenant-b", &["op"])
-        );
+        assert_ne!(IdempotencyKey::derive(&ns, "s", &["ab", "c"]), IdempotencyKey::derive(&ns, "s", &["a", "bc"]));
+        assert_ne!(IdempotencyKey::derive(&ns, "tenant-a", &["op"]), IdempotencyKey::derive(&ns, "tenant-b", &["op"]));
         assert_ne!(IdempotencyKey::derive(&ns, "", &["a"]), IdempotencyKey::derive(&ns, "a", &[]));
         let other_ns = Uuid::from_u128(1);
         assert_ne!(IdempotencyKey::derive(&other_ns, "acct-1", &["create-cvm", "web-1"]), k);

@@ -76,8 +76,8 @@ pub use crate::backoff_compat::FromBackoff;
 pub use crate::budget::{RetryBudget, Withdrawal};
 pub use crate::carrier::{IDEMPOTENCY_KEY, KeyCarrier};
 pub use crate::classify::{
-    AttemptContext, AttemptResult, Classifier, ClassifyFn, DefaultClassifier, Delivery, RetryKind, TransportCause, Verdict,
-    classify_fn,
+    AttemptContext, AttemptResult, Classifier, ClassifyFn, DefaultClassifier, Delivery, RetryKind, TransportCause,
+    Verdict, classify_fn,
 };
 pub use crate::error::{Error, Failure, LastAttempt};
 pub use crate::key::{DEFAULT_MAX_KEY_LEN, IdempotencyKey, KeyError};

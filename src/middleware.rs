@@ -199,7 +199,12 @@ impl IdempotentRetryBuilder {
 
 #[async_trait::async_trait]
 impl Middleware for IdempotentRetry {
-    async fn handle(&self, req: Request, extensions: &mut Extensions, next: Next<'_>) -> reqwest_middleware::Result<Response> {
+    async fn handle(
+        &self,
+        req: Request,
+        extensions: &mut Extensions,
+        next: Next<'_>,
+    ) -> reqwest_middleware::Result<Response> {
         let options = extensions.get::<RequestOptions>().cloned().unwrap_or_default();
         self.config.execute(req, extensions, next, &options).await.map_err(reqwest_middleware::Error::middleware)
     }
@@ -215,20 +220,26 @@ struct Run {
 }
 
 impl Run {
-    fn failure(&self, ended: Ended) -> Failure {
-        Failure {
+    fn failure(&self, ended: Ended) -> Box<Failure> {
+        Box::new(Failure {
             attempts: self.attempts,
             key: self.key.clone(),
             may_have_been_applied: self.may_have_been_applied,
             last: ended.into_last(),
             retry_after: self.retry_after,
             total_delay: self.total_delay,
-        }
+        })
     }
 }
 
 impl Config {
-    async fn execute(&self, mut request: Request, extensions: &mut Extensions, next: Next<'_>, options: &RequestOptions) -> Result<Response, Error> {
+    async fn execute(
+        &self,
+        mut request: Request,
+        extensions: &mut Extensions,
+        next: Next<'_>,
+        options: &RequestOptions,
+    ) -> Result<Response, Error> {
         // Key: validated and attached before anything is sent.
         options.validate()?;
         let policy = options.policy_or(&self.policy);
@@ -247,7 +258,8 @@ impl Config {
         );
         // A stream goes out once, as is; the classifier sees a body-less copy of it.
         let (template, mut stream) = if replayable { (request, None) } else { (without_body(&request), Some(request)) };
-        let mut run = Run { key, attempts: 0, total_delay: Duration::ZERO, may_have_been_applied: false, retry_after: None };
+        let mut run =
+            Run { key, attempts: 0, total_delay: Duration::ZERO, may_have_been_applied: false, retry_after: None };
         let mut withdrawal: Option<Withdrawal> = None;
         let started = self.clock.now();
 
@@ -264,13 +276,21 @@ impl Config {
                     None => template.try_clone().expect("only replayable requests are attempted more than once"),
                 };
                 run.attempts += 1;
-                let attempt_span =
-                    tracing::debug_span!("attempt", attempt = run.attempts, cause = Empty, delay_ms = Empty, replayed = Empty);
-                let ended = attempt::run(next.clone(), attempt_request, extensions, timeout).instrument(attempt_span.clone()).await;
+                let attempt_span = tracing::debug_span!(
+                    "attempt",
+                    attempt = run.attempts,
+                    cause = Empty,
+                    delay_ms = Empty,
+                    replayed = Empty
+                );
+                let ended = attempt::run(next.clone(), attempt_request, extensions, timeout)
+                    .instrument(attempt_span.clone())
+                    .await;
 
                 // Classify.
                 let replayed = ended.headers().is_some_and(|h| self.replay.is_replayed(h));
-                let context = AttemptContext::new(&template, run.attempts, run.key.is_some(), ended.as_result(replayed));
+                let context =
+                    AttemptContext::new(&template, run.attempts, run.key.is_some(), ended.as_result(replayed));
                 let verdict = self.classifier.classify(&context);
                 attempt_span.record("cause", ended.cause()).record("replayed", replayed);
                 tracing::Span::current().record("attempts", run.attempts).record("replayed", replayed);
@@ -338,7 +358,8 @@ impl Config {
     /// Settles the key: the one already on the request (never overwritten), the one in the
     /// options, or a fresh one for keyed methods. Validates it and puts it on the request.
     fn prepare_key(&self, request: &mut Request, options: &RequestOptions) -> Result<Option<IdempotencyKey>, Error> {
-        let wants_key = options.get_key().is_some() || (!options.is_keyless() && self.keyed_methods.contains(request.method()));
+        let wants_key =
+            options.get_key().is_some() || (!options.is_keyless() && self.keyed_methods.contains(request.method()));
         let existing = if self.carrier.in_body() && !wants_key {
             None
         } else {
@@ -367,7 +388,14 @@ impl Config {
     }
 
     /// Hands a final answer to the caller, with the outcome record attached.
-    fn finish(&self, ended: Ended, run: Run, replayed: bool, host: &str, withdrawal: Option<Withdrawal>) -> Result<Response, Error> {
+    fn finish(
+        &self,
+        ended: Ended,
+        run: Run,
+        replayed: bool,
+        host: &str,
+        withdrawal: Option<Withdrawal>,
+    ) -> Result<Response, Error> {
         let mut response = match ended {
             Ended::Streaming(response) => response,
             Ended::Buffered(buffered) => buffered.into_response(),
@@ -390,7 +418,7 @@ impl Config {
     }
 }
 
-fn stop_error(stop: Stop, failure: Failure) -> Error {
+fn stop_error(stop: Stop, failure: Box<Failure>) -> Error {
     match stop {
         Stop::ReplayedFailure => Error::ReplayedFailure(failure),
         Stop::OutcomeUnknown => Error::OutcomeUnknown(failure),

@@ -1,1 +1,10 @@
+//! One integration test binary (fast to link), one module per concern.
 
+mod budget;
+mod faults;
+mod keys;
+mod retries;
+mod retry_after;
+mod stream;
+mod support;
+mod tracing;

@@ -1,0 +1,184 @@
+//! Shared test plumbing: a client with injected time, key extraction, and a raw TCP server that
+//! resets connections for real.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use idempotent_retry::{
+    IdempotentRetry, IdempotentRetryBuilder, ManualClock, RecordingSleeper, RetryPolicy, SeededRng,
+};
+use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Sun, 22 Nov 2026 00:00:00 GMT: where every test's clock starts.
+pub const T0: u64 = 1_795_305_600;
+
+pub fn t0() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(T0)
+}
+
+/// A manual clock and a sleeper that records delays and advances it: no test really sleeps.
+#[derive(Clone)]
+pub struct Time {
+    pub clock: ManualClock,
+    pub sleeper: RecordingSleeper,
+}
+
+impl Time {
+    pub fn new() -> Self {
+        let clock = ManualClock::new(t0());
+        let sleeper = RecordingSleeper::advancing(&clock);
+        Self { clock, sleeper }
+    }
+
+    /// A layer builder using this time and a seeded jitter source.
+    pub fn layer(&self) -> IdempotentRetryBuilder {
+        IdempotentRetry::builder().clock(self.clock.clone()).sleeper(self.sleeper.clone()).rng(SeededRng::new(SEED))
+    }
+
+    pub fn delays(&self) -> Vec<Duration> {
+        self.sleeper.delays()
+    }
+}
+
+pub const SEED: u64 = 0x5eed;
+
+pub fn client(layer: IdempotentRetryBuilder) -> ClientWithMiddleware {
+    ClientBuilder::new(reqwest::Client::new()).with(layer.build()).build()
+}
+
+/// The standard policy with short, deterministic delays: 100 ms doubling, no jitter.
+pub fn fast_policy() -> RetryPolicy {
+    use idempotent_retry::{ExponentialBackoff, Jitter};
+    RetryPolicy::standard()
+        .backoff(ExponentialBackoff::new(Duration::from_millis(100), Duration::from_secs(5)).jitter(Jitter::None))
+}
+
+pub fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// The `Idempotency-Key` header of every request a wiremock server received, in order
+/// (`None` where a request had none).
+pub async fn keys_seen(server: &wiremock::MockServer, header: &str) -> Vec<Option<String>> {
+    server
+        .received_requests()
+        .await
+        .expect("request recording is on")
+        .iter()
+        .map(|r| r.headers.get(header).map(|v| v.to_str().unwrap().to_owned()))
+        .collect()
+}
+
+pub async fn requests_seen(server: &wiremock::MockServer) -> usize {
+    server.received_requests().await.expect("request recording is on").len()
+}
+
+/// Asserts every request carried the same key and returns it.
+pub fn one_key(keys: &[Option<String>]) -> String {
+    let first = keys.first().cloned().flatten().expect("the first request carried a key");
+    assert!(keys.iter().all(|k| k.as_deref() == Some(first.as_str())), "keys differ between attempts: {keys:?}");
+    first
+}
+
+/// A request as the raw server read it.
+#[derive(Debug, Clone)]
+pub struct RawRequest {
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl RawRequest {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        })
+    }
+}
+
+/// A raw HTTP/1.1 server on a real socket. It reads each request in full, and on the first
+/// `resets` connections then resets the connection (SO_LINGER 0: an RST, not a FIN) instead of
+/// answering — the server "committed", the client never hears. Later connections get a 201.
+pub struct ResetServer {
+    pub url: String,
+    seen: Arc<Mutex<Vec<RawRequest>>>,
+}
+
+impl ResetServer {
+    pub async fn start(resets: usize) -> Self {
+        Self::serve(TcpListener::bind("127.0.0.1:0").await.unwrap(), resets)
+    }
+
+    /// Serves on an existing listener.
+    pub fn serve(listener: TcpListener, resets: usize) -> Self {
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            let mut connections = 0usize;
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                connections += 1;
+                let reset = connections <= resets;
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let Some(request) = read_request(&mut stream).await else { return };
+                    log.lock().unwrap().push(request);
+                    if reset {
+                        socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO)).unwrap();
+                        drop(stream);
+                    } else {
+                        let body = r#"{"id":"cvm-1"}"#;
+                        let response = format!(
+                            "HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = stream.write_all(response.as_bytes()).await;
+                        let _ = stream.shutdown().await;
+                    }
+                });
+            }
+        });
+        Self { url, seen }
+    }
+
+    pub fn requests(&self) -> Vec<RawRequest> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// Reads one HTTP/1.1 request with a `content-length` body.
+pub async fn read_request(stream: &mut TcpStream) -> Option<RawRequest> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let length = RawRequest { head: head.clone(), body: vec![] }
+        .header("content-length")
+        .map_or(0, |v| v.parse::<usize>().unwrap());
+    while buf.len() < head_end + length {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Some(RawRequest { head, body: buf[head_end..head_end + length].to_vec() })
+}
+
+/// A loopback port with nothing listening on it (bound, then released).
+pub fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}

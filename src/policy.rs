@@ -77,6 +77,12 @@ impl RetryPolicy {
 
     /// Sets the timeout of one attempt (until the response headers arrive). It is clipped to
     /// what remains of the deadline.
+    ///
+    /// When this timer fires the engine cannot tell how far the exchange got, so it counts the
+    /// attempt as [may have been applied](crate::Delivery::MaybeApplied): retried with a key, an
+    /// unknown outcome without one. Set `connect_timeout` on the `reqwest::Client` as well; a
+    /// connect that times out there is reported as [not sent](crate::Delivery::NotSent) and is
+    /// always safe to retry.
     pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
         self.attempt_timeout = Some(timeout);
         self

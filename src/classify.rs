@@ -273,7 +273,9 @@ where
 /// | 502, 503, 504 | retry | retry | stop: outcome unknown |
 /// | 500 | retry | retry | stop: outcome unknown |
 /// | 409 in flight, 423 locked | retry | final | final |
+/// | 409 saying "already exists" (the resource, not the key) | final | final | final |
 /// | 409 with mismatch text, 422, 417, 400 `idempotency_error` | key-reuse error | final | final |
+/// | a replayed answer below 500 (marker header or replay status) | final, `replayed` | – | – |
 /// | a replayed 5xx | stop: replayed failure | – | – |
 /// | any other status | final | final | final |
 ///
@@ -296,6 +298,16 @@ impl DefaultClassifier {
         Self::MISMATCH_PHRASES.iter().any(|p| text.contains(p))
     }
 
+    /// Phrases by which a 409 says the *resource* conflicts (a name taken), not the key: such a
+    /// 409 is final even on a keyed request. Matched case-insensitively.
+    pub const DOMAIN_CONFLICT_PHRASES: &'static [&'static str] = &["already exists", "already taken", "duplicate"];
+
+    /// Whether a response body says the resource itself conflicts.
+    pub fn says_domain_conflict(body: &[u8]) -> bool {
+        let text = String::from_utf8_lossy(body).to_ascii_lowercase();
+        Self::DOMAIN_CONFLICT_PHRASES.iter().any(|p| text.contains(p))
+    }
+
     /// Whether a body carries Stripe's `idempotency_error` type.
     pub fn says_idempotency_error(body: &[u8]) -> bool {
         String::from_utf8_lossy(body).contains("idempotency_error")
@@ -316,13 +328,21 @@ impl Classifier for DefaultClassifier {
                     may_have_been_applied: delivery == Delivery::MaybeApplied,
                 };
             }
-            AttemptResult::Response { status, body, .. } => (status, body.unwrap_or_default()),
+            AttemptResult::Response { status, body, replayed, .. } => {
+                // A replayed answer is the original one: final, unless it is a stored 5xx (which
+                // the engine then stops on, since every retry would get it again).
+                if replayed && !status.is_server_error() {
+                    return Verdict::Done;
+                }
+                (status, body.unwrap_or_default())
+            }
         };
         match status.as_u16() {
             429 => Verdict::retry(RetryKind::Throttled),
             502..=504 => Verdict::retry(RetryKind::Unavailable),
             500 => Verdict::retry(RetryKind::ServerError),
             409 if keyed && Self::says_mismatch(body) => Verdict::KeyReuse,
+            409 if keyed && Self::says_domain_conflict(body) => Verdict::Done,
             409 | 423 if keyed => Verdict::retry(RetryKind::InFlight),
             422 | 417 if keyed => Verdict::KeyReuse,
             400 if keyed && Self::says_idempotency_error(body) => Verdict::KeyReuse,
@@ -396,6 +416,25 @@ mod tests {
     }
 
     #[test]
+    fn replayed_answers_are_final_except_server_errors() {
+        let req = Request::new(Method::POST, "http://example.test/x".parse().unwrap());
+        let headers = HeaderMap::new();
+        let verdict = |status: u16| {
+            let result = AttemptResult::Response {
+                status: StatusCode::from_u16(status).unwrap(),
+                headers: &headers,
+                body: Some(br#"{"id":"cvm-1"}"#),
+                replayed: true,
+            };
+            DefaultClassifier.classify(&AttemptContext::new(&req, 2, true, result))
+        };
+        assert_eq!(verdict(409), Verdict::Done, "django's replay");
+        assert_eq!(verdict(201), Verdict::Done);
+        assert_eq!(verdict(400), Verdict::Done);
+        assert_eq!(verdict(500), Verdict::retry(RetryKind::ServerError), "the engine stops on it");
+    }
+
+    #[test]
     fn status_table() {
         use Verdict::*;
         let maybe = |kind| Retry { kind, may_have_been_applied: true };
@@ -416,6 +455,7 @@ mod tests {
             (Method::POST, true, 409, "There was a MISMATCH between this request's parameters", KeyReuse),
             (Method::POST, true, 409, "IdempotentParameterMismatch", KeyReuse),
             (Method::POST, false, 409, "name already exists", Done),
+            (Method::POST, true, 409, r#"{"error":"a cvm named web-1 already exists"}"#, Done),
             (Method::POST, true, 422, "", KeyReuse),
             (Method::POST, true, 417, "", KeyReuse),
             (Method::POST, false, 422, "", Done),

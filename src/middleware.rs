@@ -288,7 +288,12 @@ impl Config {
                     .await;
 
                 // Classify.
-                let replayed = ended.headers().is_some_and(|h| self.replay.is_replayed(h));
+                let replayed = match (ended.status(), ended.headers()) {
+                    (Some(status), Some(headers)) => {
+                        self.replay.is_replayed_response(status, headers, run.key.is_some())
+                    }
+                    _ => false,
+                };
                 let context =
                     AttemptContext::new(&template, run.attempts, run.key.is_some(), ended.as_result(replayed));
                 let verdict = self.classifier.classify(&context);

@@ -1,10 +1,11 @@
 //! Replay detection: did the server answer from its idempotency store?
 //!
 //! Stripe marks replays with `Idempotent-Replayed: true`; other servers spell it
-//! `Idempotency-Replayed`. Many servers do not mark replays at all (see the server variants in
-//! the README); for those the flag stays `false` and the caller must infer from the resource.
+//! `Idempotency-Replayed`; django-idempotency-key replays with the stored body under status 409.
+//! Many servers do not mark replays at all (bencher re-renders the existing object with 201);
+//! for those the flag stays `false` and the caller must infer from the resource.
 
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, StatusCode};
 
 /// Recognises a replayed response by its headers.
 ///
@@ -22,6 +23,7 @@ use http::{HeaderMap, HeaderName};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplayDetector {
     headers: Vec<HeaderName>,
+    status: Option<StatusCode>,
 }
 
 impl ReplayDetector {
@@ -32,12 +34,35 @@ impl ReplayDetector {
 
     /// Recognises replays by the given header names.
     pub fn headers(names: impl IntoIterator<Item = HeaderName>) -> Self {
-        Self { headers: names.into_iter().collect() }
+        Self { headers: names.into_iter().collect(), status: None }
     }
 
     /// Never reports a replay.
     pub fn none() -> Self {
-        Self { headers: Vec::new() }
+        Self { headers: Vec::new(), status: None }
+    }
+
+    /// Also treats `status` on a keyed request as a replay of the stored response, for servers
+    /// that replay under a status of their own (django-idempotency-key: 409 with the original
+    /// body; it signals "still running" with 423, so its 409 is never ambiguous).
+    ///
+    /// ```
+    /// use http::{HeaderMap, StatusCode};
+    /// use idempotent_retry::ReplayDetector;
+    ///
+    /// let django = ReplayDetector::none().replay_status(StatusCode::CONFLICT);
+    /// assert!(django.is_replayed_response(StatusCode::CONFLICT, &HeaderMap::new(), true));
+    /// assert!(!django.is_replayed_response(StatusCode::CONFLICT, &HeaderMap::new(), false));
+    /// ```
+    pub fn replay_status(mut self, status: StatusCode) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    /// Whether a response to a request (keyed or not) is a replay: by a marker header, or by
+    /// the [replay status](Self::replay_status) on a keyed request.
+    pub fn is_replayed_response(&self, status: StatusCode, headers: &HeaderMap, keyed: bool) -> bool {
+        (keyed && self.status == Some(status)) || self.is_replayed(headers)
     }
 
     /// Whether any marker header says "true" (`true`, `1`, or the Structured-Field boolean `?1`,

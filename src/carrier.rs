@@ -236,7 +236,7 @@ fn sf_quote(s: &str) -> String {
 }
 
 /// RFC 8941 sf-string parsing; `None` if malformed.
-fn sf_unquote(s: &str) -> Option<String> {
+pub(crate) fn sf_unquote(s: &str) -> Option<String> {
     let inner = s.trim().strip_prefix('"')?.strip_suffix('"')?;
     let mut out = String::with_capacity(inner.len());
     let mut chars = inner.chars();

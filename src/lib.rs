@@ -37,6 +37,10 @@
 //!
 //! # Features
 //!
+//! - `test-util`: the [`testing`] module: fake servers that enforce idempotency as real ones do
+//!   (IETF draft, Stripe, brandur's design, django, express, bencher, tower, and endpoints with no
+//!   key at all), a chaos proxy that injects real socket faults, and assertion helpers. Pulls in
+//!   wiremock.
 //! - `backoff`: [`FromBackoff`] adapts a `backoff::backoff::Backoff` (from the unmaintained
 //!   `backoff` crate, RUSTSEC-2025-0012) as a delay schedule, for callers migrating from it.
 //!   Off by default.
@@ -68,6 +72,9 @@ mod policy;
 mod replay;
 mod retry_after;
 mod rng;
+#[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub mod testing;
 mod time;
 
 pub use crate::backoff::{Backoff, BackoffFn, ExponentialBackoff, Jitter, backoff_fn};

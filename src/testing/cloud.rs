@@ -1,0 +1,497 @@
+//! A fake cloud: CVMs and replicas behind an idempotency store, on a real wiremock server.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use wiremock::{Mock, MockServer, Respond, ResponseTemplate};
+
+use super::profile::ServerProfile;
+use super::store::{Handled, Incoming, KeyRead, Store, read_key};
+use crate::time::{Clock, SystemClock, lock};
+
+/// A resource as the fake cloud returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Resource {
+    /// Server-assigned id (a UUID).
+    pub id: String,
+    /// The application it belongs to.
+    pub app_id: String,
+    /// The CVM: its own UUID for a CVM, the parent's for a replica.
+    pub vm_uuid: String,
+    /// The name given at creation, or a generated one.
+    pub name: String,
+    /// Creation time, RFC 3339, from the server's clock.
+    pub created_at: String,
+}
+
+/// A request the server received.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SeenRequest {
+    /// Method.
+    pub method: String,
+    /// Path.
+    pub path: String,
+    /// The idempotency key as the server read it (unquoted), if it carried a valid one.
+    pub key: Option<String>,
+    /// The body.
+    pub body: Bytes,
+    /// The status answered.
+    pub status: u16,
+}
+
+impl SeenRequest {
+    /// A top-level string field of the JSON body, e.g. `"name"`, to tell operations apart.
+    pub fn json_field(&self, field: &str) -> Option<String> {
+        json_field(&self.body, field)
+    }
+
+    /// Whether it was a create (`POST` to a collection).
+    pub fn is_create(&self) -> bool {
+        self.method == "POST"
+    }
+}
+
+pub(crate) fn json_field(body: &[u8], field: &str) -> Option<String> {
+    match serde_json::from_slice::<Value>(body).ok()?.get(field)? {
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+struct Item {
+    collection: String,
+    resource: Resource,
+    /// Lists of the collection this item is still hidden from.
+    hidden_for: u32,
+    deleted: bool,
+}
+
+struct State {
+    store: Store,
+    items: Vec<Item>,
+    requests: Vec<SeenRequest>,
+    handler_runs: usize,
+    fail_next: VecDeque<StatusCode>,
+    list_lag: u32,
+    unique_names: bool,
+}
+
+struct Shared {
+    profile: ServerProfile,
+    clock: Arc<dyn Clock>,
+    hold_responses: bool,
+    state: Mutex<State>,
+}
+
+/// A fake cloud API on a real socket, enforcing idempotency as a [`ServerProfile`] says.
+///
+/// | route | does |
+/// |---|---|
+/// | `POST /cvms` | creates a CVM (`{"name": …, "app_id": …}`, both optional) |
+/// | `GET /cvms`, `GET /cvms/{id}`, `DELETE /cvms/{id}` | lists (`{"items": […]}`), reads, deletes |
+/// | `POST /apps/{app_id}/cvms/{vm_uuid}/replicas` | creates a replica of that CVM |
+/// | `GET …/replicas`, `DELETE …/replicas/{id}` | lists, deletes (404 if absent) |
+///
+/// Creates go through the profile's idempotency store; lists may lag (a new item is hidden from
+/// the next *k* lists of its collection); counters tell how often the create handler ran and how
+/// many resources were made.
+///
+/// # Examples
+///
+/// ```
+/// use idempotent_retry::IdempotentRetry;
+/// use idempotent_retry::testing::{FakeCloud, ServerProfile};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let profile = ServerProfile::stripe();
+/// let cloud = FakeCloud::start(profile.clone()).await;
+/// let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+///     .with(profile.configure(IdempotentRetry::builder()).build())
+///     .build();
+///
+/// let response = client.post(format!("{}/cvms", cloud.uri())).body(r#"{"name":"web-1"}"#).send().await.unwrap();
+/// assert_eq!(response.status(), 201);
+/// assert_eq!(cloud.created(), 1);
+/// # }
+/// ```
+pub struct FakeCloud {
+    server: MockServer,
+    shared: Arc<Shared>,
+}
+
+/// Builds a [`FakeCloud`].
+pub struct FakeCloudBuilder {
+    profile: ServerProfile,
+    clock: Option<Arc<dyn Clock>>,
+    list_lag: u32,
+    unique_names: bool,
+}
+
+impl FakeCloudBuilder {
+    /// The server's clock, for retention and in-flight windows (default: the system clock).
+    ///
+    /// With a clock of its own, processing time passes only on that clock: answers are not also
+    /// held back in real time, so a test with a manual clock never waits.
+    pub fn clock(mut self, clock: impl Clock + 'static) -> Self {
+        self.clock = Some(Arc::new(clock));
+        self
+    }
+
+    /// Hides each new item from the next `lists` lists of its collection (default 0).
+    pub fn list_lag(mut self, lists: u32) -> Self {
+        self.list_lag = lists;
+        self
+    }
+
+    /// Refuses a second live item with the same name in a collection: 409 "already exists".
+    pub fn unique_names(mut self, on: bool) -> Self {
+        self.unique_names = on;
+        self
+    }
+
+    /// Starts the server.
+    pub async fn start(self) -> FakeCloud {
+        let hold_responses = self.clock.is_none();
+        let shared = Arc::new(Shared {
+            profile: self.profile,
+            clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
+            hold_responses,
+            state: Mutex::new(State {
+                store: Store::default(),
+                items: Vec::new(),
+                requests: Vec::new(),
+                handler_runs: 0,
+                fail_next: VecDeque::new(),
+                list_lag: self.list_lag,
+                unique_names: self.unique_names,
+            }),
+        });
+        let server = MockServer::builder().start().await;
+        Mock::given(wiremock::matchers::any()).respond_with(Responder(shared.clone())).mount(&server).await;
+        FakeCloud { server, shared }
+    }
+}
+
+impl FakeCloud {
+    /// A fake cloud with `profile` and every default.
+    pub async fn start(profile: ServerProfile) -> Self {
+        Self::builder(profile).start().await
+    }
+
+    /// A builder for a fake cloud with `profile`.
+    pub fn builder(profile: ServerProfile) -> FakeCloudBuilder {
+        FakeCloudBuilder { profile, clock: None, list_lag: 0, unique_names: false }
+    }
+
+    /// `http://127.0.0.1:port`.
+    pub fn uri(&self) -> String {
+        self.server.uri()
+    }
+
+    /// The socket address, e.g. for a [`ChaosProxy`](super::ChaosProxy) in front.
+    pub fn address(&self) -> SocketAddr {
+        *self.server.address()
+    }
+
+    /// The profile it enforces.
+    pub fn profile(&self) -> &ServerProfile {
+        &self.shared.profile
+    }
+
+    /// The next `count` create handler runs fail with `status` and create nothing.
+    pub fn fail_next_creates(&self, count: usize, status: StatusCode) {
+        lock(&self.shared.state).fail_next.extend(std::iter::repeat_n(status, count));
+    }
+
+    /// Changes the list lag for items created from now on.
+    pub fn set_list_lag(&self, lists: u32) {
+        lock(&self.shared.state).list_lag = lists;
+    }
+
+    /// Every request received, in order.
+    pub fn requests(&self) -> Vec<SeenRequest> {
+        lock(&self.shared.state).requests.clone()
+    }
+
+    /// The keys carried by create requests, in order (`None` for a request without one).
+    pub fn keys_seen(&self) -> Vec<Option<String>> {
+        self.requests().into_iter().filter(SeenRequest::is_create).map(|r| r.key).collect()
+    }
+
+    /// How many times the create handler ran (a replay or an in-flight answer does not run it).
+    pub fn handler_runs(&self) -> usize {
+        lock(&self.shared.state).handler_runs
+    }
+
+    /// How many resources were ever created, deleted ones included.
+    pub fn created(&self) -> usize {
+        lock(&self.shared.state).items.len()
+    }
+
+    /// How many resources named `name` were ever created.
+    pub fn created_named(&self, name: &str) -> usize {
+        lock(&self.shared.state).items.iter().filter(|i| i.resource.name == name).count()
+    }
+
+    /// Resources created beyond the first of each name in each collection: the duplicates.
+    pub fn duplicates(&self) -> usize {
+        let state = lock(&self.shared.state);
+        let mut names = BTreeMap::<(&str, &str), usize>::new();
+        for item in &state.items {
+            *names.entry((&item.collection, &item.resource.name)).or_default() += 1;
+        }
+        names.values().map(|n| n - 1).sum()
+    }
+
+    /// The live resources of a collection (`"cvms"` or `"apps/{app}/cvms/{vm}/replicas"`), lag ignored.
+    pub fn resources(&self, collection: &str) -> Vec<Resource> {
+        lock(&self.shared.state)
+            .items
+            .iter()
+            .filter(|i| i.collection == collection && !i.deleted)
+            .map(|i| i.resource.clone())
+            .collect()
+    }
+
+    /// The distinct keys each operation's create requests carried, the operation told by
+    /// `operation` (e.g. `|r| r.json_field("name")`).
+    pub fn keys_by_operation(
+        &self,
+        operation: impl Fn(&SeenRequest) -> Option<String>,
+    ) -> BTreeMap<String, BTreeSet<Option<String>>> {
+        let mut map = BTreeMap::<String, BTreeSet<Option<String>>>::new();
+        for request in self.requests().iter().filter(|r| r.is_create()) {
+            if let Some(op) = operation(request) {
+                map.entry(op).or_default().insert(request.key.clone());
+            }
+        }
+        map
+    }
+}
+
+struct Responder(Arc<Shared>);
+
+impl Respond for Responder {
+    fn respond(&self, request: &wiremock::Request) -> ResponseTemplate {
+        self.0.respond(request)
+    }
+}
+
+enum Route {
+    Create { collection: String, app_id: Option<String>, vm_uuid: Option<String> },
+    List { collection: String },
+    Get { collection: String, id: String },
+    Delete { collection: String, id: String },
+    NotFound,
+}
+
+fn route(method: &str, path: &str) -> Route {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, parts.as_slice()) {
+        ("POST", ["cvms"]) => Route::Create { collection: "cvms".into(), app_id: None, vm_uuid: None },
+        ("GET", ["cvms"]) => Route::List { collection: "cvms".into() },
+        ("GET", ["cvms", id]) => Route::Get { collection: "cvms".into(), id: (*id).into() },
+        ("DELETE", ["cvms", id]) => Route::Delete { collection: "cvms".into(), id: (*id).into() },
+        ("POST", ["apps", app, "cvms", vm, "replicas"]) => {
+            Route::Create { collection: replicas(app, vm), app_id: Some((*app).into()), vm_uuid: Some((*vm).into()) }
+        }
+        ("GET", ["apps", app, "cvms", vm, "replicas"]) => Route::List { collection: replicas(app, vm) },
+        ("DELETE", ["apps", app, "cvms", vm, "replicas", id]) => {
+            Route::Delete { collection: replicas(app, vm), id: (*id).into() }
+        }
+        _ => Route::NotFound,
+    }
+}
+
+/// The collection name of a CVM's replicas.
+pub fn replicas(app_id: &str, vm_uuid: &str) -> String {
+    format!("apps/{app_id}/cvms/{vm_uuid}/replicas")
+}
+
+fn json_response(status: StatusCode, body: &Value) -> (StatusCode, Bytes) {
+    (status, Bytes::from(body.to_string()))
+}
+
+impl Shared {
+    fn respond(&self, request: &wiremock::Request) -> ResponseTemplate {
+        let now = self.clock.now();
+        let method = request.method.as_str();
+        let path = request.url.path();
+        let mut state = lock(&self.state);
+        let key = match read_key(&self.profile, &request.headers, &request.body) {
+            KeyRead::Key(key) => Some(key),
+            _ => None,
+        };
+        let (status, body, headers, processing) = match route(method, path) {
+            Route::Create { collection, app_id, vm_uuid } => {
+                let incoming = Incoming { method, path, headers: &request.headers, body: &request.body };
+                let State { store, items, handler_runs, fail_next, list_lag, unique_names, .. } = &mut *state;
+                // The store calls one or the other, never both at once.
+                let items = std::cell::RefCell::new(items);
+                let mut run = || {
+                    *handler_runs += 1;
+                    let mut items = items.borrow_mut();
+                    let spec =
+                        CreateSpec { collection: &collection, app_id: app_id.as_deref(), vm_uuid: vm_uuid.as_deref() };
+                    create(&mut items, fail_next, *list_lag, *unique_names, &spec, &request.body, now)
+                };
+                let render = |id: &str| {
+                    items
+                        .borrow()
+                        .iter()
+                        .find(|i| i.resource.id == id && !i.deleted)
+                        .map(|i| Bytes::from(serde_json::to_vec(&i.resource).expect("serializable")))
+                };
+                let answer = store.handle(&self.profile, &incoming, now, &mut run, &render);
+                (answer.status, answer.body, answer.headers, answer.processing)
+            }
+            Route::List { collection } => {
+                let mut visible = Vec::new();
+                for item in state.items.iter_mut().filter(|i| i.collection == collection && !i.deleted) {
+                    if item.hidden_for > 0 {
+                        item.hidden_for -= 1;
+                    } else {
+                        visible.push(item.resource.clone());
+                    }
+                }
+                let (s, b) = json_response(StatusCode::OK, &json!({ "items": visible }));
+                (s, b, Vec::new(), Duration::ZERO)
+            }
+            Route::Get { collection, id } => {
+                let found =
+                    state.items.iter().find(|i| i.collection == collection && i.resource.id == id && !i.deleted);
+                let (s, b) = match found {
+                    Some(item) => json_response(StatusCode::OK, &json!(item.resource)),
+                    None => json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
+                };
+                (s, b, Vec::new(), Duration::ZERO)
+            }
+            Route::Delete { collection, id } => {
+                let found =
+                    state.items.iter_mut().find(|i| i.collection == collection && i.resource.id == id && !i.deleted);
+                let (s, b) = match found {
+                    Some(item) => {
+                        item.deleted = true;
+                        (StatusCode::NO_CONTENT, Bytes::new())
+                    }
+                    None => json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
+                };
+                (s, b, Vec::new(), Duration::ZERO)
+            }
+            Route::NotFound => {
+                let (s, b) = json_response(StatusCode::NOT_FOUND, &json!({"error": "no such route"}));
+                (s, b, Vec::new(), Duration::ZERO)
+            }
+        };
+        state.requests.push(SeenRequest {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            key,
+            body: Bytes::from(request.body.clone()),
+            status: status.as_u16(),
+        });
+        drop(state);
+
+        let mut template = ResponseTemplate::new(status.as_u16());
+        if !body.is_empty() {
+            template = template.set_body_raw(body.to_vec(), "application/json");
+        }
+        for (name, value) in headers {
+            template = template.insert_header(name, value);
+        }
+        if self.hold_responses && !processing.is_zero() {
+            template = template.set_delay(processing);
+        }
+        template
+    }
+}
+
+/// Where a create goes: the collection, and the parent's ids for a replica.
+struct CreateSpec<'a> {
+    collection: &'a str,
+    app_id: Option<&'a str>,
+    vm_uuid: Option<&'a str>,
+}
+
+fn create(
+    items: &mut Vec<Item>,
+    fail_next: &mut VecDeque<StatusCode>,
+    list_lag: u32,
+    unique_names: bool,
+    spec: &CreateSpec<'_>,
+    body: &[u8],
+    now: SystemTime,
+) -> Handled {
+    let CreateSpec { collection, app_id, vm_uuid } = *spec;
+    if let Some(status) = fail_next.pop_front() {
+        let (status, body) = json_response(status, &json!({"error": "internal error"}));
+        return Handled { status, body, created: None };
+    }
+    let live_in_collection = items.iter().filter(|i| i.collection == collection).count();
+    let kind = if collection == "cvms" { "cvm" } else { "replica" };
+    let name = json_field(body, "name").unwrap_or_else(|| format!("{kind}-{}", live_in_collection + 1));
+    if unique_names && items.iter().any(|i| i.collection == collection && !i.deleted && i.resource.name == name) {
+        let (status, body) =
+            json_response(StatusCode::CONFLICT, &json!({"error": format!("a {kind} named {name} already exists")}));
+        return Handled { status, body, created: None };
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    let resource = Resource {
+        app_id: app_id.map(str::to_owned).or_else(|| json_field(body, "app_id")).unwrap_or_else(|| "app-1".to_owned()),
+        vm_uuid: vm_uuid.map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned),
+        id: id.clone(),
+        name,
+        created_at: rfc3339(now),
+    };
+    let (status, body) = json_response(StatusCode::CREATED, &json!(resource));
+    items.push(Item { collection: collection.to_owned(), resource, hidden_for: list_lag, deleted: false });
+    Handled { status, body, created: Some(id) }
+}
+
+/// `2026-11-22T00:00:07Z` (seconds resolution, UTC).
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(1_795_305_607)), "2026-11-22T00:00:07Z");
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn routes() {
+        assert!(matches!(route("POST", "/cvms"), Route::Create { .. }));
+        assert!(
+            matches!(route("GET", "/apps/a/cvms/v/replicas"), Route::List { collection } if collection == "apps/a/cvms/v/replicas")
+        );
+        assert!(matches!(route("DELETE", "/apps/a/cvms/v/replicas/r1"), Route::Delete { id, .. } if id == "r1"));
+        assert!(matches!(route("PUT", "/cvms"), Route::NotFound));
+    }
+}

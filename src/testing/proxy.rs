@@ -1,0 +1,259 @@
+//! A chaos proxy on real sockets: it sits in front of a server and, per request, passes, loses
+//! the response after the server committed, resets, answers with a status of its own, or
+//! delays.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use super::cloud::json_field;
+use super::fault::{Fault, RetryAfter, Schedule};
+use super::http1::{Message, read_request, read_response};
+use super::profile::ServerProfile;
+use super::store::{KeyRead, read_key};
+use crate::time::{Clock, SystemClock, lock};
+
+/// A request as the proxy received it from the client, and the fault it met.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ProxyRecord {
+    /// Method.
+    pub method: String,
+    /// Request target.
+    pub path: String,
+    /// Request headers.
+    pub headers: HeaderMap,
+    /// Request body (de-chunked).
+    pub body: Bytes,
+    /// What the proxy did with it.
+    pub fault: Fault,
+}
+
+impl ProxyRecord {
+    /// The idempotency key the request carried, read as `profile`'s server would read it.
+    pub fn key(&self, profile: &ServerProfile) -> Option<String> {
+        match read_key(profile, &self.headers, &self.body) {
+            KeyRead::Key(key) => Some(key),
+            KeyRead::Absent | KeyRead::Malformed(_) => None,
+        }
+    }
+
+    /// A top-level field of the JSON body, e.g. `"name"`, to tell operations apart.
+    pub fn json_field(&self, field: &str) -> Option<String> {
+        json_field(&self.body, field)
+    }
+}
+
+struct Shared {
+    upstream: SocketAddr,
+    schedule: Mutex<Schedule>,
+    only: Option<Method>,
+    clock: Arc<dyn Clock>,
+    log: Mutex<Vec<ProxyRecord>>,
+}
+
+/// A TCP proxy that injects faults, one decision per HTTP request.
+///
+/// Resets are real: the client's socket is closed with `SO_LINGER 0`, so the client sees a
+/// `ECONNRESET`, as it would from a crashed load balancer. A [`Fault::Lose`] reset comes only
+/// after the server has answered, so the server has committed whatever the request did.
+///
+/// # Examples
+///
+/// ```
+/// use idempotent_retry::IdempotentRetry;
+/// use idempotent_retry::testing::{ChaosProxy, FakeCloud, Fault, Schedule, ServerProfile};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let cloud = FakeCloud::start(ServerProfile::stripe()).await;
+/// // The first response is lost after the server created the CVM.
+/// let proxy = ChaosProxy::start(cloud.address(), Schedule::script([Fault::Lose])).await;
+/// let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+///     .with(IdempotentRetry::new())
+///     .build();
+///
+/// let response = client.post(format!("{}/cvms", proxy.uri())).body(r#"{"name":"web-1"}"#).send().await.unwrap();
+/// assert_eq!(response.status(), 201);
+/// assert_eq!(cloud.created(), 1, "the retry was answered from the idempotency store");
+/// assert_eq!(proxy.faults_injected(), 1);
+/// # }
+/// ```
+pub struct ChaosProxy {
+    address: SocketAddr,
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+/// Builds a [`ChaosProxy`].
+pub struct ChaosProxyBuilder {
+    upstream: SocketAddr,
+    schedule: Schedule,
+    only: Option<Method>,
+    clock: Option<Arc<dyn Clock>>,
+}
+
+impl ChaosProxyBuilder {
+    /// The fault schedule (default: every request passes).
+    pub fn schedule(mut self, schedule: Schedule) -> Self {
+        self.schedule = schedule;
+        self
+    }
+
+    /// Only requests with this method consult the schedule; others always pass.
+    pub fn only(mut self, method: Method) -> Self {
+        self.only = Some(method);
+        self
+    }
+
+    /// The clock HTTP-dates in `Retry-After` are computed from (default: the system clock).
+    pub fn clock(mut self, clock: impl Clock + 'static) -> Self {
+        self.clock = Some(Arc::new(clock));
+        self
+    }
+
+    /// Starts listening on a loopback port.
+    pub async fn start(self) -> ChaosProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
+        let address = listener.local_addr().expect("a bound address");
+        let shared = Arc::new(Shared {
+            upstream: self.upstream,
+            schedule: Mutex::new(self.schedule),
+            only: self.only,
+            clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
+            log: Mutex::default(),
+        });
+        let accept = shared.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(serve(client, accept.clone()));
+            }
+        });
+        ChaosProxy { address, shared, task }
+    }
+}
+
+impl ChaosProxy {
+    /// A proxy in front of `upstream` with `schedule`.
+    pub async fn start(upstream: SocketAddr, schedule: Schedule) -> Self {
+        Self::builder(upstream).schedule(schedule).start().await
+    }
+
+    /// A builder for a proxy in front of `upstream`.
+    pub fn builder(upstream: SocketAddr) -> ChaosProxyBuilder {
+        ChaosProxyBuilder { upstream, schedule: Schedule::pass(), only: None, clock: None }
+    }
+
+    /// `http://127.0.0.1:port`: send requests here instead of to the server.
+    pub fn uri(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// Replaces the schedule for the requests still to come.
+    pub fn set_schedule(&self, schedule: Schedule) {
+        *lock(&self.shared.schedule) = schedule;
+    }
+
+    /// Every request received, in order.
+    pub fn records(&self) -> Vec<ProxyRecord> {
+        lock(&self.shared.log).clone()
+    }
+
+    /// How many requests clients sent.
+    pub fn requests(&self) -> usize {
+        lock(&self.shared.log).len()
+    }
+
+    /// How many requests met a fault.
+    pub fn faults_injected(&self) -> usize {
+        lock(&self.shared.log).iter().filter(|r| r.fault.is_fault()).count()
+    }
+}
+
+impl Drop for ChaosProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
+    let mut buf = Vec::new();
+    while let Ok(Some(request)) = read_request(&mut client, &mut buf).await {
+        let applies = shared.only.as_ref().is_none_or(|m| m.as_str() == request.method);
+        let fault = if applies { lock(&shared.schedule).next_fault() } else { Fault::Pass };
+        lock(&shared.log).push(ProxyRecord {
+            method: request.method.clone(),
+            path: request.path.clone(),
+            headers: request.headers.clone(),
+            body: request.body.clone(),
+            fault,
+        });
+        let keep_open = match fault {
+            Fault::Pass => pass(&mut client, &shared, &request).await,
+            Fault::Delay(hold) => {
+                tokio::time::sleep(hold).await;
+                pass(&mut client, &shared, &request).await
+            }
+            Fault::Lose => {
+                // Let the server answer (and commit), then throw the answer away.
+                let _ = forward(&shared, &request).await;
+                false
+            }
+            Fault::Reset => false,
+            Fault::Status { status, retry_after } => {
+                let answer = injected(status, retry_after, &*shared.clock);
+                client.write_all(answer.as_bytes()).await.is_ok() && !request.close
+            }
+        };
+        if !keep_open {
+            if matches!(fault, Fault::Lose | Fault::Reset) {
+                reset(client);
+            }
+            return;
+        }
+    }
+}
+
+/// Forwards and relays the answer; whether the client connection stays open.
+async fn pass(client: &mut TcpStream, shared: &Shared, request: &Message) -> bool {
+    match forward(shared, request).await {
+        Ok(response) => client.write_all(&response.raw).await.is_ok() && !response.close && !request.close,
+        Err(_) => {
+            let bad_gateway = "HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+            let _ = client.write_all(bad_gateway.as_bytes()).await;
+            false
+        }
+    }
+}
+
+async fn forward(shared: &Shared, request: &Message) -> std::io::Result<Message> {
+    let mut upstream = TcpStream::connect(shared.upstream).await?;
+    upstream.write_all(&request.raw).await?;
+    read_response(&mut upstream, &request.method).await
+}
+
+fn reset(stream: TcpStream) {
+    // SO_LINGER 0: close sends RST, not FIN.
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+fn injected(status: u16, retry_after: Option<RetryAfter>, clock: &dyn Clock) -> String {
+    let reason = http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("Injected");
+    let body = format!("{{\"error\":\"injected {status}\"}}");
+    let retry_after = match retry_after {
+        None => String::new(),
+        Some(RetryAfter::Seconds(s)) => format!("retry-after: {s}\r\n"),
+        Some(RetryAfter::DateIn(d)) => format!("retry-after: {}\r\n", httpdate::fmt_http_date(clock.now() + d)),
+    };
+    format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry_after}\r\n{body}",
+        body.len()
+    )
+}

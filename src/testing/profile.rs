@@ -399,13 +399,16 @@ impl ServerProfile {
     }
 
     /// Configures a client layer for this server: carrier, maximum key length, replay detection.
-    /// For a server that takes no key, the carrier is left alone; send with
-    /// [`RequestOptions::no_key`](crate::RequestOptions::no_key) or let the server ignore it.
+    ///
+    /// For a server that takes no key no method gets one: a key the server ignores protects
+    /// nothing, and a client that believes its writes are keyed would resend them after a lost
+    /// response and create duplicates. Keyless, a write that may have been applied is never
+    /// resent; the caller gets an unknown outcome to settle by reading back.
     pub fn configure(&self, builder: IdempotentRetryBuilder) -> IdempotentRetryBuilder {
         let builder = builder.replay_detector(self.replay_detector()).max_key_len(self.format.max_len);
         match self.carrier() {
             Some(carrier) => builder.carrier(carrier),
-            None => builder,
+            None => builder.keyed_methods([]),
         }
     }
 }

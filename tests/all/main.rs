@@ -5,6 +5,7 @@ mod faults;
 mod keys;
 mod retries;
 mod retry_after;
+mod scenarios;
 mod stream;
 mod support;
 mod tracing;

@@ -182,3 +182,71 @@ pub fn closed_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
 }
+
+/// A fake cloud with `profile` behind a chaos proxy, and a client configured for that server,
+/// all on one manual clock.
+pub struct Rig {
+    pub profile: idempotent_retry::testing::ServerProfile,
+    pub cloud: idempotent_retry::testing::FakeCloud,
+    pub proxy: idempotent_retry::testing::ChaosProxy,
+    pub client: ClientWithMiddleware,
+    pub time: Time,
+}
+
+impl Rig {
+    pub async fn new(
+        profile: idempotent_retry::testing::ServerProfile,
+        schedule: idempotent_retry::testing::Schedule,
+    ) -> Self {
+        Self::with_policy(profile, schedule, fast_policy()).await
+    }
+
+    pub async fn with_policy(
+        profile: idempotent_retry::testing::ServerProfile,
+        schedule: idempotent_retry::testing::Schedule,
+        policy: RetryPolicy,
+    ) -> Self {
+        use idempotent_retry::testing::{ChaosProxy, FakeCloud};
+        let time = Time::new();
+        let cloud = FakeCloud::builder(profile.clone()).clock(time.clock.clone()).start().await;
+        let proxy = ChaosProxy::builder(cloud.address()).schedule(schedule).clock(time.clock.clone()).start().await;
+        let client = client(profile.configure(time.layer().policy(policy)));
+        Self { profile, cloud, proxy, client, time }
+    }
+
+    pub fn cvms(&self) -> String {
+        format!("{}/cvms", self.proxy.uri())
+    }
+
+    /// `POST /cvms {"name": name}` through the proxy.
+    pub async fn create(&self, name: &str) -> reqwest_middleware::Result<reqwest::Response> {
+        self.client.post(self.cvms()).json(&serde_json::json!({ "name": name })).send().await
+    }
+
+    /// The same, without a key.
+    pub async fn create_keyless(&self, name: &str) -> reqwest_middleware::Result<reqwest::Response> {
+        self.client
+            .post(self.cvms())
+            .json(&serde_json::json!({ "name": name }))
+            .with_extension(idempotent_retry::RequestOptions::new().no_key())
+            .send()
+            .await
+    }
+
+    /// Each operation's (told by its `name`) key, as the client sent it on every attempt,
+    /// asserting there was one per operation.
+    pub fn one_key_per_name(&self) -> std::collections::BTreeMap<String, Option<String>> {
+        let attempts = self
+            .proxy
+            .records()
+            .into_iter()
+            .filter(|r| r.method == "POST")
+            .map(|r| (r.json_field("name").unwrap_or_default(), r.key(&self.profile)));
+        idempotent_retry::testing::assert_one_key_per_operation(attempts)
+    }
+
+    /// POST attempts the client made (as the proxy saw them).
+    pub fn attempts(&self) -> usize {
+        self.proxy.records().iter().filter(|r| r.method == "POST").count()
+    }
+}

@@ -175,7 +175,7 @@ impl FakeCloudBuilder {
                 unique_names: self.unique_names,
             }),
         });
-        let server = MockServer::builder().start().await;
+        let server = MockServer::start().await;
         Mock::given(wiremock::matchers::any()).respond_with(Responder(shared.clone())).mount(&server).await;
         FakeCloud { server, shared }
     }

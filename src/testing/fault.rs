@@ -97,6 +97,19 @@ impl FaultMix {
         Self { lose: 0.0, reset: 0.0, status: 0.0, delay_rate: 0.0, retry_after: None, delay: Duration::ZERO }
     }
 
+    /// Sets the `Retry-After` sent with injected statuses.
+    pub const fn with_retry_after(mut self, retry_after: Option<RetryAfter>) -> Self {
+        self.retry_after = retry_after;
+        self
+    }
+
+    /// Holds a share `rate` of requests for `delay` before forwarding them.
+    pub const fn with_delay(mut self, rate: f64, delay: Duration) -> Self {
+        self.delay_rate = rate;
+        self.delay = delay;
+        self
+    }
+
     /// The same proportions, scaled so that faults add up to `total` (0.0 to 1.0).
     pub fn scaled_to(self, total: f64) -> Self {
         let sum = self.total();

@@ -3,6 +3,7 @@
 //! delays.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -56,6 +57,8 @@ struct Shared {
     only: Option<Method>,
     clock: Arc<dyn Clock>,
     log: Mutex<Vec<ProxyRecord>>,
+    /// Requests held or being forwarded right now.
+    pending: AtomicUsize,
 }
 
 /// A TCP proxy that injects faults, one decision per HTTP request.
@@ -128,6 +131,7 @@ impl ChaosProxyBuilder {
             only: self.only,
             clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
             log: Mutex::default(),
+            pending: AtomicUsize::new(0),
         });
         let accept = shared.clone();
         let task = tokio::spawn(async move {
@@ -174,6 +178,14 @@ impl ChaosProxy {
     pub fn faults_injected(&self) -> usize {
         lock(&self.shared.log).iter().filter(|r| r.fault.is_fault()).count()
     }
+
+    /// Waits until no request is held or being forwarded: a [delayed](Fault::Delay) request whose
+    /// client gave up still reaches the server, and a test should count resources after it has.
+    pub async fn settle(&self) {
+        while self.shared.pending.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }
 
 impl Drop for ChaosProxy {
@@ -187,6 +199,8 @@ async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
     while let Ok(Some(request)) = read_request(&mut client, &mut buf).await {
         let applies = shared.only.as_ref().is_none_or(|m| m.as_str() == request.method);
         let fault = if applies { lock(&shared.schedule).next_fault() } else { Fault::Pass };
+        // Counted from before the record is visible, so `settle` never misses a request.
+        let _pending = Pending::new(&shared.pending);
         lock(&shared.log).push(ProxyRecord {
             method: request.method.clone(),
             path: request.path.clone(),
@@ -217,6 +231,22 @@ async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
             }
             return;
         }
+    }
+}
+
+/// Counts a request as pending for as long as it lives.
+struct Pending<'a>(&'a AtomicUsize);
+
+impl<'a> Pending<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Self(counter)
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -1,8 +1,10 @@
 //! One integration test binary (fast to link), one module per concern.
 
 mod budget;
+mod chaos;
 mod faults;
 mod keys;
+mod properties;
 mod retries;
 mod retry_after;
 mod scenarios;

@@ -1,0 +1,154 @@
+//! Random fault schedules × server profiles, through the chaos proxy on real sockets. Whatever
+//! the faults, for every logical operation:
+//!
+//! - a keyed operation creates at most one resource;
+//! - an operation reported as succeeded created exactly one;
+//! - a keyless operation never creates more than one.
+//!
+//! 256 cases by default; `PROPTEST_CASES=N` runs more.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use http::Method;
+use idempotent_retry::testing::{ChaosProxy, FakeCloud, Fault, InFlight, RetryAfter, Schedule, ServerProfile};
+use idempotent_retry::{RequestOptions, RetryOutcome};
+use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
+
+use crate::support::*;
+
+/// A proxy delay comfortably longer than the client's attempt timeout.
+const HOLD: Duration = Duration::from_millis(80);
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(40);
+
+static RUNTIME: LazyLock<tokio::runtime::Runtime> =
+    LazyLock::new(|| tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap());
+
+fn profiles() -> Vec<ServerProfile> {
+    let mut all = ServerProfile::keyed();
+    all.push(ServerProfile::no_keys());
+    all
+}
+
+/// The kinds of fault a request can meet.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Pass,
+    Lose,
+    Reset,
+    Unavailable,
+    Throttled,
+    /// The server's own "still in flight" answer (409, or 423 for django…), injected.
+    InFlight,
+    Delay,
+}
+
+fn kind() -> impl Strategy<Value = Kind> {
+    prop_oneof![
+        4 => Just(Kind::Pass),
+        2 => Just(Kind::Lose),
+        1 => Just(Kind::Reset),
+        1 => Just(Kind::Unavailable),
+        1 => Just(Kind::Throttled),
+        1 => Just(Kind::InFlight),
+        1 => Just(Kind::Delay),
+    ]
+}
+
+fn fault(kind: Kind, profile: &ServerProfile) -> Fault {
+    let in_flight_status = match profile.in_flight {
+        InFlight::Status423 => 423,
+        InFlight::Status429 => 429,
+        InFlight::Status503 => 503,
+        _ => 409,
+    };
+    match kind {
+        Kind::Pass => Fault::Pass,
+        Kind::Lose => Fault::Lose,
+        Kind::Reset => Fault::Reset,
+        Kind::Unavailable => Fault::unavailable(RetryAfter::Seconds(1)),
+        Kind::Throttled => Fault::throttled(RetryAfter::DateIn(Duration::from_secs(2))),
+        Kind::InFlight => Fault::Status { status: in_flight_status, retry_after: None },
+        Kind::Delay => Fault::Delay(HOLD),
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    profile: usize,
+    /// How long the server keeps a first request in flight, on its (manual) clock.
+    processing_ms: u64,
+    /// One entry per logical operation: whether it is sent without a key.
+    keyless: Vec<bool>,
+    faults: Vec<Kind>,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        0..profiles().len(),
+        prop_oneof![Just(0u64), Just(300), Just(1500)],
+        proptest::collection::vec(any::<bool>(), 1..4),
+        proptest::collection::vec(kind(), 0..14),
+    )
+        .prop_map(|(profile, processing_ms, keyless, faults)| Case { profile, processing_ms, keyless, faults })
+}
+
+async fn run(case: Case) -> Result<(), TestCaseError> {
+    let mut profile = profiles()[case.profile].clone();
+    // A server with no in-flight check runs a second request that arrives while the first is
+    // still being processed: that duplicate is the server's, whatever the client does.
+    if profile.in_flight != InFlight::RunsAgain {
+        profile = profile.with_processing(Duration::from_millis(case.processing_ms));
+    }
+    let time = Time::new();
+    let cloud = FakeCloud::builder(profile.clone()).clock(time.clock.clone()).start().await;
+    let faults: Vec<Fault> = case.faults.iter().map(|k| fault(*k, &profile)).collect();
+    let proxy = ChaosProxy::builder(cloud.address())
+        .schedule(Schedule::script(faults))
+        .only(Method::POST)
+        .clock(time.clock.clone())
+        .start()
+        .await;
+    let policy = fast_policy().attempt_timeout(ATTEMPT_TIMEOUT).max_attempts(6);
+    let client = client(profile.configure(time.layer().policy(policy)));
+
+    let mut reported = Vec::new();
+    for (i, keyless) in case.keyless.iter().enumerate() {
+        let name = format!("op-{i}");
+        let mut request = client.post(format!("{}/cvms", proxy.uri())).json(&serde_json::json!({ "name": name }));
+        if *keyless {
+            request = request.with_extension(RequestOptions::new().no_key());
+        }
+        let succeeded = match request.send().await {
+            Ok(response) => response.status().is_success() || RetryOutcome::of(&response).is_some_and(|o| o.replayed),
+            Err(_) => false,
+        };
+        reported.push((name, *keyless, succeeded));
+    }
+    // Delayed requests whose clients gave up still land; count after they have.
+    proxy.settle().await;
+
+    for (name, keyless, succeeded) in reported {
+        let created = cloud.created_named(&name);
+        let label = if keyless || !profile.takes_keys() { "keyless" } else { "keyed" };
+        prop_assert!(created <= 1, "{}: {label} {name} created {created} resources", profile.name);
+        if succeeded {
+            prop_assert_eq!(created, 1, "{}: {} reported success", profile.name, name);
+        }
+    }
+    Ok(())
+}
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn operations_never_duplicate_under_random_faults(case in case()) {
+        RUNTIME.block_on(run(case))?;
+    }
+}

@@ -138,13 +138,17 @@ async fn attempt_timeout_is_retried_with_the_same_key() {
         .await;
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(201)).mount(&server).await;
     let time = Time::new();
-    let client = client(time.layer().policy(fast_policy().attempt_timeout(Duration::from_millis(200))));
+    let client = client(time.layer().policy(fast_policy().attempt_timeout(Duration::from_millis(500))));
 
     let response = client.post(server.uri()).body("{}").send().await.unwrap();
 
     assert_eq!(response.status(), 201);
-    assert_eq!(RetryOutcome::of(&response).unwrap().attempts, 2);
-    one_key(&keys_seen(&server, "idempotency-key").await);
+    // At least the held-back attempt and one more (a slow machine may time out more than once).
+    let attempts = RetryOutcome::of(&response).unwrap().attempts;
+    assert!(attempts >= 2, "{attempts}");
+    let keys = keys_seen(&server, "idempotency-key").await;
+    assert_eq!(keys.len(), attempts as usize);
+    one_key(&keys);
 }
 
 #[tokio::test]

@@ -10,4 +10,3 @@ mod retry_after;
 mod scenarios;
 mod stream;
 mod support;
-mod tracing;

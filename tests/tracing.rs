@@ -1,8 +1,13 @@
 //! Traces carry attempts, causes, delays and a key fingerprint — never the key, never
 //! `Authorization`.
+//!
+//! A test binary of its own, unlike the rest of the suite (`tests/all`): `tracing` caches each
+//! callsite's interest process-wide, and a callsite first hit by another test thread while this
+//! test installs its thread-scoped subscriber can be cached as "never", dropping events at random.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use idempotent_retry::IdempotencyKey;
 use tracing_subscriber::fmt::MakeWriter;
@@ -10,7 +15,7 @@ use tracing_subscriber::fmt::format::FmtSpan;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::support::*;
+use idempotent_retry::{ExponentialBackoff, IdempotentRetry, Jitter, ManualClock, RecordingSleeper, RetryPolicy};
 
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -46,7 +51,12 @@ async fn traces_fingerprint_the_key_and_never_show_secrets() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
     let key = IdempotencyKey::new("super-secret-key-0001").unwrap();
-    let client = client(Time::new().layer().policy(fast_policy()));
+    let clock = ManualClock::new(std::time::SystemTime::UNIX_EPOCH);
+    let policy = RetryPolicy::standard()
+        .backoff(ExponentialBackoff::new(Duration::from_millis(100), Duration::from_secs(5)).jitter(Jitter::None));
+    let layer =
+        IdempotentRetry::builder().clock(clock.clone()).sleeper(RecordingSleeper::advancing(&clock)).policy(policy);
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new()).with(layer.build()).build();
 
     client
         .post(server.uri())

@@ -3,6 +3,7 @@
 mod budget;
 mod chaos;
 mod faults;
+mod fixtures;
 mod keys;
 mod properties;
 mod retries;

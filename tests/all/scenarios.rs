@@ -117,6 +117,10 @@ async fn s03_keyless_endpoint_lost_response() {
             assert!(err.is_outcome_unknown(), "{name}: {err}");
             assert!(err.may_have_been_applied(), "{name}");
             assert_eq!(rig.attempts(), 1, "{name}: never resent blind");
+            assert!(
+                rig.proxy.records().iter().all(|r| r.headers.get("idempotency-key").is_none()),
+                "{name}: no key sent"
+            );
             assert_eq!(rig.cloud.created(), usize::from(applied), "{name} {fault:?}");
 
             // Read back: list and look for the name, then create only if it is missing.
@@ -150,6 +154,8 @@ async fn s03_a_key_the_server_ignores_does_not_protect() {
 
     assert_eq!(response.status(), StatusCode::CREATED);
     assert_eq!(cloud.created_named("web-1"), 2, "the duplicate a keyless endpoint makes of a keyed retry");
+    let keys: Vec<_> = proxy.records().iter().map(|r| r.headers.get("idempotency-key").cloned()).collect();
+    assert!(keys.len() == 2 && keys[0].is_some() && keys[0] == keys[1], "one key, sent twice, ignored: {keys:?}");
 }
 
 /// 6. Same key, another payload: the server's refusal (422, 417, 409 with mismatch text, 400
@@ -182,6 +188,8 @@ async fn s06_same_key_other_payload_is_refused() {
         assert_eq!(rig.attempts(), 2, "{}", profile.name);
         assert_eq!(rig.cloud.created(), 1, "{}", profile.name);
         assert_eq!(rig.cloud.created_named("web-2"), 0, "{}", profile.name);
+        let keys = rig.one_key_per_name();
+        assert!(keys.values().all(|k| k.as_deref() == Some(key.as_str())), "{}: {keys:?}", profile.name);
     }
 }
 
@@ -208,6 +216,7 @@ async fn s06_servers_that_do_not_check_the_payload() {
         // tower hand back the first object under the second request's name.
         assert_eq!(rig.cloud.created_named("web-2"), created_web2, "{}", profile.name);
         assert_eq!(rig.cloud.created_named("web-1"), 1, "{}", profile.name);
+        assert!(rig.cloud.keys_seen().iter().all(|k| k.as_deref() == Some(key.as_str())), "{}", profile.name);
     }
 }
 
@@ -225,6 +234,7 @@ async fn s07_cached_and_uncached_server_errors() {
     assert_eq!(rig.attempts(), 2);
     assert_eq!(rig.cloud.handler_runs(), 1);
     assert_eq!(rig.cloud.created(), 0);
+    assert_eq!(rig.one_key_per_name()["web-1"].as_ref(), err.idempotency_key().map(|k| k.to_string()).as_ref());
 
     // The IETF draft caches it without a marker: the client cannot know, retries run out, and
     // the handler never runs twice.
@@ -269,6 +279,7 @@ async fn s08_ambiguous_conflict() {
         assert_eq!(response.status(), StatusCode::CREATED, "{}", profile.name);
         assert!(rig.cloud.requests().iter().any(|r| r.status == 409), "{}", profile.name);
         assert_eq!(rig.cloud.created(), 1, "{}", profile.name);
+        rig.one_key_per_name();
     }
 
     // Mismatch: brandur's 409 says so.
@@ -281,6 +292,7 @@ async fn s08_ambiguous_conflict() {
         assert_eq!(result.as_ref().err().and_then(Error::find).is_some_and(Error::is_key_reuse), reused, "{name}");
     }
     assert_eq!((rig.attempts(), rig.cloud.created()), (2, 1));
+    assert!(rig.cloud.keys_seen().iter().all(|k| k.as_deref() == Some(key.as_str())));
 
     // Replay: django's 409 carries the original object.
     let rig = Rig::new(ServerProfile::django(), Schedule::script([Fault::Lose])).await;
@@ -289,6 +301,7 @@ async fn s08_ambiguous_conflict() {
     assert!(RetryOutcome::of(&response).unwrap().replayed);
     assert_eq!(resource_id(&response.bytes().await.unwrap()), rig.cloud.resources("cvms")[0].id);
     assert_eq!(rig.cloud.created(), 1);
+    assert!(rig.one_key_per_name()["web-1"].is_some());
 
     // Domain conflict: the name is taken. Final at once, on every profile.
     for profile in [ServerProfile::ietf(), ServerProfile::stripe(), ServerProfile::express(), ServerProfile::tower()] {
@@ -304,6 +317,12 @@ async fn s08_ambiguous_conflict() {
         assert_eq!(RetryOutcome::of(&response).unwrap().attempts, 1, "{}: not retried", profile.name);
         assert!(response.text().await.unwrap().contains("already exists"));
         assert_eq!(cloud.created(), 1, "{}", profile.name);
+        let keys = cloud.keys_seen();
+        assert!(
+            keys.len() == 2 && keys[0].is_some() && keys[1].is_some() && keys[0] != keys[1],
+            "{}: two operations, two keys",
+            profile.name
+        );
     }
 }
 

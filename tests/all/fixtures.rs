@@ -1,0 +1,92 @@
+//! The fixtures themselves: routes, list lag, deletes, counters, and the proxy's faults as a
+//! client sees them.
+
+use http::StatusCode;
+use idempotent_retry::testing::{ChaosProxy, FakeCloud, Fault, RetryAfter, Schedule, ServerProfile, replicas};
+use serde_json::{Value, json};
+
+async fn list(client: &reqwest::Client, url: &str) -> Vec<String> {
+    let body: Value = client.get(url).send().await.unwrap().json().await.unwrap();
+    body["items"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap().to_owned()).collect()
+}
+
+#[tokio::test]
+async fn cvms_and_replicas_with_list_lag_and_deletes() {
+    let cloud = FakeCloud::builder(ServerProfile::no_keys()).list_lag(2).start().await;
+    let http = reqwest::Client::new();
+    let base = cloud.uri();
+
+    let cvm: Value = http
+        .post(format!("{base}/cvms"))
+        .json(&json!({"name": "web-1", "app_id": "app-9"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for field in ["id", "app_id", "vm_uuid", "name", "created_at"] {
+        assert!(cvm[field].is_string(), "{field} in {cvm}");
+    }
+    assert_eq!(cvm["app_id"], "app-9");
+
+    // Hidden from the next two lists, then visible.
+    assert!(list(&http, &format!("{base}/cvms")).await.is_empty());
+    assert!(list(&http, &format!("{base}/cvms")).await.is_empty());
+    assert_eq!(list(&http, &format!("{base}/cvms")).await, ["web-1"]);
+    // A direct read is not lagged.
+    let by_id = http.get(format!("{base}/cvms/{}", cvm["id"].as_str().unwrap())).send().await.unwrap();
+    assert_eq!(by_id.status(), StatusCode::OK);
+
+    let (app, vm) = (cvm["app_id"].as_str().unwrap(), cvm["vm_uuid"].as_str().unwrap());
+    cloud.set_list_lag(0);
+    let collection = format!("{base}/{}", replicas(app, vm));
+    let replica: Value = http.post(&collection).json(&json!({})).send().await.unwrap().json().await.unwrap();
+    assert_eq!((replica["app_id"].as_str(), replica["vm_uuid"].as_str()), (Some(app), Some(vm)));
+    assert_eq!(list(&http, &collection).await, ["replica-1"]);
+
+    let item = format!("{collection}/{}", replica["id"].as_str().unwrap());
+    assert_eq!(http.delete(&item).send().await.unwrap().status(), StatusCode::NO_CONTENT);
+    assert_eq!(http.delete(&item).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    assert!(list(&http, &collection).await.is_empty());
+    assert!(cloud.resources(&replicas(app, vm)).is_empty());
+
+    assert_eq!((cloud.created(), cloud.handler_runs()), (2, 2));
+    assert_eq!(cloud.requests().len(), 10);
+}
+
+#[tokio::test]
+async fn proxy_faults_as_a_plain_client_sees_them() {
+    let cloud = FakeCloud::start(ServerProfile::no_keys()).await;
+    let schedule = Schedule::script([
+        Fault::Lose,
+        Fault::Reset,
+        Fault::unavailable(RetryAfter::Seconds(7)),
+        Fault::throttled(RetryAfter::DateIn(std::time::Duration::from_secs(30))),
+        Fault::Pass,
+    ]);
+    let proxy = ChaosProxy::start(cloud.address(), schedule).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/cvms", proxy.uri());
+    let post = || http.post(&url).json(&json!({"name": "web-1"})).send();
+
+    let lost = post().await.unwrap_err();
+    assert!(!lost.is_connect(), "a reset after sending, not a refused connection: {lost:?}");
+    assert_eq!(cloud.created(), 1, "lost after the server committed");
+    post().await.unwrap_err();
+    assert_eq!(cloud.created(), 1, "reset before forwarding");
+    let unavailable = post().await.unwrap();
+    assert_eq!(
+        (unavailable.status(), unavailable.headers()["retry-after"].to_str().unwrap()),
+        (StatusCode::SERVICE_UNAVAILABLE, "7")
+    );
+    let throttled = post().await.unwrap();
+    assert_eq!(throttled.status(), StatusCode::TOO_MANY_REQUESTS);
+    let date = httpdate::parse_http_date(throttled.headers()["retry-after"].to_str().unwrap()).unwrap();
+    assert!(date > std::time::SystemTime::now());
+    assert_eq!(post().await.unwrap().status(), StatusCode::CREATED);
+
+    assert_eq!(cloud.created(), 2);
+    assert_eq!((proxy.requests(), proxy.faults_injected()), (5, 4));
+    assert_eq!(cloud.requests().len(), 2, "only lose and pass reached the server");
+}

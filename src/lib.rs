@@ -35,8 +35,17 @@
 //!    how many attempts were made, with which key, how the last ended, and whether the request
 //!    may have been applied.
 //!
+//! # Operations and durable keys
+//!
+//! [`Operations`] names a write (`create-cvm/web-1`) and keeps its key in a [`KeyStore`] — the
+//! [`SqliteJournal`] on disk — *before* the first send, so a crash or a re-run resumes with the
+//! same key instead of creating a duplicate. Keys are random, [derived](KeySource::Derived) from
+//! the caller's scope and the operation, user-given, or [from git](key_from_git). A key is pinned
+//! to its payload. An unknown outcome is settled by a [`ReadBack`], never by a blind resend.
+//!
 //! # Features
 //!
+//! - `journal` (default): [`SqliteJournal`], through rusqlite with SQLite bundled.
 //! - `test-util`: the [`testing`] module: fake servers that enforce idempotency as real ones do
 //!   (IETF draft, Stripe, brandur's design, django, express, bencher, tower, and endpoints with no
 //!   key at all), a chaos proxy that injects real socket faults, and assertion helpers. Pulls in
@@ -64,8 +73,13 @@ mod carrier;
 mod classify;
 mod decide;
 mod error;
+mod git;
+mod journal;
+#[cfg(feature = "journal")]
+mod journal_sqlite;
 mod key;
 mod middleware;
+mod operation;
 mod options;
 mod outcome;
 mod policy;
@@ -87,8 +101,17 @@ pub use crate::classify::{
     Verdict, classify_fn,
 };
 pub use crate::error::{Error, Failure, LastAttempt};
+pub use crate::git::{GitKeyMode, NoGitKey, key_from_git};
+pub use crate::journal::{
+    Begun, Finish, Intent, JournalError, KeyPlan, KeyStore, MemoryStore, OpState, PayloadMismatch, Record, fingerprint,
+};
+#[cfg(feature = "journal")]
+pub use crate::journal_sqlite::SqliteJournal;
 pub use crate::key::{DEFAULT_MAX_KEY_LEN, IdempotencyKey, KeyError};
 pub use crate::middleware::{IdempotentRetry, IdempotentRetryBuilder};
+pub use crate::operation::{
+    BoxError, Completed, KeySource, OperationBuilder, OperationError, Operations, Outcome, ReadBack, items,
+};
 pub use crate::options::RequestOptions;
 pub use crate::outcome::RetryOutcome;
 pub use crate::policy::RetryPolicy;

@@ -1,0 +1,303 @@
+//! The SQLite journal (feature `journal`): one file, WAL mode, safe across processes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
+
+use crate::journal::{Begun, Finish, Intent, JournalError, KeyPlan, KeyStore, OpState, Record, from_millis, to_millis};
+use crate::key::IdempotencyKey;
+use crate::time::lock;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS operations (
+    operation   TEXT PRIMARY KEY NOT NULL,
+    key         TEXT,
+    method      TEXT NOT NULL,
+    url         TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL,
+    status      INTEGER,
+    identity    TEXT
+);
+CREATE INDEX IF NOT EXISTS operations_by_key ON operations (key);
+";
+
+const COLUMNS: &str = "operation, key, method, url, fingerprint, state, created_at, updated_at, status, identity";
+
+/// A journal in a SQLite file.
+///
+/// - The key of an operation is committed (WAL, `synchronous = FULL`: one fsync per commit)
+///   before the first request is sent.
+/// - Two processes running the same operation at once serialise on the file's write lock and
+///   use one key: the second finds the first's pending record and resumes it.
+/// - A corrupt file, a lock held longer than the lock timeout, or a path that cannot be written
+///   is an error ([`JournalError`]); there is never a silent fallback to keys in memory.
+///
+/// The default location is `$XDG_STATE_HOME/idempotent-retry/journal.sqlite3`, or
+/// `~/.local/state/idempotent-retry/journal.sqlite3` without `XDG_STATE_HOME`.
+///
+/// # Examples
+///
+/// ```
+/// use idempotent_retry::{KeyStore, SqliteJournal};
+///
+/// let dir = std::env::temp_dir().join(format!("idem-doc-{}", std::process::id()));
+/// let journal = SqliteJournal::open(dir.join("journal.sqlite3")).unwrap();
+/// for record in journal.list().unwrap() {
+///     println!("{} {} {}", record.operation, record.state, record.url);
+/// }
+/// # std::fs::remove_dir_all(dir).ok();
+/// ```
+#[derive(Debug)]
+pub struct SqliteJournal {
+    path: PathBuf,
+    lock_timeout: Duration,
+    connection: Mutex<Connection>,
+}
+
+impl SqliteJournal {
+    /// How long to wait for another process's lock before giving up (default 5 s).
+    pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// The default journal path (see the type's docs), or `None` when neither `XDG_STATE_HOME`
+    /// nor `HOME` is set.
+    pub fn default_path() -> Option<PathBuf> {
+        state_path(std::env::var_os("XDG_STATE_HOME"), std::env::var_os("HOME"))
+    }
+
+    /// Opens (creating if needed) the journal at the default path.
+    ///
+    /// # Errors
+    ///
+    /// [`JournalError`] if there is no home directory, or the journal cannot be opened.
+    pub fn open_default() -> Result<Self, JournalError> {
+        let path = Self::default_path().ok_or_else(|| JournalError::Other {
+            path: "(default)".into(),
+            reason: "neither XDG_STATE_HOME nor HOME is set; give the journal a path".into(),
+        })?;
+        Self::open(path)
+    }
+
+    /// Opens (creating if needed) the journal at `path`.
+    ///
+    /// # Errors
+    ///
+    /// [`JournalError::ReadOnly`] if the file or its directory cannot be written,
+    /// [`JournalError::Corrupt`] if the file is not a journal, [`JournalError::Locked`] if
+    /// another process holds it past the lock timeout.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, JournalError> {
+        Self::open_with_lock_timeout(path, Self::DEFAULT_LOCK_TIMEOUT)
+    }
+
+    /// Like [`open`](Self::open), with another lock timeout.
+    ///
+    /// # Errors
+    ///
+    /// As [`open`](Self::open).
+    pub fn open_with_lock_timeout(path: impl AsRef<Path>, lock_timeout: Duration) -> Result<Self, JournalError> {
+        let path = path.as_ref().to_path_buf();
+        let shown = path.display().to_string();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| JournalError::ReadOnly { path: shown.clone(), reason: format!("cannot create {}: {e}", dir.display()) })?;
+        }
+        let fail = |e: rusqlite::Error| classify(&shown, lock_timeout, e);
+        let connection = Connection::open(&path).map_err(|e| match classify(&shown, lock_timeout, e) {
+            JournalError::Other { reason, .. } => JournalError::ReadOnly { path: shown.clone(), reason },
+            other => other,
+        })?;
+        connection.busy_timeout(lock_timeout).map_err(fail)?;
+        let mode: String = connection.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(fail)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(JournalError::Other { path: shown, reason: format!("cannot switch to WAL mode (got {mode})") });
+        }
+        connection.pragma_update(None, "synchronous", "FULL").map_err(fail)?;
+        connection.execute_batch(SCHEMA).map_err(fail)?;
+        Ok(Self { path, lock_timeout, connection: Mutex::new(connection) })
+    }
+
+    /// The journal's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn fail(&self, e: rusqlite::Error) -> JournalError {
+        classify(&self.path.display().to_string(), self.lock_timeout, e)
+    }
+}
+
+/// The XDG rule: `$XDG_STATE_HOME`, else `$HOME/.local/state`; empty values count as unset.
+fn state_path(xdg_state_home: Option<std::ffi::OsString>, home: Option<std::ffi::OsString>) -> Option<PathBuf> {
+    let state = match xdg_state_home.filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(home.filter(|v| !v.is_empty())?).join(".local/state"),
+    };
+    Some(state.join("idempotent-retry").join("journal.sqlite3"))
+}
+
+fn classify(path: &str, waited: Duration, e: rusqlite::Error) -> JournalError {
+    let path = path.to_owned();
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => JournalError::Corrupt { path },
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => JournalError::Locked { path, waited },
+        Some(ErrorCode::ReadOnly | ErrorCode::CannotOpen | ErrorCode::PermissionDenied) => {
+            JournalError::ReadOnly { path, reason: e.to_string() }
+        }
+        _ => JournalError::Other { path, reason: e.to_string() },
+    }
+}
+
+fn record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
+    let key: Option<String> = row.get(1)?;
+    let state: String = row.get(5)?;
+    let identity: Option<String> = row.get(9)?;
+    let bad = |what: &str| rusqlite::Error::InvalidColumnType(0, what.to_owned(), rusqlite::types::Type::Text);
+    Ok(Record {
+        operation: row.get(0)?,
+        key: key.map(IdempotencyKey::new).transpose().map_err(|_| bad("key"))?,
+        method: row.get(2)?,
+        url: row.get(3)?,
+        fingerprint: row.get(4)?,
+        state: OpState::parse(&state).ok_or_else(|| bad("state"))?,
+        created_at: from_millis(row.get(6)?),
+        updated_at: from_millis(row.get(7)?),
+        status: row.get::<_, Option<i64>>(8)?.map(|s| s as u16),
+        identity: identity.map(|s| serde_json::from_str(&s)).transpose().map_err(|_| bad("identity"))?,
+    })
+}
+
+impl KeyStore for SqliteJournal {
+    fn begin(&self, intent: &Intent<'_>) -> Result<Begun, JournalError> {
+        let mut connection = lock(&self.connection);
+        // IMMEDIATE takes the write lock now: a second process running the same operation waits
+        // here, then sees this one's pending record.
+        let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.fail(e))?;
+        let (planned, begun) = {
+            let mut by_operation = tx
+                .prepare_cached(&format!("SELECT {COLUMNS} FROM operations WHERE operation = ?1"))
+                .map_err(|e| self.fail(e))?;
+            let existing = by_operation.query_row([intent.operation], record).optional().map_err(|e| self.fail(e))?;
+            let same_key = match &intent.key {
+                KeyPlan::Fixed(key) => {
+                    let mut by_key = tx
+                        .prepare_cached(&format!("SELECT {COLUMNS} FROM operations WHERE key = ?1 AND operation <> ?2 LIMIT 1"))
+                        .map_err(|e| self.fail(e))?;
+                    by_key.query_row(params![key.as_str(), intent.operation], record).optional().map_err(|e| self.fail(e))?
+                }
+                _ => None,
+            };
+            intent.plan(existing.as_ref(), same_key.as_ref()).map_err(JournalError::PayloadMismatch)?
+        };
+        tx.prepare_cached(&format!(
+            "INSERT OR REPLACE INTO operations ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, NULL)"
+        ))
+        .and_then(|mut insert| {
+            insert.execute(params![
+                planned.operation,
+                planned.key.as_ref().map(IdempotencyKey::as_str),
+                planned.method,
+                planned.url,
+                planned.fingerprint,
+                planned.state.as_str(),
+                to_millis(planned.created_at),
+                to_millis(planned.updated_at),
+            ])
+        })
+        .map_err(|e| self.fail(e))?;
+        tx.commit().map_err(|e| self.fail(e))?;
+        Ok(begun)
+    }
+
+    fn finish(&self, operation: &str, finish: &Finish) -> Result<(), JournalError> {
+        let connection = lock(&self.connection);
+        let identity = finish.identity.as_ref().map(serde_json::Value::to_string);
+        connection
+            .prepare_cached("UPDATE operations SET state = ?2, status = ?3, identity = ?4, updated_at = ?5 WHERE operation = ?1")
+            .and_then(|mut update| {
+                update.execute(params![
+                    operation,
+                    finish.state.as_str(),
+                    finish.status.map(i64::from),
+                    identity,
+                    to_millis(finish.now)
+                ])
+            })
+            .map(drop)
+            .map_err(|e| self.fail(e))
+    }
+
+    fn get(&self, operation: &str) -> Result<Option<Record>, JournalError> {
+        let connection = lock(&self.connection);
+        connection
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM operations WHERE operation = ?1"))
+            .and_then(|mut select| select.query_row([operation], record).optional())
+            .map_err(|e| self.fail(e))
+    }
+
+    fn list(&self) -> Result<Vec<Record>, JournalError> {
+        let connection = lock(&self.connection);
+        let mut select = connection
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM operations ORDER BY created_at, operation"))
+            .map_err(|e| self.fail(e))?;
+        let rows = select.query_map([], record).map_err(|e| self.fail(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.fail(e))
+    }
+
+    fn forget(&self, operation: &str) -> Result<bool, JournalError> {
+        let connection = lock(&self.connection);
+        connection
+            .execute("DELETE FROM operations WHERE operation = ?1", [operation])
+            .map(|n| n > 0)
+            .map_err(|e| self.fail(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use super::*;
+    use crate::journal::fingerprint;
+
+    fn temp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("idem-unit-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir.join("journal.sqlite3")
+    }
+
+    #[test]
+    fn survives_reopening() {
+        let path = temp("reopen");
+        let fp = fingerprint("POST", "u", b"{}");
+        let intent = Intent { operation: "op", method: "POST", url: "u", fingerprint: &fp, key: KeyPlan::Random, now: UNIX_EPOCH };
+        let first = SqliteJournal::open(&path).unwrap().begin(&intent).unwrap();
+        let journal = SqliteJournal::open(&path).unwrap();
+        let again = journal.begin(&intent).unwrap();
+        assert_eq!((again.key, again.resumed), (first.key, true));
+        journal.finish("op", &Finish::new(OpState::Succeeded, Some(201), Some(serde_json::json!({"id": "x"})), UNIX_EPOCH)).unwrap();
+        let record = journal.get("op").unwrap().unwrap();
+        assert_eq!((record.state, record.status), (OpState::Succeeded, Some(201)));
+        assert_eq!(record.identity, Some(serde_json::json!({"id": "x"})));
+        assert!(journal.forget("op").unwrap());
+        assert!(journal.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn default_path_follows_xdg() {
+        let os = |s: &str| Some(std::ffi::OsString::from(s));
+        assert_eq!(state_path(os("/xdg"), os("/home/u")), Some(PathBuf::from("/xdg/idempotent-retry/journal.sqlite3")));
+        assert_eq!(
+            state_path(None, os("/home/u")),
+            Some(PathBuf::from("/home/u/.local/state/idempotent-retry/journal.sqlite3"))
+        );
+        assert_eq!(
+            state_path(os(""), os("/home/u")),
+            Some(PathBuf::from("/home/u/.local/state/idempotent-retry/journal.sqlite3"))
+        );
+        assert_eq!(state_path(None, None), None);
+    }
+}

@@ -188,7 +188,9 @@ impl PayloadMismatch {
 #[non_exhaustive]
 pub enum JournalError {
     /// The file is not a journal: corrupt, or some other file.
-    #[error("the journal at {path} is not a valid SQLite database (corrupt?); move it aside or delete it to start a new one")]
+    #[error(
+        "the journal at {path} is not a valid SQLite database (corrupt?); move it aside or delete it to start a new one"
+    )]
     Corrupt {
         /// The journal's path.
         path: String,
@@ -232,11 +234,17 @@ impl<'a> Intent<'a> {
     /// # Errors
     ///
     /// [`PayloadMismatch`] when the key is pinned to another payload.
-    pub fn plan(&self, existing: Option<&Record>, same_key: Option<&Record>) -> Result<(Record, Begun), Box<PayloadMismatch>> {
+    pub fn plan(
+        &self,
+        existing: Option<&Record>,
+        same_key: Option<&Record>,
+    ) -> Result<(Record, Begun), Box<PayloadMismatch>> {
         let unsettled = existing.filter(|r| r.state.is_unsettled()).cloned();
         let (key, resumed, key_created_at) = match &self.key {
             KeyPlan::Fixed(key) => {
-                if let Some(other) = same_key.filter(|o| o.operation != self.operation && o.fingerprint != self.fingerprint) {
+                if let Some(other) =
+                    same_key.filter(|o| o.operation != self.operation && o.fingerprint != self.fingerprint)
+                {
                     return Err(Box::new(PayloadMismatch::new(self.operation, other, Some(key))));
                 }
                 match existing.filter(|r| r.key.as_ref() == Some(key)) {
@@ -388,7 +396,9 @@ impl KeyStore for MemoryStore {
         let mut records = lock(&self.records);
         let existing = records.iter().find(|r| r.operation == intent.operation);
         let same_key = match &intent.key {
-            KeyPlan::Fixed(key) => records.iter().find(|r| r.key.as_ref() == Some(key) && r.operation != intent.operation),
+            KeyPlan::Fixed(key) => {
+                records.iter().find(|r| r.key.as_ref() == Some(key) && r.operation != intent.operation)
+            }
             _ => None,
         };
         let (record, begun) = intent.plan(existing, same_key).map_err(JournalError::PayloadMismatch)?;

@@ -102,8 +102,10 @@ impl SqliteJournal {
         let path = path.as_ref().to_path_buf();
         let shown = path.display().to_string();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| JournalError::ReadOnly { path: shown.clone(), reason: format!("cannot create {}: {e}", dir.display()) })?;
+            std::fs::create_dir_all(dir).map_err(|e| JournalError::ReadOnly {
+                path: shown.clone(),
+                reason: format!("cannot create {}: {e}", dir.display()),
+            })?;
         }
         let fail = |e: rusqlite::Error| classify(&shown, lock_timeout, e);
         let connection = Connection::open(&path).map_err(|e| match classify(&shown, lock_timeout, e) {
@@ -184,9 +186,14 @@ impl KeyStore for SqliteJournal {
             let same_key = match &intent.key {
                 KeyPlan::Fixed(key) => {
                     let mut by_key = tx
-                        .prepare_cached(&format!("SELECT {COLUMNS} FROM operations WHERE key = ?1 AND operation <> ?2 LIMIT 1"))
+                        .prepare_cached(&format!(
+                            "SELECT {COLUMNS} FROM operations WHERE key = ?1 AND operation <> ?2 LIMIT 1"
+                        ))
                         .map_err(|e| self.fail(e))?;
-                    by_key.query_row(params![key.as_str(), intent.operation], record).optional().map_err(|e| self.fail(e))?
+                    by_key
+                        .query_row(params![key.as_str(), intent.operation], record)
+                        .optional()
+                        .map_err(|e| self.fail(e))?
                 }
                 _ => None,
             };
@@ -216,7 +223,9 @@ impl KeyStore for SqliteJournal {
         let connection = lock(&self.connection);
         let identity = finish.identity.as_ref().map(serde_json::Value::to_string);
         connection
-            .prepare_cached("UPDATE operations SET state = ?2, status = ?3, identity = ?4, updated_at = ?5 WHERE operation = ?1")
+            .prepare_cached(
+                "UPDATE operations SET state = ?2, status = ?3, identity = ?4, updated_at = ?5 WHERE operation = ?1",
+            )
             .and_then(|mut update| {
                 update.execute(params![
                     operation,
@@ -273,12 +282,21 @@ mod tests {
     fn survives_reopening() {
         let path = temp("reopen");
         let fp = fingerprint("POST", "u", b"{}");
-        let intent = Intent { operation: "op", method: "POST", url: "u", fingerprint: &fp, key: KeyPlan::Random, now: UNIX_EPOCH };
+        let intent = Intent {
+            operation: "op",
+            method: "POST",
+            url: "u",
+            fingerprint: &fp,
+            key: KeyPlan::Random,
+            now: UNIX_EPOCH,
+        };
         let first = SqliteJournal::open(&path).unwrap().begin(&intent).unwrap();
         let journal = SqliteJournal::open(&path).unwrap();
         let again = journal.begin(&intent).unwrap();
         assert_eq!((again.key, again.resumed), (first.key, true));
-        journal.finish("op", &Finish::new(OpState::Succeeded, Some(201), Some(serde_json::json!({"id": "x"})), UNIX_EPOCH)).unwrap();
+        journal
+            .finish("op", &Finish::new(OpState::Succeeded, Some(201), Some(serde_json::json!({"id": "x"})), UNIX_EPOCH))
+            .unwrap();
         let record = journal.get("op").unwrap().unwrap();
         assert_eq!((record.state, record.status), (OpState::Succeeded, Some(201)));
         assert_eq!(record.identity, Some(serde_json::json!({"id": "x"})));

@@ -110,7 +110,8 @@ pub use crate::journal_sqlite::SqliteJournal;
 pub use crate::key::{DEFAULT_MAX_KEY_LEN, IdempotencyKey, KeyError};
 pub use crate::middleware::{IdempotentRetry, IdempotentRetryBuilder};
 pub use crate::operation::{
-    BoxError, Completed, KeySource, OperationBuilder, OperationError, Operations, Outcome, ReadBack, items,
+    BoxError, Completed, IdentityMismatch, KeySource, OperationBuilder, OperationError, Operations, Outcome, ReadBack,
+    items,
 };
 pub use crate::options::RequestOptions;
 pub use crate::outcome::RetryOutcome;

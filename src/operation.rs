@@ -50,7 +50,8 @@ use crate::time::{Clock, SystemClock};
 /// An error from a read-back lookup.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-type Lookup = dyn Fn(ClientWithMiddleware) -> Pin<Box<dyn Future<Output = Result<Option<Value>, BoxError>> + Send>> + Send + Sync;
+type Lookup =
+    dyn Fn(ClientWithMiddleware) -> Pin<Box<dyn Future<Output = Result<Option<Value>, BoxError>> + Send>> + Send + Sync;
 
 /// How to find out whether an operation took effect: a lookup that returns the resource, if it
 /// exists.
@@ -191,19 +192,8 @@ pub enum OperationError {
         reason: String,
     },
     /// The server returned a resource that is not the one asked for.
-    #[error("operation `{operation}`: the server returned {field} = {found}, expected {expected}")]
-    IdentityMismatch {
-        /// The operation.
-        operation: String,
-        /// The field.
-        field: String,
-        /// The expected value.
-        expected: Value,
-        /// What the server returned (`null` if absent).
-        found: Value,
-        /// The whole resource.
-        resource: Value,
-    },
+    #[error(transparent)]
+    IdentityMismatch(Box<IdentityMismatch>),
     /// The read-back lookup failed.
     #[error("operation `{operation}`: the read-back failed")]
     ReadBack {
@@ -220,7 +210,9 @@ impl OperationError {
     pub fn may_have_been_applied(&self) -> bool {
         match self {
             OperationError::Failed { may_have_been_applied, .. } => *may_have_been_applied,
-            OperationError::Unknown { .. } | OperationError::IdentityMismatch { .. } | OperationError::ReadBack { .. } => true,
+            OperationError::Unknown { .. }
+            | OperationError::IdentityMismatch { .. }
+            | OperationError::ReadBack { .. } => true,
             _ => false,
         }
     }
@@ -243,6 +235,35 @@ impl OperationError {
             JournalError::PayloadMismatch(m) => OperationError::PayloadMismatch(m),
             other => OperationError::Journal(other),
         }
+    }
+}
+
+/// The server returned a resource that is not the one asked for.
+#[derive(Debug, thiserror::Error)]
+#[error("operation `{operation}`: the server returned {field} = {found}, expected {expected}")]
+#[non_exhaustive]
+pub struct IdentityMismatch {
+    /// The operation.
+    pub operation: String,
+    /// The field.
+    pub field: String,
+    /// The expected value.
+    pub expected: Value,
+    /// What the server returned (`null` if absent).
+    pub found: Value,
+    /// The whole resource.
+    pub resource: Value,
+}
+
+impl IdentityMismatch {
+    fn error(operation: &str, field: &str, expected: Value, found: Value, resource: Value) -> OperationError {
+        OperationError::IdentityMismatch(Box::new(Self {
+            operation: operation.to_owned(),
+            field: field.to_owned(),
+            expected,
+            found,
+            resource,
+        }))
     }
 }
 
@@ -553,7 +574,9 @@ impl<'a> OperationBuilder<'a> {
         if let Some(reason) = &self.invalid {
             return Err(self.invalid(reason.clone()));
         }
-        let Some(url) = self.url.clone() else { return Err(self.invalid("no URL: call post(), patch(), put() or request()")) };
+        let Some(url) = self.url.clone() else {
+            return Err(self.invalid("no URL: call post(), patch(), put() or request()"));
+        };
         if self.sources.len() > 1 {
             return Err(self.invalid(format!("conflicting key sources: {:?}", self.sources)));
         }
@@ -664,11 +687,17 @@ impl<'a> OperationBuilder<'a> {
         let (operation, finish) = (self.name.clone(), Finish::new(state, status, identity, self.ops.clock.now()));
         tokio::task::spawn_blocking(move || store.finish(&operation, &finish))
             .await
-            .map_err(|e| OperationError::Journal(JournalError::Other { path: "(journal)".into(), reason: e.to_string() }))?
+            .map_err(|e| {
+                OperationError::Journal(JournalError::Other { path: "(journal)".into(), reason: e.to_string() })
+            })?
             .map_err(OperationError::journal)
     }
 
-    async fn send_once(&self, url: &str, key: Option<&IdempotencyKey>) -> reqwest_middleware::Result<reqwest::Response> {
+    async fn send_once(
+        &self,
+        url: &str,
+        key: Option<&IdempotencyKey>,
+    ) -> reqwest_middleware::Result<reqwest::Response> {
         let mut options = match key {
             Some(key) => RequestOptions::new().key(key.clone()),
             None => RequestOptions::new().no_key(),
@@ -705,26 +734,15 @@ impl<'a> OperationBuilder<'a> {
         }
         for field in &self.identity {
             let Some(value) = resource.get(field) else {
-                return Err(OperationError::IdentityMismatch {
-                    operation: self.name.clone(),
-                    field: field.clone(),
-                    expected: Value::String("a value".into()),
-                    found: Value::Null,
-                    resource: resource.clone(),
-                });
+                let expected = Value::String("a value".into());
+                return Err(IdentityMismatch::error(&self.name, field, expected, Value::Null, resource.clone()));
             };
             identity.insert(field.clone(), value.clone());
         }
         for (field, expected) in &self.expect {
             let found = resource.get(field).cloned().unwrap_or(Value::Null);
             if found != *expected {
-                return Err(OperationError::IdentityMismatch {
-                    operation: self.name.clone(),
-                    field: field.clone(),
-                    expected: expected.clone(),
-                    found,
-                    resource: resource.clone(),
-                });
+                return Err(IdentityMismatch::error(&self.name, field, expected.clone(), found, resource.clone()));
             }
             identity.insert(field.clone(), found);
         }
@@ -765,13 +783,8 @@ impl<'a> OperationBuilder<'a> {
             if fresh.get("id").is_some() && fresh.get("id") != resource.get("id") {
                 let expected = resource.get("id").cloned().unwrap_or(Value::Null);
                 self.finish(OpState::Succeeded, Some(status.as_u16()), Some(resource.clone())).await?;
-                return Err(OperationError::IdentityMismatch {
-                    operation: self.name.clone(),
-                    field: "id".into(),
-                    expected,
-                    found: fresh.get("id").cloned().unwrap_or(Value::Null),
-                    resource: fresh,
-                });
+                let found = fresh.get("id").cloned().unwrap_or(Value::Null);
+                return Err(IdentityMismatch::error(&self.name, "id", expected, found, fresh));
             }
             resource = fresh;
         }
@@ -791,7 +804,12 @@ impl<'a> OperationBuilder<'a> {
         })
     }
 
-    async fn recovered(&self, found: Value, begun: &Begun, no_key_reason: Option<String>) -> Result<Completed, OperationError> {
+    async fn recovered(
+        &self,
+        found: Value,
+        begun: &Begun,
+        no_key_reason: Option<String>,
+    ) -> Result<Completed, OperationError> {
         let identity = self.identity_of(&found);
         let stored = identity.as_ref().ok().map(|i| serde_json::to_value(i).expect("a map of JSON values"));
         self.finish(OpState::Succeeded, None, stored).await?;

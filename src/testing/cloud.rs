@@ -29,6 +29,8 @@ pub struct Resource {
     pub name: String,
     /// Creation time, RFC 3339, from the server's clock.
     pub created_at: String,
+    /// Lifecycle state: `starting` when created; tests move it with [`FakeCloud::set_status`].
+    pub status: String,
 }
 
 /// A request the server received.
@@ -82,6 +84,8 @@ struct State {
     fail_next: VecDeque<StatusCode>,
     list_lag: u32,
     unique_names: bool,
+    /// compose_hash → (name, app_id) of provisioned, not yet committed CVMs.
+    provisions: std::collections::HashMap<String, (String, String)>,
 }
 
 struct Shared {
@@ -96,6 +100,7 @@ struct Shared {
 /// | route | does |
 /// |---|---|
 /// | `POST /cvms` | creates a CVM (`{"name": …, "app_id": …}`, both optional) |
+/// | `POST /cvms/provision`, then `POST /cvms` with `{"compose_hash": …}` | a two-step create: provision (no resource yet), then commit |
 /// | `GET /cvms`, `GET /cvms/{id}`, `DELETE /cvms/{id}` | lists (`{"items": […]}`), reads, deletes |
 /// | `POST /apps/{app_id}/cvms/{vm_uuid}/replicas` | creates a replica of that CVM |
 /// | `GET …/replicas`, `DELETE …/replicas/{id}` | lists, deletes (404 if absent) |
@@ -173,6 +178,7 @@ impl FakeCloudBuilder {
                 fail_next: VecDeque::new(),
                 list_lag: self.list_lag,
                 unique_names: self.unique_names,
+                provisions: std::collections::HashMap::new(),
             }),
         });
         let server = MockServer::start().await;
@@ -210,6 +216,13 @@ impl FakeCloud {
     /// The next `count` create handler runs fail with `status` and create nothing.
     pub fn fail_next_creates(&self, count: usize, status: StatusCode) {
         lock(&self.shared.state).fail_next.extend(std::iter::repeat_n(status, count));
+    }
+
+    /// Sets a resource's `status` (e.g. `running`), wherever it is.
+    pub fn set_status(&self, id: &str, status: &str) {
+        if let Some(item) = lock(&self.shared.state).items.iter_mut().find(|i| i.resource.id == id) {
+            item.resource.status = status.to_owned();
+        }
     }
 
     /// Changes the list lag for items created from now on.
@@ -287,6 +300,7 @@ impl Respond for Responder {
 }
 
 enum Route {
+    Provision,
     Create { collection: String, app_id: Option<String>, vm_uuid: Option<String> },
     List { collection: String },
     Get { collection: String, id: String },
@@ -297,6 +311,7 @@ enum Route {
 fn route(method: &str, path: &str) -> Route {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, parts.as_slice()) {
+        ("POST", ["cvms", "provision"]) => Route::Provision,
         ("POST", ["cvms"]) => Route::Create { collection: "cvms".into(), app_id: None, vm_uuid: None },
         ("GET", ["cvms"]) => Route::List { collection: "cvms".into() },
         ("GET", ["cvms", id]) => Route::Get { collection: "cvms".into(), id: (*id).into() },
@@ -334,14 +349,30 @@ impl Shared {
         let (status, body, headers, processing) = match route(method, path) {
             Route::Create { collection, app_id, vm_uuid } => {
                 let incoming = Incoming { method, path, headers: &request.headers, body: &request.body };
-                let State { store, items, handler_runs, fail_next, list_lag, unique_names, .. } = &mut *state;
+                let State { store, items, handler_runs, fail_next, list_lag, unique_names, provisions, .. } =
+                    &mut *state;
                 // The store calls one or the other, never both at once.
                 let items = std::cell::RefCell::new(items);
                 let mut run = || {
                     *handler_runs += 1;
                     let mut items = items.borrow_mut();
-                    let spec =
-                        CreateSpec { collection: &collection, app_id: app_id.as_deref(), vm_uuid: vm_uuid.as_deref() };
+                    // A commit of a provisioned CVM takes its name and app from the provision.
+                    let provisioned = json_field(&request.body, "compose_hash").map(|h| provisions.get(&h).cloned());
+                    let (name, app) = match provisioned {
+                        Some(None) => {
+                            let (status, body) =
+                                json_response(StatusCode::BAD_REQUEST, &json!({"error": "unknown compose_hash"}));
+                            return Handled { status, body, created: None };
+                        }
+                        Some(Some((name, app))) => (Some(name), Some(app)),
+                        None => (None, None),
+                    };
+                    let spec = CreateSpec {
+                        collection: &collection,
+                        app_id: app_id.as_deref().or(app.as_deref()),
+                        vm_uuid: vm_uuid.as_deref(),
+                        name: name.as_deref(),
+                    };
                     create(&mut items, fail_next, *list_lag, *unique_names, &spec, &request.body, now)
                 };
                 let render = |id: &str| {
@@ -353,6 +384,15 @@ impl Shared {
                 };
                 let answer = store.handle(&self.profile, &incoming, now, &mut run, &render);
                 (answer.status, answer.body, answer.headers, answer.processing)
+            }
+            Route::Provision => {
+                let name = json_field(&request.body, "name").unwrap_or_else(|| "cvm".to_owned());
+                let app_id = json_field(&request.body, "app_id").unwrap_or_else(|| "app-1".to_owned());
+                let hash = uuid::Uuid::new_v4().simple().to_string();
+                state.provisions.insert(hash.clone(), (name.clone(), app_id.clone()));
+                let (s, b) =
+                    json_response(StatusCode::OK, &json!({"compose_hash": hash, "name": name, "app_id": app_id}));
+                (s, b, Vec::new(), Duration::ZERO)
             }
             Route::List { collection } => {
                 let mut visible = Vec::new();
@@ -420,6 +460,8 @@ struct CreateSpec<'a> {
     collection: &'a str,
     app_id: Option<&'a str>,
     vm_uuid: Option<&'a str>,
+    /// A name fixed by a provision, over the body's.
+    name: Option<&'a str>,
 }
 
 fn create(
@@ -431,14 +473,17 @@ fn create(
     body: &[u8],
     now: SystemTime,
 ) -> Handled {
-    let CreateSpec { collection, app_id, vm_uuid } = *spec;
+    let CreateSpec { collection, app_id, vm_uuid, name: fixed_name } = *spec;
     if let Some(status) = fail_next.pop_front() {
         let (status, body) = json_response(status, &json!({"error": "internal error"}));
         return Handled { status, body, created: None };
     }
     let live_in_collection = items.iter().filter(|i| i.collection == collection).count();
     let kind = if collection == "cvms" { "cvm" } else { "replica" };
-    let name = json_field(body, "name").unwrap_or_else(|| format!("{kind}-{}", live_in_collection + 1));
+    let name = fixed_name
+        .map(str::to_owned)
+        .or_else(|| json_field(body, "name"))
+        .unwrap_or_else(|| format!("{kind}-{}", live_in_collection + 1));
     if unique_names && items.iter().any(|i| i.collection == collection && !i.deleted && i.resource.name == name) {
         let (status, body) =
             json_response(StatusCode::CONFLICT, &json!({"error": format!("a {kind} named {name} already exists")}));
@@ -451,6 +496,7 @@ fn create(
         id: id.clone(),
         name,
         created_at: rfc3339(now),
+        status: "starting".to_owned(),
     };
     let (status, body) = json_response(StatusCode::CREATED, &json!(resource));
     items.push(Item { collection: collection.to_owned(), resource, hidden_for: list_lag, deleted: false });

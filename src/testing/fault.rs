@@ -27,6 +27,9 @@ pub enum Fault {
     /// Hold the request this long, then forward it. A client whose attempt timeout is shorter
     /// times out, while the request still reaches the server afterwards.
     Delay(Duration),
+    /// Forward it, let the server answer (and commit), then hold the answer this long before
+    /// relaying it: the window in which a client can crash after the server committed.
+    HoldResponse(Duration),
 }
 
 impl Fault {
@@ -47,7 +50,7 @@ impl Fault {
 
     /// Whether the request reaches the server under this fault.
     pub fn forwards(&self) -> bool {
-        matches!(self, Fault::Pass | Fault::Lose | Fault::Delay(_))
+        matches!(self, Fault::Pass | Fault::Lose | Fault::Delay(_) | Fault::HoldResponse(_))
     }
 }
 

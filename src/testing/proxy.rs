@@ -209,11 +209,12 @@ async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
             fault,
         });
         let keep_open = match fault {
-            Fault::Pass => pass(&mut client, &shared, &request).await,
+            Fault::Pass => pass(&mut client, &shared, &request, Duration::ZERO).await,
             Fault::Delay(hold) => {
                 tokio::time::sleep(hold).await;
-                pass(&mut client, &shared, &request).await
+                pass(&mut client, &shared, &request, Duration::ZERO).await
             }
+            Fault::HoldResponse(hold) => pass(&mut client, &shared, &request, hold).await,
             Fault::Lose => {
                 // Let the server answer (and commit), then throw the answer away.
                 let _ = forward(&shared, &request).await;
@@ -250,10 +251,16 @@ impl Drop for Pending<'_> {
     }
 }
 
-/// Forwards and relays the answer; whether the client connection stays open.
-async fn pass(client: &mut TcpStream, shared: &Shared, request: &Message) -> bool {
+/// Forwards and relays the answer, `hold` after it arrived; whether the client connection stays
+/// open.
+async fn pass(client: &mut TcpStream, shared: &Shared, request: &Message, hold: Duration) -> bool {
     match forward(shared, request).await {
-        Ok(response) => client.write_all(&response.raw).await.is_ok() && !response.close && !request.close,
+        Ok(response) => {
+            if !hold.is_zero() {
+                tokio::time::sleep(hold).await;
+            }
+            client.write_all(&response.raw).await.is_ok() && !response.close && !request.close
+        }
         Err(_) => {
             let bad_gateway = "HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
             let _ = client.write_all(bad_gateway.as_bytes()).await;

@@ -2,9 +2,11 @@
 
 mod budget;
 mod chaos;
+mod durability;
 mod faults;
 mod fixtures;
 mod keys;
+mod operations;
 mod properties;
 mod retries;
 mod retry_after;

@@ -1,0 +1,280 @@
+//! Logical operations against the fixture cloud: outcomes, key sources, payload pinning, and
+//! scenarios 6 (refused before sending), 9 (key expired: read back), 12 (two-step create) and
+//! 13 (a replay carries stale state).
+
+use std::time::Duration;
+
+use http::StatusCode;
+use idempotent_retry::testing::{Fault, Schedule, ServerProfile};
+use idempotent_retry::{IdempotencyKey, MemoryStore, OpState, OperationError, Operations, Outcome, ReadBack};
+use serde_json::json;
+
+use crate::support::*;
+
+fn ops(rig: &Rig) -> Operations {
+    Operations::new(rig.client.clone(), MemoryStore::new()).clock(rig.time.clock.clone()).scope("tenant-42")
+}
+
+fn find_cvm(rig: &Rig, name: &str) -> ReadBack {
+    ReadBack::find_in_list(rig.cvms(), "name", name)
+}
+
+fn posts(rig: &Rig) -> usize {
+    rig.attempts()
+}
+
+#[tokio::test]
+async fn created_then_replayed_with_a_derived_key_new_with_a_random_one() {
+    let rig = Rig::new(ServerProfile::stripe(), Schedule::pass()).await;
+    let ops = ops(&rig);
+    let create = || ops.operation("create-cvm/web-1").post(rig.cvms()).json(&json!({"name": "web-1"}));
+
+    let first = create().derived_key(1).send().await.unwrap();
+    let again = create().derived_key(1).send().await.unwrap();
+
+    assert_eq!((first.outcome, again.outcome), (Outcome::Created, Outcome::Replayed));
+    assert_eq!(first.identity["id"], again.identity["id"]);
+    assert_eq!(first.key, Some(ops.derived_key("create-cvm/web-1", 1)));
+    assert_eq!(rig.cloud.created(), 1);
+
+    // A random key: a succeeded operation run again is a new operation.
+    let random = ops.operation("create-cvm/web-2").post(rig.cvms()).json(&json!({"name": "web-2"}));
+    let a = random.send().await.unwrap();
+    let b = ops.operation("create-cvm/web-2").post(rig.cvms()).json(&json!({"name": "web-2"})).send().await.unwrap();
+    assert_ne!(a.key, b.key);
+    assert_eq!((a.outcome, b.outcome), (Outcome::Created, Outcome::Created));
+    assert_eq!(rig.cloud.created_named("web-2"), 2);
+}
+
+#[tokio::test]
+async fn derived_keys_include_the_scope() {
+    let rig = Rig::new(ServerProfile::stripe(), Schedule::pass()).await;
+    let a =
+        Operations::new(rig.client.clone(), MemoryStore::new()).scope("tenant-a").derived_key("create-cvm/web-1", 1);
+    let b =
+        Operations::new(rig.client.clone(), MemoryStore::new()).scope("tenant-b").derived_key("create-cvm/web-1", 1);
+    let next =
+        Operations::new(rig.client.clone(), MemoryStore::new()).scope("tenant-a").derived_key("create-cvm/web-1", 2);
+    assert_ne!(a, b);
+    assert_ne!(a, next, "a new generation is a new operation");
+}
+
+/// 6. Same key, other payload: refused before sending, naming both operations.
+#[tokio::test]
+async fn s06_a_key_pinned_to_another_payload_is_refused_before_sending() {
+    let rig = Rig::new(ServerProfile::ietf(), Schedule::pass()).await;
+    let ops = ops(&rig);
+    let key = IdempotencyKey::new("deploy-2f6c9a1").unwrap();
+    ops.operation("deploy/api").post(rig.cvms()).json(&json!({"name": "api"})).key(key.clone()).send().await.unwrap();
+
+    let err = ops
+        .operation("deploy/web")
+        .post(rig.cvms())
+        .json(&json!({"name": "web"}))
+        .key(key.clone())
+        .send()
+        .await
+        .unwrap_err();
+
+    assert!(err.is_payload_mismatch(), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("`deploy/web`") && message.contains("`deploy/api`"), "{message}");
+    assert!(!err.may_have_been_applied());
+    assert_eq!(posts(&rig), 1, "nothing was sent");
+
+    // Same key, same payload: fine, and the server replays.
+    let again =
+        ops.operation("deploy/api").post(rig.cvms()).json(&json!({"name": "api"})).key(key).send().await.unwrap();
+    assert_eq!(again.outcome, Outcome::Created, "the IETF profile replays without a marker");
+    assert_eq!(rig.cloud.created(), 1);
+
+    // A derived key with a changed payload is refused too; a new generation is a new operation.
+    let derived = |generation, name: &str| {
+        ops.operation("create-cvm/x").post(rig.cvms()).json(&json!({"name": name})).derived_key(generation).send()
+    };
+    derived(1, "x").await.unwrap();
+    assert!(derived(1, "x-renamed").await.unwrap_err().is_payload_mismatch());
+    assert_eq!(derived(2, "x-renamed").await.unwrap().outcome, Outcome::Created);
+}
+
+/// 9. The key expires mid-retry: past the declared retention it is not resent; a read-back
+/// settles it.
+#[tokio::test]
+async fn s09_an_expired_key_is_settled_by_reading_back() {
+    for (first_faults, applied) in [([Fault::Lose, Fault::Lose], true), ([Fault::Reset, Fault::Reset], false)] {
+        let rig =
+            Rig::with_policy(ServerProfile::stripe(), Schedule::script(first_faults), fast_policy().max_attempts(2))
+                .await;
+        let ops = ops(&rig);
+        let create = || ops.operation("create-cvm/web-1").post(rig.cvms()).json(&json!({"name": "web-1"}));
+
+        let err = create().send().await.unwrap_err();
+        assert!(err.may_have_been_applied(), "{err}");
+        let record = ops.store().get("create-cvm/web-1").unwrap().unwrap();
+        assert_eq!(record.state, OpState::Unknown);
+        let first_key = record.key.clone();
+
+        // A day and more later: the server has forgotten the key.
+        rig.time.clock.advance(Duration::from_secs(25 * 3600));
+        let sent_before = posts(&rig);
+
+        // Without a read-back the key is not resent.
+        let err = create().send().await.unwrap_err();
+        assert!(matches!(err, OperationError::Unknown { .. }), "{err}");
+        assert_eq!(posts(&rig), sent_before, "nothing resent with an expired key");
+
+        let done = create().read_back(find_cvm(&rig, "web-1")).send().await.unwrap();
+
+        assert_eq!(rig.cloud.created_named("web-1"), 1, "applied first time: {applied}");
+        if applied {
+            assert_eq!(done.outcome, Outcome::Recovered);
+            assert_eq!(posts(&rig), sent_before, "found: nothing sent");
+        } else {
+            assert_eq!(done.outcome, Outcome::Created);
+            assert_ne!(done.key, first_key, "a fresh create gets a fresh key");
+        }
+        assert_eq!(ops.store().get("create-cvm/web-1").unwrap().unwrap().state, OpState::Succeeded);
+    }
+}
+
+/// 12. Two-step create (provision, then commit) on an endpoint without keys, the commit's
+/// response lost: look up before committing again; one resource.
+#[tokio::test]
+async fn s12_two_step_create_reads_back_before_committing_again() {
+    let rig = Rig::new(ServerProfile::no_keys(), Schedule::script([Fault::Pass, Fault::Lose])).await;
+    let ops = ops(&rig);
+
+    let provision = ops
+        .operation("provision/web-1")
+        .post(format!("{}/provision", rig.cvms()))
+        .json(&json!({"name": "web-1", "app_id": "app-9"}))
+        .no_key()
+        .send()
+        .await
+        .unwrap();
+    let hash = provision.resource["compose_hash"].as_str().unwrap().to_owned();
+    let commit = ops
+        .operation("commit/web-1")
+        .post(rig.cvms())
+        .json(&json!({"compose_hash": hash}))
+        .no_key()
+        .read_back(find_cvm(&rig, "web-1"))
+        .expect("app_id", "app-9")
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(commit.outcome, Outcome::Recovered);
+    assert_eq!(commit.identity["app_id"], "app-9");
+    assert_eq!(rig.cloud.created(), 1);
+    assert_eq!(posts(&rig), 2, "provision once, commit once");
+}
+
+/// 13. A replay carries the state of its time: keep its identity, re-read the state.
+#[tokio::test]
+async fn s13_a_replay_is_refreshed_by_the_read_back() {
+    let rig = Rig::new(ServerProfile::stripe(), Schedule::pass()).await;
+    let ops = ops(&rig);
+    let create = || ops.operation("create-cvm/web-1").post(rig.cvms()).json(&json!({"name": "web-1"})).derived_key(1);
+    let first = create().send().await.unwrap();
+    assert_eq!(first.resource["status"], "starting");
+    rig.cloud.set_status(first.identity["id"].as_str().unwrap(), "running");
+
+    let stale = create().send().await.unwrap();
+    let fresh = create().read_back(find_cvm(&rig, "web-1")).send().await.unwrap();
+
+    assert_eq!((stale.outcome, fresh.outcome), (Outcome::Replayed, Outcome::Replayed));
+    assert_eq!(stale.resource["status"], "starting", "the server replays what it stored");
+    assert_eq!(fresh.resource["status"], "running", "re-read");
+    assert_eq!(fresh.identity["id"], first.identity["id"]);
+    assert_eq!(rig.cloud.created(), 1);
+}
+
+#[tokio::test]
+async fn a_keyless_rerun_reads_back_before_sending_again() {
+    let rig = Rig::new(ServerProfile::no_keys(), Schedule::script([Fault::Lose])).await;
+    let ops = ops(&rig);
+    let create = || ops.operation("create-cvm/web-1").post(rig.cvms()).json(&json!({"name": "web-1"})).no_key();
+
+    let err = create().send().await.unwrap_err();
+    assert!(err.may_have_been_applied(), "{err}");
+
+    let err = create().send().await.unwrap_err();
+    assert!(matches!(err, OperationError::Unknown { .. }), "no read-back, no resend: {err}");
+    assert_eq!(posts(&rig), 1);
+
+    let done = create().read_back(find_cvm(&rig, "web-1")).send().await.unwrap();
+    assert_eq!(done.outcome, Outcome::Recovered);
+    assert_eq!((posts(&rig), rig.cloud.created()), (1, 1));
+}
+
+#[tokio::test]
+async fn a_keyless_lost_response_not_found_is_created_once() {
+    // Reset before arriving: the read-back finds nothing, and one fresh send is safe.
+    let rig = Rig::new(ServerProfile::no_keys(), Schedule::script([Fault::Reset])).await;
+    let ops = ops(&rig);
+
+    let done = ops
+        .operation("create-cvm/web-1")
+        .post(rig.cvms())
+        .json(&json!({"name": "web-1"}))
+        .no_key()
+        .read_back(find_cvm(&rig, "web-1"))
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(done.outcome, Outcome::Created);
+    assert_eq!((posts(&rig), rig.cloud.created()), (2, 1));
+}
+
+#[tokio::test]
+async fn identity_is_declared_and_checked() {
+    let rig = Rig::new(ServerProfile::stripe(), Schedule::pass()).await;
+    let ops = ops(&rig);
+    let send = |name: &str| ops.operation(name).post(rig.cvms()).json(&json!({"name": name, "app_id": "app-1"}));
+
+    let done = send("a").identity(["id", "vm_uuid"]).expect("app_id", "app-1").send().await.unwrap();
+    assert_eq!(done.identity.keys().collect::<Vec<_>>(), ["app_id", "id", "vm_uuid"]);
+
+    let err = send("b").expect("app_id", "app-9").send().await.unwrap_err();
+    match &err {
+        OperationError::IdentityMismatch(m) => assert_eq!((m.field.as_str(), &m.found), ("app_id", &json!("app-1"))),
+        other => panic!("{other}"),
+    }
+    assert!(err.may_have_been_applied());
+    let err = send("c").identity(["serial"]).send().await.unwrap_err();
+    assert!(matches!(err, OperationError::IdentityMismatch(_)), "{err}");
+}
+
+#[tokio::test]
+async fn rejections_and_bad_options() {
+    let rig = Rig::new(ServerProfile::stripe(), Schedule::pass()).await;
+    let ops = ops(&rig);
+
+    let err =
+        ops.operation("bad-route").post(format!("{}/nowhere", rig.proxy.uri())).body("{}").send().await.unwrap_err();
+    assert!(matches!(&err, OperationError::Rejected { status, .. } if *status == StatusCode::NOT_FOUND), "{err}");
+    assert_eq!(ops.store().get("bad-route").unwrap().unwrap().state, OpState::Failed);
+
+    let key = IdempotencyKey::new("k-123").unwrap();
+    let err = ops.operation("x").post(rig.cvms()).body("{}").key(key).no_key().send().await.unwrap_err();
+    assert!(matches!(err, OperationError::InvalidOptions { .. }), "{err}");
+    let err = ops.operation("x").body("{}").send().await.unwrap_err();
+    assert!(matches!(err, OperationError::InvalidOptions { .. }), "{err}");
+    assert_eq!(posts(&rig), 1, "only the rejected one was sent");
+}
+
+#[tokio::test]
+async fn a_client_without_the_layer_is_reported() {
+    let rig = Rig::new(ServerProfile::stripe(), Schedule::pass()).await;
+    let bare = reqwest_middleware::ClientBuilder::new(reqwest::Client::new()).build();
+    let ops = Operations::new(bare, MemoryStore::new());
+
+    let err = ops.operation("x").post(rig.cvms()).json(&json!({"name": "x"})).send().await.unwrap_err();
+
+    assert!(err.to_string().contains("no IdempotentRetry layer"), "{err}");
+    assert_eq!(ops.store().get("x").unwrap().unwrap().state, OpState::Unknown);
+    // The request options a layer would have read went nowhere: no key on the wire.
+    assert_eq!(rig.proxy.records()[0].key(&rig.profile), None);
+}

@@ -83,6 +83,7 @@ mod operation;
 mod options;
 mod outcome;
 mod policy;
+mod reconcile;
 mod replay;
 mod retry_after;
 mod rng;
@@ -116,6 +117,10 @@ pub use crate::operation::{
 pub use crate::options::RequestOptions;
 pub use crate::outcome::RetryOutcome;
 pub use crate::policy::RetryPolicy;
+pub use crate::reconcile::{
+    Action, Desired, Member, Plan, PlanInput, Prune, ReconcileError, ReconcileFailure, ReconcileReport, Reconciler,
+    Slot, plan,
+};
 pub use crate::replay::ReplayDetector;
 pub use crate::retry_after::{parse_retry_after, retry_after};
 pub use crate::rng::{Random, SeededRng};

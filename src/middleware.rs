@@ -413,8 +413,10 @@ impl Config {
             budget.on_success(host, withdrawal);
         }
         tracing::Span::current().record("outcome", if replayed { "replayed" } else { "done" });
+        let status = response.status();
         response.extensions_mut().insert(RetryOutcome {
             attempts: run.attempts,
+            succeeded: status.is_success() || (replayed && self.replay.is_success_replay(status, run.key.is_some())),
             key: run.key,
             replayed,
             total_delay: run.total_delay,

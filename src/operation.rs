@@ -769,7 +769,7 @@ impl<'a> OperationBuilder<'a> {
                 return Err(self.failed(e.into(), begun, true));
             }
         };
-        if !status.is_success() && !record.replayed {
+        if !record.succeeded {
             self.finish(OpState::Failed, Some(status.as_u16()), None).await?;
             return Err(OperationError::Rejected { operation: self.name.clone(), status, body });
         }

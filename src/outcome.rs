@@ -29,6 +29,11 @@ pub struct RetryOutcome {
     pub key: Option<IdempotencyKey>,
     /// Whether the server marked the final response as a replay of an earlier one.
     pub replayed: bool,
+    /// Whether the server says the request succeeded: a 2xx, or a replay of a success under
+    /// the server's own replay status (django's 409, see
+    /// [`ReplayDetector::replay_status`](crate::ReplayDetector::replay_status)). A replayed 4xx
+    /// is a replayed *refusal*, not a success.
+    pub succeeded: bool,
     /// Time spent waiting between attempts.
     pub total_delay: Duration,
 }

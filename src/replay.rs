@@ -59,10 +59,16 @@ impl ReplayDetector {
         self
     }
 
+    /// Whether `status` on a keyed request is this server's replay of a *successful* original
+    /// (see [`replay_status`](Self::replay_status)).
+    pub fn is_success_replay(&self, status: StatusCode, keyed: bool) -> bool {
+        keyed && self.status == Some(status)
+    }
+
     /// Whether a response to a request (keyed or not) is a replay: by a marker header, or by
     /// the [replay status](Self::replay_status) on a keyed request.
     pub fn is_replayed_response(&self, status: StatusCode, headers: &HeaderMap, keyed: bool) -> bool {
-        (keyed && self.status == Some(status)) || self.is_replayed(headers)
+        self.is_success_replay(status, keyed) || self.is_replayed(headers)
     }
 
     /// Whether any marker header says "true" (`true`, `1`, or the Structured-Field boolean `?1`,

@@ -8,6 +8,7 @@ mod fixtures;
 mod keys;
 mod operations;
 mod properties;
+mod reconcile;
 mod retries;
 mod retry_after;
 mod scenarios;

@@ -1,0 +1,294 @@
+//! The reconcile engine against the fixture cloud: scaling with generations, named slots,
+//! identity checks, prune rules, slow start, and scenarios 3, 4, 5 and 10.
+
+use std::time::Duration;
+
+use idempotent_retry::testing::{ChaosProxy, FakeCloud, Fault, Schedule, ServerProfile, replicas};
+use idempotent_retry::{Desired, MemoryStore, Operations, ReconcileFailure, Reconciler};
+use serde_json::json;
+
+use crate::support::*;
+
+const APP: &str = "app-1";
+const VM: &str = "vm-1";
+
+/// A rig whose cloud lags its lists by `lag`, with faults on creates only.
+async fn rig_with_lag(profile: ServerProfile, schedule: Schedule, lag: u32) -> Rig {
+    let time = Time::new();
+    let cloud = FakeCloud::builder(profile.clone()).clock(time.clock.clone()).list_lag(lag).start().await;
+    let proxy = ChaosProxy::builder(cloud.address())
+        .schedule(schedule)
+        .only(http::Method::POST)
+        .clock(time.clock.clone())
+        .start()
+        .await;
+    let client = client(profile.configure(time.layer().policy(fast_policy())));
+    Rig { profile, cloud, proxy, client, time }
+}
+
+fn reconciler(rig: &Rig, scope: &str) -> Reconciler {
+    let ops = Operations::new(rig.client.clone(), MemoryStore::new()).clock(rig.time.clock.clone()).scope(scope);
+    let keyless = !rig.profile.takes_keys();
+    let r = Reconciler::new(ops, format!("{}/{}", rig.proxy.uri(), replicas(APP, VM)), format!("replicas/{APP}/{VM}"))
+        .expect_field("app_id", APP)
+        .expect_field("vm_uuid", VM)
+        .clock(rig.time.clock.clone())
+        .sleeper(rig.time.sleeper.clone())
+        .expectation_ttl(Duration::from_secs(30));
+    if keyless { r.keyless() } else { r }
+}
+
+fn live(rig: &Rig) -> usize {
+    rig.cloud.resources(&replicas(APP, VM)).len()
+}
+
+#[tokio::test]
+async fn scales_up_down_and_up_again_with_generations() {
+    let rig = Rig::new(ServerProfile::stripe(), Schedule::pass()).await;
+    let mut r = reconciler(&rig, "tenant-1").prune(true);
+
+    let up = r.reconcile(&Desired::Count(5)).await.unwrap();
+    assert!(up.converged, "{up}");
+    assert_eq!((up.before, up.after, up.created.len(), up.overshoot), (0, 5, 5, 0));
+    let keys = rig.cloud.keys_seen();
+    assert_eq!(keys.iter().collect::<std::collections::HashSet<_>>().len(), 5, "one key per slot");
+
+    let down = r.reconcile(&Desired::Count(2)).await.unwrap();
+    assert!(down.converged, "{down}");
+    assert_eq!((down.before, down.after, down.deleted.len(), down.overshoot), (5, 2, 3, 3));
+    let mut resources = rig.cloud.resources(&replicas(APP, VM));
+    resources.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+    assert!(down.deleted.iter().all(|id| !resources.iter().any(|r| &r.id == id)));
+
+    let mut r = r.generation(2);
+    let up_again = r.reconcile(&Desired::Count(7)).await.unwrap();
+    assert!(up_again.converged, "{up_again}");
+    assert_eq!((up_again.before, up_again.after, up_again.created.len()), (2, 7, 5));
+    assert_eq!(live(&rig), 7);
+    assert_eq!(rig.cloud.created(), 10, "5, then 5 more: nothing replayed from the first generation");
+
+    // A re-run changes nothing and sends nothing but a list.
+    let requests = rig.proxy.requests();
+    let again = r.reconcile(&Desired::Count(7)).await.unwrap();
+    assert!(again.converged && again.created.is_empty());
+    assert_eq!((again.requests, rig.proxy.requests() - requests), (1, 1));
+}
+
+#[tokio::test]
+async fn the_same_inputs_send_the_same_keys() {
+    let first = Rig::new(ServerProfile::stripe(), Schedule::pass()).await;
+    let second = Rig::new(ServerProfile::stripe(), Schedule::pass()).await;
+    reconciler(&first, "tenant-1").reconcile(&Desired::Count(3)).await.unwrap();
+    reconciler(&second, "tenant-1").reconcile(&Desired::Count(3)).await.unwrap();
+    let other_scope = Rig::new(ServerProfile::stripe(), Schedule::pass()).await;
+    reconciler(&other_scope, "tenant-2").reconcile(&Desired::Count(3)).await.unwrap();
+
+    let sorted = |rig: &Rig| {
+        let mut keys = rig.cloud.keys_seen();
+        keys.sort();
+        keys
+    };
+    assert_eq!(sorted(&first), sorted(&second), "a second applier with the same inputs sends the same keys");
+    assert!(sorted(&first).iter().all(|k| !sorted(&other_scope).contains(k)), "another scope, other keys");
+}
+
+/// 3. An endpoint without keys, responses lost: no blind resend; the list settles it, and the
+/// count never exceeds what is desired.
+#[tokio::test]
+async fn s03_keyless_lost_responses_are_settled_by_the_list() {
+    let rig =
+        rig_with_lag(ServerProfile::no_keys(), Schedule::script([Fault::Lose, Fault::Lose, Fault::Reset]), 0).await;
+    let mut r = reconciler(&rig, "tenant-1");
+
+    let report = r.reconcile(&Desired::Count(3)).await.unwrap();
+
+    assert!(report.converged, "{report}");
+    assert_eq!(live(&rig), 3);
+    assert_eq!(rig.cloud.created(), 3, "never more than desired");
+    assert!(report.max_observed <= 3, "{report}");
+    assert_eq!(report.unknown, 3, "{report}");
+    assert_eq!(report.created.len(), 3, "lost ones attributed once they showed: {report}");
+}
+
+/// 4. The list lags the create: the new item is missing from the next lists; no second create.
+#[tokio::test]
+async fn s04_list_lag_does_not_cause_a_second_create() {
+    for profile in [ServerProfile::stripe(), ServerProfile::ietf(), ServerProfile::no_keys()] {
+        let rig = rig_with_lag(profile.clone(), Schedule::pass(), 3).await;
+        let mut r = reconciler(&rig, "tenant-1");
+
+        let report = r.reconcile(&Desired::Count(3)).await.unwrap();
+
+        assert!(report.converged, "{}: {report}", profile.name);
+        assert_eq!(rig.cloud.created(), 3, "{}", profile.name);
+        assert_eq!(rig.cloud.handler_runs(), 3, "{}", profile.name);
+        assert!(report.rounds > 3, "{}: it waited for the lists to catch up: {report}", profile.name);
+    }
+}
+
+/// 5. The expectation expires and the item appears late: a surplus is created, detected by a
+/// later observation, and removed only if pruning is allowed, never a protected member.
+#[tokio::test]
+async fn s05_a_late_item_is_detected_and_pruned_only_when_allowed() {
+    for prune in [false, true] {
+        let rig = rig_with_lag(ServerProfile::stripe(), Schedule::pass(), 0).await;
+        // A protected member already in the collection.
+        let url = format!("{}/{}", rig.cloud.uri(), replicas(APP, VM));
+        reqwest::Client::new().post(&url).json(&json!({"name": "gpu-pinned"})).send().await.unwrap();
+        // From now on lists lag by 4, while expectations last 3 s at a list a second.
+        rig.cloud.set_list_lag(4);
+        let mut r = reconciler(&rig, "tenant-1")
+            .expectation_ttl(Duration::from_secs(3))
+            .prune(prune)
+            .prune_foreign(true)
+            .protect(|item| item["name"] == "gpu-pinned");
+
+        let first = r.reconcile(&Desired::Count(2)).await.unwrap();
+        assert!(first.expired >= 1, "prune={prune}: the guess is on record: {first}");
+        assert_eq!(rig.cloud.created(), 3, "the pinned one, ours, and the surplus an expired expectation led to");
+
+        let newest =
+            rig.cloud.resources(&replicas(APP, VM)).into_iter().max_by(|a, b| a.created_at.cmp(&b.created_at)).unwrap();
+
+        let second = r.reconcile(&Desired::Count(2)).await.unwrap();
+
+        assert_eq!(second.overshoot, 1, "prune={prune}: detected: {second}");
+        assert_eq!(second.overshoot_ids, std::slice::from_ref(&newest.id), "{second}");
+        let names: Vec<String> = rig.cloud.resources(&replicas(APP, VM)).into_iter().map(|r| r.name).collect();
+        if prune {
+            assert!(second.converged, "{second}");
+            assert_eq!(second.deleted, [newest.id], "newest first");
+            assert_eq!(live(&rig), 2);
+        } else {
+            assert!(!second.converged && second.deleted.is_empty(), "{second}");
+            assert_eq!(live(&rig), 3);
+        }
+        let after: Vec<String> = rig.cloud.resources(&replicas(APP, VM)).into_iter().map(|r| r.name).collect();
+        assert!(
+            names.contains(&"gpu-pinned".to_owned()) && after.contains(&"gpu-pinned".to_owned()),
+            "never the protected member"
+        );
+    }
+}
+
+/// 10. Two appliers with different keys and the same desired state: the overshoot is detected and
+/// reported, and with foreign pruning (newest first, the same choice for both) they converge.
+#[tokio::test]
+async fn s10_two_appliers_with_different_keys() {
+    let rig = Rig::new(ServerProfile::stripe(), Schedule::pass()).await;
+    let mut a = reconciler(&rig, "tenant-a");
+    let mut b = reconciler(&rig, "tenant-b");
+
+    let (ra, rb) = tokio::join!(a.reconcile(&Desired::Count(3)), b.reconcile(&Desired::Count(3)));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+
+    assert_eq!(live(&rig), 6, "both created: different keys");
+    assert!(ra.overshoot == 3 || rb.overshoot == 3, "{ra}\n{rb}");
+    assert!(!ra.overshoot_ids.is_empty() || !rb.overshoot_ids.is_empty());
+    assert!(ra.deleted.is_empty() && rb.deleted.is_empty(), "no pruning asked for");
+
+    let mut a = a.prune(true).prune_foreign(true);
+    let mut b = b.prune(true).prune_foreign(true);
+    let (ra, rb) = tokio::join!(a.reconcile(&Desired::Count(3)), b.reconcile(&Desired::Count(3)));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert!(ra.converged && rb.converged, "{ra}\n{rb}");
+    assert_eq!(live(&rig), 3);
+}
+
+#[tokio::test]
+async fn named_slots_adopt_what_exists_and_create_the_rest() {
+    let rig = rig_with_lag(ServerProfile::stripe(), Schedule::script([Fault::Lose]), 0).await;
+    let url = format!("{}/{}", rig.cloud.uri(), replicas(APP, VM));
+    let existing: serde_json::Value =
+        reqwest::Client::new().post(&url).json(&json!({"name": "web-1"})).send().await.unwrap().json().await.unwrap();
+    let names = || Desired::Names(vec!["web-1".into(), "web-2".into(), "web-3".into()]);
+    let mut r = reconciler(&rig, "tenant-1").prune(true).prune_foreign(true);
+
+    let report = r.reconcile(&names()).await.unwrap();
+
+    assert!(report.converged, "{report}");
+    assert_eq!(report.adopted, [existing["id"].as_str().unwrap()]);
+    assert_eq!(report.created.len(), 2);
+    let mut have: Vec<String> = rig.cloud.resources(&replicas(APP, VM)).into_iter().map(|r| r.name).collect();
+    have.sort();
+    assert_eq!(have, ["web-1", "web-2", "web-3"]);
+    assert_eq!(rig.cloud.created_named("web-2"), 1, "the lost create was replayed, not repeated");
+
+    // A second web-1 appears: it is reported, and, being a named slot's, never deleted.
+    reqwest::Client::new().post(&url).json(&json!({"name": "web-1"})).send().await.unwrap();
+    let report = r.reconcile(&names()).await.unwrap();
+    assert_eq!(report.overshoot, 1, "{report}");
+    assert!(report.deleted.is_empty(), "{report}");
+    assert_eq!(live(&rig), 4);
+}
+
+#[tokio::test]
+async fn an_identity_mismatch_stops_further_creates() {
+    let rig = Rig::new(ServerProfile::stripe(), Schedule::pass()).await;
+    let mut r = reconciler(&rig, "tenant-1").expect_field("vm_uuid", "vm-other");
+
+    let err = r.reconcile(&Desired::Count(8)).await.unwrap_err();
+
+    assert!(matches!(err.failure, ReconcileFailure::Identity(_)), "{err}");
+    assert_eq!(rig.cloud.created(), 1, "slow start: the first batch of one showed the problem");
+    assert!(!err.report.converged);
+}
+
+#[tokio::test]
+async fn prune_spares_foreign_members_unless_told() {
+    let rig = Rig::new(ServerProfile::stripe(), Schedule::pass()).await;
+    let url = format!("{}/{}", rig.cloud.uri(), replicas(APP, VM));
+    for name in ["foreign-1", "foreign-2"] {
+        reqwest::Client::new().post(&url).json(&json!({"name": name})).send().await.unwrap();
+    }
+    let mut r = reconciler(&rig, "tenant-1").prune(true);
+    r.reconcile(&Desired::Count(4)).await.unwrap();
+    assert_eq!(live(&rig), 4);
+
+    // Down to 1: only our two may go; the foreign pair stays, and the surplus is reported.
+    let report = r.reconcile(&Desired::Count(1)).await.unwrap();
+    assert_eq!(report.deleted.len(), 2, "{report}");
+    assert!(!report.converged);
+    let names: Vec<String> = rig.cloud.resources(&replicas(APP, VM)).into_iter().map(|r| r.name).collect();
+    assert!(names.contains(&"foreign-1".into()) && names.contains(&"foreign-2".into()), "{names:?}");
+
+    let mut r = r.prune_foreign(true);
+    let report = r.reconcile(&Desired::Count(1)).await.unwrap();
+    assert!(report.converged, "{report}");
+    assert_eq!(live(&rig), 1);
+}
+
+#[tokio::test]
+async fn slow_start_doubles_batches_and_a_refusal_stops_the_run() {
+    let creates_in_first_round = |rig: &Rig| {
+        let seen = rig.cloud.requests();
+        seen.iter().skip(1).take_while(|r| r.method == "POST").count()
+    };
+
+    // Unhindered: one list, then batches of 1, 2, 4 and 1.
+    let rig = Rig::new(ServerProfile::stripe(), Schedule::pass()).await;
+    let report = reconciler(&rig, "tenant-1").reconcile(&Desired::Count(8)).await.unwrap();
+    assert!(report.converged);
+    assert_eq!(creates_in_first_round(&rig), 8);
+
+    // The second create is refused: the batch of two is the last; the run stops with the reason.
+    let rig = Rig::new(ServerProfile::stripe(), Schedule::pass()).await;
+    let mut r = reconciler(&rig, "tenant-1");
+    let refuse_the_second = async {
+        while rig.cloud.handler_runs() < 1 {
+            tokio::task::yield_now().await;
+        }
+        rig.cloud.fail_next_creates(1, http::StatusCode::FORBIDDEN);
+    };
+    let (result, ()) = tokio::join!(r.reconcile(&Desired::Count(8)), refuse_the_second);
+
+    let err = result.unwrap_err();
+    assert!(matches!(&err.failure, ReconcileFailure::Rejected { status, .. } if *status == 403), "{err}");
+    assert_eq!(creates_in_first_round(&rig), 3, "batch of 1, batch of 2 with the refusal, nothing more");
+    assert_eq!(err.report.created.len(), 2);
+
+    // Fixed: the next run converges; the refused slot is retired, not replayed.
+    let report = r.reconcile(&Desired::Count(8)).await.unwrap();
+    assert!(report.converged, "{report}");
+    assert_eq!(live(&rig), 8);
+}

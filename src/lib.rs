@@ -109,7 +109,7 @@ pub use crate::journal::{
 #[cfg(feature = "journal")]
 pub use crate::journal_sqlite::SqliteJournal;
 pub use crate::key::{DEFAULT_MAX_KEY_LEN, IdempotencyKey, KeyError};
-pub use crate::middleware::{IdempotentRetry, IdempotentRetryBuilder};
+pub use crate::middleware::{IdempotentRetry, IdempotentRetryBuilder, RetryEvent};
 pub use crate::operation::{
     BoxError, Completed, IdentityMismatch, KeySource, OperationBuilder, OperationError, Operations, Outcome, ReadBack,
     items,
@@ -124,7 +124,7 @@ pub use crate::reconcile::{
 pub use crate::replay::ReplayDetector;
 pub use crate::retry_after::{parse_retry_after, retry_after};
 pub use crate::rng::{Random, SeededRng};
-pub use crate::time::{Clock, ManualClock, RecordingSleeper, Sleep, Sleeper, SystemClock, TokioSleeper};
+pub use crate::time::{Clock, ManualClock, RecordingSleeper, Sleep, Sleeper, SystemClock, TokioSleeper, rfc3339};
 
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]

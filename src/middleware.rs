@@ -61,6 +61,27 @@ struct Config {
     clock: Arc<dyn Clock>,
     sleeper: Arc<dyn Sleeper>,
     rng: Arc<dyn Random>,
+    on_retry: Option<Arc<OnRetry>>,
+}
+
+type OnRetry = dyn Fn(&RetryEvent) + Send + Sync;
+
+/// One retry about to happen, as reported to [`IdempotentRetryBuilder::on_retry`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RetryEvent {
+    /// The attempt that just failed (1 for the first).
+    pub attempt: u32,
+    /// The most attempts the policy allows.
+    pub max_attempts: u32,
+    /// Why: the status (`503`) or the transport failure (`reset`, `timeout`, …).
+    pub cause: String,
+    /// How long the engine waits before the next attempt.
+    pub delay: Duration,
+    /// The key's [fingerprint](IdempotencyKey::fingerprint), never the key.
+    pub key_fingerprint: Option<String>,
+    /// The method and URL of the request (without its query string).
+    pub target: String,
 }
 
 impl std::fmt::Debug for Config {
@@ -105,6 +126,7 @@ impl IdempotentRetry {
                 clock: Arc::new(SystemClock),
                 sleeper: Arc::new(TokioSleeper),
                 rng: Arc::new(SeededRng::from_entropy()),
+                on_retry: None,
             },
         }
     }
@@ -188,6 +210,22 @@ impl IdempotentRetryBuilder {
     /// The jitter source (default [`SeededRng::from_entropy`]).
     pub fn rng(mut self, rng: impl Random + 'static) -> Self {
         self.config.rng = Arc::new(rng);
+        self
+    }
+
+    /// Calls `hook` before every retry, with what failed and how long the engine will wait:
+    /// for progress output, metrics, or logs of your own.
+    ///
+    /// ```
+    /// use idempotent_retry::IdempotentRetry;
+    ///
+    /// let layer = IdempotentRetry::builder()
+    ///     .on_retry(|e| eprintln!("attempt {}/{} failed ({}), retrying in {:?}", e.attempt, e.max_attempts, e.cause, e.delay))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn on_retry(mut self, hook: impl Fn(&RetryEvent) + Send + Sync + 'static) -> Self {
+        self.config.on_retry = Some(Arc::new(hook));
         self
     }
 
@@ -342,6 +380,17 @@ impl Config {
                 }
 
                 // Sleep.
+                if let Some(hook) = &self.on_retry {
+                    let url = template.url();
+                    hook(&RetryEvent {
+                        attempt: run.attempts,
+                        max_attempts: policy.get_max_attempts(),
+                        cause: ended.cause(),
+                        delay,
+                        key_fingerprint: run.key.as_ref().map(IdempotencyKey::fingerprint),
+                        target: format!("{} {}{}", template.method(), url.origin().ascii_serialization(), url.path()),
+                    });
+                }
                 attempt_span.record("delay_ms", delay.as_millis() as u64);
                 tracing::debug!(
                     parent: &attempt_span,

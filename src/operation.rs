@@ -128,6 +128,8 @@ pub struct Completed {
     /// The resource: the response body as JSON (`Null` if it was not JSON), or what the
     /// read-back found. After a replay with a read-back attached, the read-back's fresher copy.
     pub resource: Value,
+    /// The response body as received (empty when recovered by reading back).
+    pub body: Bytes,
     /// The identity fields declared (and `id` when present), as the server returned them.
     pub identity: BTreeMap<String, Value>,
     /// The key sent.
@@ -167,6 +169,8 @@ pub enum OperationError {
         status: StatusCode,
         /// The response body.
         body: Bytes,
+        /// Attempts made.
+        attempts: u32,
     },
     /// The request failed (see [`Error`] inside the source for attempts and cause).
     #[error("operation `{operation}` failed{}", if *.may_have_been_applied { "; it may have been applied, and re-running it resumes its key" } else { "; it was not applied" })]
@@ -771,7 +775,12 @@ impl<'a> OperationBuilder<'a> {
         };
         if !record.succeeded {
             self.finish(OpState::Failed, Some(status.as_u16()), None).await?;
-            return Err(OperationError::Rejected { operation: self.name.clone(), status, body });
+            return Err(OperationError::Rejected {
+                operation: self.name.clone(),
+                status,
+                body,
+                attempts: record.attempts,
+            });
         }
         let mut resource = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let outcome = if record.replayed { Outcome::Replayed } else { Outcome::Created };
@@ -796,6 +805,7 @@ impl<'a> OperationBuilder<'a> {
             outcome,
             status: Some(status),
             resource,
+            body,
             identity: identity?,
             key: begun.key.clone(),
             resumed: begun.resumed,
@@ -818,6 +828,7 @@ impl<'a> OperationBuilder<'a> {
             outcome: Outcome::Recovered,
             status: None,
             resource: found,
+            body: Bytes::new(),
             identity: identity?,
             key: begun.key.clone(),
             resumed: begun.resumed,

@@ -152,8 +152,14 @@ impl Sleeper for RecordingSleeper {
     }
 }
 
-/// `2026-11-22T00:00:07Z`: RFC 3339 in UTC, to the second.
-pub(crate) fn rfc3339(t: SystemTime) -> String {
+/// A time as RFC 3339 in UTC, to the second: `2026-11-22T00:00:07Z`. Journal records, fixture
+/// resources and the CLI print times this way.
+///
+/// ```
+/// use std::time::{Duration, UNIX_EPOCH};
+/// assert_eq!(idempotent_retry::rfc3339(UNIX_EPOCH + Duration::from_secs(1_795_305_607)), "2026-11-22T00:00:07Z");
+/// ```
+pub fn rfc3339(t: SystemTime) -> String {
     let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil from days (Howard Hinnant's algorithm).

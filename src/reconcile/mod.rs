@@ -50,6 +50,7 @@ use crate::outcome::RetryOutcome;
 use crate::time::{Clock, Sleeper, SystemClock, TokioSleeper};
 
 type Protect = dyn Fn(&Value) -> bool + Send + Sync;
+type Progress = dyn Fn(&ReconcileReport) + Send + Sync;
 
 /// Why a reconcile stopped before converging. Carries the report of what it did so far.
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +163,8 @@ pub struct Reconciler {
     expect: Vec<(String, Value)>,
     prune: Prune,
     protect: Option<Arc<Protect>>,
+    progress: Option<Arc<Progress>>,
+    items_field: Option<String>,
     keyed: bool,
     ttl: Duration,
     poll: Duration,
@@ -210,6 +213,8 @@ impl Reconciler {
             expect: Vec::new(),
             prune: Prune::default(),
             protect: None,
+            progress: None,
+            items_field: None,
             keyed: true,
             ttl: Self::DEFAULT_EXPECTATION_TTL,
             poll: Duration::from_secs(1),
@@ -277,6 +282,20 @@ impl Reconciler {
     /// Items for which `protect` says true are never deleted.
     pub fn protect(mut self, protect: impl Fn(&Value) -> bool + Send + Sync + 'static) -> Self {
         self.protect = Some(Arc::new(protect));
+        self
+    }
+
+    /// Calls `progress` after each list with the report so far (e.g. for a progress bar: `after`
+    /// of `desired`).
+    pub fn on_progress(mut self, progress: impl Fn(&ReconcileReport) + Send + Sync + 'static) -> Self {
+        self.progress = Some(Arc::new(progress));
+        self
+    }
+
+    /// The field of the list response that holds the items (default: the response itself if it
+    /// is an array, else `items`, else `data`).
+    pub fn items_field(mut self, field: impl Into<String>) -> Self {
+        self.items_field = Some(field.into());
         self
     }
 
@@ -513,6 +532,9 @@ impl Reconciler {
                 }
             }
             report.converged = planned.converged;
+            if let Some(progress) = &self.progress {
+                progress(report);
+            }
             if planned.converged || (planned.actions.is_empty() && !planned.waiting) {
                 return Ok(());
             }
@@ -591,7 +613,12 @@ impl Reconciler {
         let body = response.bytes().await.map_err(|e| Listing::Transient(e.to_string()))?;
         let fatal = |why: String| Listing::Fatal(ReconcileFailure::List(why));
         let list: Value = serde_json::from_slice(&body).map_err(|e| fatal(format!("not JSON: {e}")))?;
-        let entries = items(&list).ok_or_else(|| fatal("no array at the top, under `items` or under `data`".into()))?;
+        let entries = match &self.items_field {
+            Some(field) => {
+                list.get(field).and_then(Value::as_array).ok_or_else(|| fatal(format!("no array under `{field}`")))?
+            }
+            None => items(&list).ok_or_else(|| fatal("no array at the top, under `items` or under `data`".into()))?,
+        };
         let mut listed = Vec::with_capacity(entries.len());
         let mut ids = HashSet::new();
         for item in entries {

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use idempotent_retry::{Backoff, Error, ExponentialBackoff, RequestOptions, RetryOutcome, RetryPolicy, SeededRng};
+use idempotent_retry::{
+    Backoff, Error, ExponentialBackoff, IdempotencyKey, RequestOptions, RetryOutcome, RetryPolicy, SeededRng,
+};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -288,4 +290,29 @@ async fn typed_error_comes_back_out_by_value() {
     let source = std::error::Error::source(&owned).expect("a failure");
     assert!(source.to_string().contains("422"), "{source}");
     assert!(!owned.to_string().contains("422"), "{owned}");
+}
+
+#[tokio::test]
+async fn on_retry_reports_each_retry_as_data() {
+    use std::sync::{Arc, Mutex};
+    let server = fails_then_creates(2, 503).await;
+    let time = Time::new();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let seen = events.clone();
+    let client = client(time.layer().policy(fast_policy()).on_retry(move |e| seen.lock().unwrap().push(e.clone())));
+
+    client.post(format!("{}/cvms?token=secret", server.uri())).body("{}").send().await.unwrap();
+
+    let events = events.lock().unwrap().clone();
+    let key = one_key(&keys_seen(&server, "idempotency-key").await);
+    assert_eq!(events.len(), 2);
+    assert_eq!(
+        events.iter().map(|e| (e.attempt, e.max_attempts, e.delay)).collect::<Vec<_>>(),
+        [(1, 5, ms(100)), (2, 5, ms(200))]
+    );
+    assert!(events.iter().all(|e| e.cause == "503"));
+    assert!(events.iter().all(
+        |e| e.key_fingerprint.as_deref() == Some(IdempotencyKey::new(key.clone()).unwrap().fingerprint().as_str())
+    ));
+    assert_eq!(events[0].target, format!("POST {}/cvms", server.uri()), "no query string: it may hold secrets");
 }

@@ -1,0 +1,212 @@
+//! Options shared by the subcommands, and how they become a client, a journal and output.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use idempotent_retry::{IdempotentRetry, KeyCarrier, KeyStore, MemoryStore, Operations, RetryPolicy, SqliteJournal};
+
+/// The exit codes scripts depend on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Succeeded, or the server replayed a success.
+    Ok = 0,
+    /// A final refusal, an identity mismatch, or an overshoot without `--prune`.
+    Refused = 1,
+    /// A usage or input error. Nothing was sent.
+    Usage = 2,
+    /// The outcome is unknown, or retries were exhausted.
+    Unknown = 3,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> Self {
+        ExitCode::from(exit as u8)
+    }
+}
+
+/// Prints `idem: message` to stderr and returns the exit code.
+pub fn fail(exit: Exit, message: impl std::fmt::Display) -> Exit {
+    eprintln!("idem: {message}");
+    exit
+}
+
+/// Where the key goes.
+#[derive(Debug, Args)]
+pub struct CarrierArgs {
+    /// The header that carries the key.
+    #[arg(long, value_name = "NAME", default_value = "Idempotency-Key")]
+    pub key_header: String,
+    /// Put the key in this field of the JSON body instead of a header.
+    #[arg(long, value_name = "NAME")]
+    pub key_field: Option<String>,
+    /// Send the key as an IETF Structured-Field string (quoted).
+    #[arg(long, conflicts_with = "key_field")]
+    pub ietf_quote: bool,
+}
+
+/// How persistently to retry.
+#[derive(Debug, Args)]
+pub struct RetryArgs {
+    /// The most attempts, the first included.
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
+    /// The total time allowed, in seconds, waits included.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    pub deadline: f64,
+    /// The time allowed for one attempt, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub attempt_timeout: f64,
+    /// How long the server keeps keys, in seconds. An older pending key is not resent.
+    #[arg(long, value_name = "SECS", default_value_t = 86_400)]
+    pub retention: u64,
+}
+
+/// Where keys are kept.
+#[derive(Debug, Args)]
+pub struct JournalArgs {
+    /// The journal file [default: $XDG_STATE_HOME/idempotent-retry/journal.sqlite3].
+    #[arg(long, value_name = "PATH", conflicts_with = "no_journal")]
+    pub journal: Option<PathBuf>,
+    /// Keep keys in memory only: a re-run after a crash cannot resume.
+    #[arg(long)]
+    pub no_journal: bool,
+}
+
+/// The output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// The response body (post) or a summary (ensure-count), progress on stderr.
+    Text,
+    /// One JSON object on stdout.
+    Json,
+}
+
+/// Output options.
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// The output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub output: Format,
+    /// No progress or retry lines on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+fn seconds(value: f64, flag: &str) -> Result<Duration, Exit> {
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| fail(Exit::Usage, format!("{flag} must be a non-negative number of seconds")))
+}
+
+/// The retry layer the options describe.
+pub fn layer(carrier: &CarrierArgs, retry: &RetryArgs, quiet: bool) -> Result<IdempotentRetry, Exit> {
+    let carrier = match &carrier.key_field {
+        Some(field) => KeyCarrier::body_field(field.clone()),
+        None => KeyCarrier::header(&carrier.key_header)
+            .map_err(|_| {
+                fail(Exit::Usage, format!("--key-header {:?} is not a valid header name", carrier.key_header))
+            })?
+            .structured_field(carrier.ietf_quote),
+    };
+    let policy = RetryPolicy::standard()
+        .max_attempts(retry.max_attempts)
+        .deadline(seconds(retry.deadline, "--deadline")?)
+        .attempt_timeout(seconds(retry.attempt_timeout, "--attempt-timeout")?);
+    let mut builder = IdempotentRetry::builder().carrier(carrier).policy(policy);
+    if !quiet {
+        builder = builder.on_retry(|e| {
+            let key = e.key_fingerprint.as_deref().map(|k| format!(" [key sha256:{k}]")).unwrap_or_default();
+            let wait = if e.delay < Duration::from_secs(1) {
+                format!("{}ms", e.delay.as_millis())
+            } else {
+                format!("{:.1}s", e.delay.as_secs_f64())
+            };
+            eprintln!("idem: attempt {}/{} failed ({}), retrying in {wait}{key}", e.attempt, e.max_attempts, e.cause);
+        });
+    }
+    Ok(builder.build())
+}
+
+/// The journal the options describe, and a description of where it is.
+pub fn store(journal: &JournalArgs) -> Result<(Arc<dyn KeyStore>, Option<PathBuf>), Exit> {
+    if journal.no_journal {
+        return Ok((Arc::new(MemoryStore::new()), None));
+    }
+    let path = match &journal.journal {
+        Some(path) => path.clone(),
+        None => SqliteJournal::default_path().ok_or_else(|| {
+            fail(Exit::Usage, "no home directory for the journal; pass --journal PATH or --no-journal")
+        })?,
+    };
+    let store = SqliteJournal::open(&path).map_err(|e| fail(Exit::Usage, format!("{e}; nothing was sent")))?;
+    Ok((Arc::new(store), Some(path)))
+}
+
+/// Operations through a fresh HTTPS client that sends `headers` on every request.
+pub fn operations(
+    layer: IdempotentRetry,
+    store: Arc<dyn KeyStore>,
+    scope: &str,
+    retention: u64,
+    headers: reqwest::header::HeaderMap,
+) -> Result<Operations, Exit> {
+    let client = reqwest::Client::builder()
+        .user_agent(concat!("idem/", env!("CARGO_PKG_VERSION")))
+        .default_headers(headers)
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| fail(Exit::Usage, format!("cannot build the HTTP client: {e}")))?;
+    let client = reqwest_middleware::ClientBuilder::new(client).with(layer).build();
+    Ok(Operations::with_store(client, store).scope(scope).retention(Duration::from_secs(retention)))
+}
+
+/// A value given inline, as `@FILE`, or as `@-` (stdin).
+pub fn read_value(value: &str, flag: &str) -> Result<Vec<u8>, Exit> {
+    let Some(path) = value.strip_prefix('@') else { return Ok(value.as_bytes().to_vec()) };
+    let read = if path == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf).map(|_| buf)
+    } else {
+        std::fs::read(path)
+    };
+    read.map_err(|e| fail(Exit::Usage, format!("{flag} {value}: {e}")))
+}
+
+/// A JSON body from `--json`, checked.
+pub fn json_body(value: &str) -> Result<Vec<u8>, Exit> {
+    let bytes = read_value(value, "--json")?;
+    serde_json::from_slice::<serde_json::Value>(&bytes)
+        .map_err(|e| fail(Exit::Usage, format!("--json is not valid JSON: {e}")))?;
+    Ok(bytes)
+}
+
+/// A body as JSON when it parses, else as a string.
+pub fn body_value(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(body).into_owned()))
+}
+
+/// `-H 'Name: value'` options as headers.
+pub fn headers(values: &[String]) -> Result<reqwest::header::HeaderMap, Exit> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    for header in values {
+        let parsed = header.split_once(':').and_then(|(name, value)| {
+            let name = reqwest::header::HeaderName::from_bytes(name.trim().as_bytes()).ok()?;
+            Some((name, reqwest::header::HeaderValue::from_str(value.trim()).ok()?))
+        });
+        let (name, value) =
+            parsed.ok_or_else(|| fail(Exit::Usage, format!("-H {header:?}: expected 'Name: value'")))?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+/// A short, stable hash for default operation names.
+pub fn short_hash(parts: &[&[u8]]) -> String {
+    let method = std::str::from_utf8(parts[0]).unwrap_or("");
+    let url = std::str::from_utf8(parts[1]).unwrap_or("");
+    idempotent_retry::fingerprint(method, url, parts[2])[..12].to_owned()
+}

@@ -1,0 +1,203 @@
+//! `idem ensure-count COLLECTION_URL --count N`: make a collection hold exactly N items.
+
+use std::io::IsTerminal;
+
+use clap::Args;
+use idempotent_retry::{Desired, ReconcileFailure, Reconciler};
+use serde_json::{Value, json};
+
+use crate::common::{self, CarrierArgs, Exit, Format, JournalArgs, OutputArgs, RetryArgs, fail};
+
+pub const EXAMPLES: &str = "\
+Examples:
+  # Make sure a CVM has 5 replicas; creates carry per-slot keys, so a re-run creates nothing twice
+  idem ensure-count https://cloud.example/apps/app-9/cvms/vm-1/replicas --count 5 \\
+      --expect app_id=app-9 --expect vm_uuid=vm-1 -H 'Authorization: Bearer $TOKEN'
+
+  # Scale down to 2, deleting surplus this operation created (never others, without --prune-foreign)
+  idem ensure-count https://cloud.example/apps/app-9/cvms/vm-1/replicas --count 2 --prune
+
+  # An endpoint that takes no key (Phala's replicas): lost creates are settled by listing
+  idem ensure-count https://cloud.example/apps/app-9/cvms/vm-1/replicas --count 3 --no-idempotency-key
+
+Listing is GET COLLECTION_URL; each missing item is a POST COLLECTION_URL; surplus is deleted
+with DELETE COLLECTION_URL/{id}. Bump --generation when the count rises after a scale-down.";
+
+/// `idem ensure-count` options.
+#[derive(Debug, Args)]
+pub struct EnsureArgs {
+    /// The collection: GET lists it, POST creates in it, DELETE {url}/{id} deletes from it.
+    pub collection_url: String,
+    /// How many items it must hold.
+    #[arg(long, value_name = "N")]
+    pub count: usize,
+    /// The body of each create: JSON, @FILE or @-.
+    #[arg(long, value_name = "BODY", default_value = "{}")]
+    pub json: String,
+    /// A header, 'Name: value', on every request. Repeatable.
+    #[arg(short = 'H', long = "header", value_name = "'Name: value'")]
+    pub headers: Vec<String>,
+    /// The field of the list response holding the items [default: the response if it is an
+    /// array, else `items`, else `data`].
+    #[arg(long, value_name = "FIELD")]
+    pub items_field: Option<String>,
+    /// The operation's name, from which the per-slot keys derive [default: a hash of the URL
+    /// and the body].
+    #[arg(long, value_name = "NAME")]
+    pub operation: Option<String>,
+    /// The generation of the per-slot keys.
+    #[arg(long, value_name = "G", default_value_t = 1)]
+    pub generation: u64,
+    /// The field holding an item's id.
+    #[arg(long, value_name = "FIELD", default_value = "id")]
+    pub id_field: String,
+    /// Each create's answer must have FIELD equal to VALUE (a JSON literal, or else a string),
+    /// or the command exits 1. Repeatable.
+    #[arg(long, value_name = "FIELD=VALUE")]
+    pub expect: Vec<String>,
+    /// Delete surplus items this operation created.
+    #[arg(long)]
+    pub prune: bool,
+    /// With --prune, delete other surplus items too (never a named or protected one).
+    #[arg(long, requires = "prune")]
+    pub prune_foreign: bool,
+    /// The endpoint takes no key: send none, and settle lost creates by listing.
+    #[arg(long)]
+    pub no_idempotency_key: bool,
+    /// The caller's scope (account, tenant), part of every per-slot key.
+    #[arg(long, value_name = "SCOPE", default_value = "")]
+    pub scope: String,
+    #[command(flatten)]
+    pub carrier: CarrierArgs,
+    #[command(flatten)]
+    pub retry: RetryArgs,
+    #[command(flatten)]
+    pub journal: JournalArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+pub async fn run(args: EnsureArgs) -> Exit {
+    match ensure(args).await {
+        Ok(exit) | Err(exit) => exit,
+    }
+}
+
+async fn ensure(args: EnsureArgs) -> Result<Exit, Exit> {
+    let body_bytes = common::json_body(&args.json)?;
+    let body: Value = serde_json::from_slice(&body_bytes).expect("checked by json_body");
+    if !body.is_object() {
+        return Err(fail(Exit::Usage, "--json must be a JSON object"));
+    }
+    let mut expect = Vec::new();
+    for e in &args.expect {
+        let (field, value) =
+            e.split_once('=').ok_or_else(|| fail(Exit::Usage, format!("--expect {e:?}: expected FIELD=VALUE")))?;
+        let value = serde_json::from_str::<Value>(value)
+            .ok()
+            .filter(|v| !v.is_object() && !v.is_array())
+            .unwrap_or_else(|| Value::String(value.to_owned()));
+        expect.push((field.to_owned(), value));
+    }
+    let headers = common::headers(&args.headers)?;
+
+    let layer = common::layer(&args.carrier, &args.retry, args.output.quiet)?;
+    let (store, _) = common::store(&args.journal)?;
+    let ops = common::operations(layer, store, &args.scope, args.retry.retention, headers)?;
+    let operation = args.operation.clone().unwrap_or_else(|| {
+        format!(
+            "ensure-count {} #{}",
+            args.collection_url,
+            common::short_hash(&[b"POST", args.collection_url.as_bytes(), &body_bytes])
+        )
+    });
+    let mut reconciler = Reconciler::new(ops, &args.collection_url, operation)
+        .generation(args.generation)
+        .create_body(body)
+        .id_field(&args.id_field)
+        .prune(args.prune)
+        .prune_foreign(args.prune_foreign);
+    if let Some(field) = &args.items_field {
+        reconciler = reconciler.items_field(field);
+    }
+    for (field, value) in expect {
+        reconciler = reconciler.expect_field(field, value);
+    }
+    if args.no_idempotency_key {
+        reconciler = reconciler.keyless();
+    }
+    let bar = (!args.output.quiet && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(args.count as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len}")
+                .expect("a valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_message("ensure-count");
+        bar
+    });
+    if !args.output.quiet {
+        let bar = bar.clone();
+        reconciler = reconciler.on_progress(move |r| match &bar {
+            Some(bar) => bar.set_position(r.after as u64),
+            None => eprintln!(
+                "idem: ensure-count: round {}: {}/{} present, {} created, {} deleted",
+                r.rounds,
+                r.after,
+                r.desired,
+                r.created.len(),
+                r.deleted.len()
+            ),
+        });
+    }
+
+    let result = reconciler.reconcile(&Desired::Count(args.count)).await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let (report, exit) = match result {
+        Ok(report) if report.converged => (report, Exit::Ok),
+        Ok(report) => {
+            eprintln!(
+                "idem: {} surplus item(s) ({}) not deleted: {}",
+                report.overshoot,
+                report.overshoot_ids.join(", "),
+                if args.prune {
+                    "they were not created by this operation (see --prune-foreign)"
+                } else {
+                    "pass --prune to delete them"
+                }
+            );
+            (report, Exit::Refused)
+        }
+        Err(e) => {
+            eprintln!("idem: {e}");
+            let exit = match e.failure {
+                ReconcileFailure::Identity(_)
+                | ReconcileFailure::BadId { .. }
+                | ReconcileFailure::Rejected { .. }
+                | ReconcileFailure::Delete { .. } => Exit::Refused,
+                ReconcileFailure::Operation(_) => Exit::Usage,
+                _ => Exit::Unknown,
+            };
+            (*e.report, exit)
+        }
+    };
+    match args.output.output {
+        Format::Json => println!(
+            "{}",
+            json!({
+                "desired": report.desired,
+                "before": report.before,
+                "after": report.after,
+                "created": report.created,
+                "deleted": report.deleted,
+                "overshoot": report.overshoot,
+                "unknown": report.unknown,
+                "requests": report.requests,
+            })
+        ),
+        Format::Text => println!("{report}"),
+    }
+    Ok(exit)
+}

@@ -1,0 +1,116 @@
+//! `idem journal list|forget`: inspect and clear the journal.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use idempotent_retry::{OpState, SqliteJournal, rfc3339};
+
+use crate::common::{Exit, Format, fail};
+
+pub const EXAMPLES: &str = "\
+Examples:
+  idem journal list                     # every operation: state, status, key fingerprint
+  idem journal list --pending           # only those a re-run would resume
+  idem journal list --output json       # full records, keys included
+  idem journal forget 'POST https://cloud.example/cvms #3f2a9c1d0b7e'";
+
+/// `idem journal` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum JournalCommand {
+    /// List the operations in the journal.
+    #[command(after_long_help = EXAMPLES)]
+    List(ListArgs),
+    /// Remove an operation from the journal (its next run gets a new key).
+    #[command(after_long_help = EXAMPLES)]
+    Forget(ForgetArgs),
+}
+
+/// Which journal.
+#[derive(Debug, Args)]
+pub struct Where {
+    /// The journal file [default: $XDG_STATE_HOME/idempotent-retry/journal.sqlite3].
+    #[arg(long, value_name = "PATH")]
+    pub journal: Option<PathBuf>,
+}
+
+/// `idem journal list` options.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only operations still pending (or of unknown outcome).
+    #[arg(long)]
+    pub pending: bool,
+    /// The output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub output: Format,
+    #[command(flatten)]
+    pub at: Where,
+}
+
+/// `idem journal forget` options.
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    /// The operation's name, as `idem journal list` shows it.
+    pub operation: String,
+    #[command(flatten)]
+    pub at: Where,
+}
+
+fn open(at: &Where) -> Result<SqliteJournal, Exit> {
+    let path = match &at.journal {
+        Some(path) => path.clone(),
+        None => {
+            SqliteJournal::default_path().ok_or_else(|| fail(Exit::Usage, "no home directory; pass --journal PATH"))?
+        }
+    };
+    SqliteJournal::open(&path).map_err(|e| fail(Exit::Usage, e))
+}
+
+pub fn run(command: JournalCommand) -> Exit {
+    use idempotent_retry::KeyStore;
+    match command {
+        JournalCommand::List(args) => {
+            let journal = match open(&args.at) {
+                Ok(journal) => journal,
+                Err(exit) => return exit,
+            };
+            let records = match journal.list() {
+                Ok(records) => records,
+                Err(e) => return fail(Exit::Usage, e),
+            };
+            let records: Vec<_> = records.into_iter().filter(|r| !args.pending || r.state.is_unsettled()).collect();
+            match args.output {
+                Format::Json => println!("{}", serde_json::to_string(&records).expect("records serialize")),
+                Format::Text => {
+                    println!("{:<10} {:>6}  {:<20}  {:<14}  OPERATION", "STATE", "STATUS", "UPDATED", "KEY");
+                    for r in &records {
+                        let key = r
+                            .key
+                            .as_ref()
+                            .map_or_else(|| "-".to_owned(), |k| format!("sha256:{}", &k.fingerprint()[..7]));
+                        let status = r.status.map_or_else(|| "-".to_owned(), |s| s.to_string());
+                        let state = if r.state == OpState::Pending { "pending" } else { r.state.as_str() };
+                        println!("{state:<10} {status:>6}  {:<20}  {key:<14}  {}", rfc3339(r.updated_at), r.operation);
+                    }
+                }
+            }
+            Exit::Ok
+        }
+        JournalCommand::Forget(args) => {
+            let journal = match open(&args.at) {
+                Ok(journal) => journal,
+                Err(exit) => return exit,
+            };
+            match journal.forget(&args.operation) {
+                Ok(true) => {
+                    eprintln!("idem: forgot {}", args.operation);
+                    Exit::Ok
+                }
+                Ok(false) => fail(
+                    Exit::Refused,
+                    format!("no operation named {:?} in {}", args.operation, journal.path().display()),
+                ),
+                Err(e) => fail(Exit::Usage, e),
+            }
+        }
+    }
+}

@@ -1,0 +1,443 @@
+//! The `idem` binary, run as a child process against the crate's fixtures and chaos proxy.
+//!
+//! Every exit code, resume after SIGKILL, the key-reuse refusal, keys from git, a keyless lost
+//! response, Retry-After, ensure-count under faults, and the journal subcommands.
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use idempotent_retry::testing::{
+    ChaosProxy, FakeCloud, Fault, FaultMix, RetryAfter, Schedule, ServerProfile, replicas,
+};
+use serde_json::Value;
+
+/// A scratch directory with its own journal and XDG state dir, so nothing touches the real home.
+struct Scratch {
+    dir: PathBuf,
+}
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("idem-cli-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self { dir }
+    }
+
+    fn journal(&self) -> String {
+        self.dir.join("journal.sqlite3").display().to_string()
+    }
+
+    fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_idem"));
+        command
+            .args(args)
+            .env("XDG_STATE_HOME", self.dir.join("state"))
+            .env_remove("HOME")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    }
+
+    async fn run(&self, args: &[&str]) -> Run {
+        Run(self.command(args).output().await.unwrap())
+    }
+}
+
+struct Run(Output);
+
+impl Run {
+    fn code(&self) -> i32 {
+        self.0.status.code().expect("exited")
+    }
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.0.stdout).into_owned()
+    }
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.0.stderr).into_owned()
+    }
+    fn json(&self) -> Value {
+        serde_json::from_str(self.stdout().trim()).unwrap_or_else(|e| panic!("{e}: {}", self.stdout()))
+    }
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {}\nstdout: {}\nstderr: {}", self.code(), self.stdout(), self.stderr())
+    }
+}
+
+async fn cloud(profile: ServerProfile) -> FakeCloud {
+    FakeCloud::start(profile).await
+}
+
+#[tokio::test]
+async fn post_creates_prints_the_body_and_journals_the_key() {
+    let scratch = Scratch::new("created");
+    let cloud = cloud(ServerProfile::stripe()).await;
+    let url = format!("{}/cvms", cloud.uri());
+
+    let run = scratch.run(&["post", &url, "--json", r#"{"name":"web-1"}"#, "--journal", &scratch.journal()]).await;
+
+    assert_eq!(run.code(), 0, "{run:?}");
+    let body: Value = serde_json::from_str(&run.stdout()).unwrap();
+    assert_eq!(body["name"], "web-1");
+    assert_eq!(body["id"], cloud.resources("cvms")[0].id.as_str(), "the body byte for byte");
+    assert_eq!(cloud.created(), 1);
+    assert!(cloud.keys_seen()[0].is_some());
+
+    let run = scratch
+        .run(&["post", &url, "--json", r#"{"name":"web-2"}"#, "--output", "json", "--journal", &scratch.journal()])
+        .await;
+    let out = run.json();
+    assert_eq!(
+        (out["outcome"].as_str(), out["status"].as_u64(), out["replayed"].as_bool()),
+        (Some("created"), Some(201), Some(false))
+    );
+    assert_eq!(out["attempts"], 1);
+    assert_eq!(out["body"]["name"], "web-2");
+    assert_eq!(Some(out["idempotency_key"].as_str().unwrap().to_owned()), cloud.keys_seen()[1]);
+}
+
+#[tokio::test]
+async fn exit_1_for_a_final_refusal_with_the_body_on_stdout() {
+    let scratch = Scratch::new("refused");
+    let cloud = cloud(ServerProfile::stripe()).await;
+
+    let run = scratch
+        .run(&["post", &format!("{}/nowhere", cloud.uri()), "--json", "{}", "--journal", &scratch.journal()])
+        .await;
+
+    assert_eq!(run.code(), 1, "{run:?}");
+    assert!(run.stdout().contains("no such route"), "{run:?}");
+    assert_eq!(cloud.requests().len(), 1, "a 404 is not retried");
+}
+
+#[tokio::test]
+async fn exit_2_for_bad_input_and_nothing_is_sent() {
+    let scratch = Scratch::new("usage");
+    let cloud = cloud(ServerProfile::stripe()).await;
+    let url = format!("{}/cvms", cloud.uri());
+    let journal = scratch.journal();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["post", &url, "--json", "{not json", "--journal", &journal],
+        vec!["post", &url, "--json", "{}", "--idempotency-key", "has space", "--journal", &journal],
+        vec!["post", &url, "--json", "{}", "--idempotency-key", "k1", "--no-idempotency-key"],
+        vec!["post", &url, "--json", "{}", "--max-attempts", "0"],
+        vec!["post", &url, "--json", "@/nonexistent/body.json"],
+        vec!["post", &url, "--json", "[1,2]", "--key-field", "idempotency_key", "--journal", &journal],
+        vec!["post", &url, "-H", "no colon here"],
+        vec!["ensure-count", &url],
+    ];
+    for args in cases {
+        let run = scratch.run(&args).await;
+        assert_eq!(run.code(), 2, "{args:?}: {run:?}");
+        assert!(!run.stderr().is_empty(), "{args:?}: says why");
+    }
+    assert!(cloud.requests().is_empty(), "nothing was sent");
+}
+
+#[tokio::test]
+async fn exit_3_for_a_keyless_lost_response_with_one_resource() {
+    let scratch = Scratch::new("keyless");
+    let cloud = cloud(ServerProfile::no_keys()).await;
+    let proxy = ChaosProxy::start(cloud.address(), Schedule::script([Fault::Lose])).await;
+
+    let run = scratch
+        .run(&[
+            "post",
+            &format!("{}/cvms", proxy.uri()),
+            "--json",
+            r#"{"name":"web-1"}"#,
+            "--no-idempotency-key",
+            "--output",
+            "json",
+            "--journal",
+            &scratch.journal(),
+        ])
+        .await;
+
+    assert_eq!(run.code(), 3, "{run:?}");
+    assert_eq!(run.json()["outcome"], "unknown");
+    assert!(run.stderr().contains("NOT safe"), "{run:?}");
+    assert_eq!(cloud.created(), 1);
+    assert_eq!(proxy.requests(), 1, "never resent blind");
+}
+
+#[tokio::test]
+async fn exit_3_when_retries_run_out_and_the_rerun_resumes_the_key() {
+    let scratch = Scratch::new("exhausted");
+    let cloud = cloud(ServerProfile::stripe()).await;
+    let proxy = ChaosProxy::start(cloud.address(), Schedule::script([Fault::Lose, Fault::Lose])).await;
+    let url = format!("{}/cvms", proxy.uri());
+    let args = ["post", &url, "--json", r#"{"name":"web-1"}"#, "--max-attempts", "2", "--journal", &scratch.journal()];
+
+    let first = scratch.run(&args).await;
+    assert_eq!(first.code(), 3, "{first:?}");
+    assert!(first.stderr().contains("re-running the same command is safe"), "{first:?}");
+    assert!(first.stderr().contains("attempt 1/2 failed"), "one line per retry: {first:?}");
+
+    let again = scratch.run(&args).await;
+    assert_eq!(again.code(), 0, "{again:?}");
+    assert!(again.stderr().contains("replayed"), "{again:?}");
+    assert_eq!(cloud.created(), 1);
+    let keys = cloud.keys_seen();
+    assert!(keys.iter().all(|k| *k == keys[0]), "one key across both runs: {keys:?}");
+}
+
+#[tokio::test]
+async fn resume_after_sigkill() {
+    let scratch = Scratch::new("sigkill");
+    let cloud = cloud(ServerProfile::stripe()).await;
+    let proxy =
+        ChaosProxy::start(cloud.address(), Schedule::script([Fault::HoldResponse(Duration::from_secs(60))])).await;
+    let url = format!("{}/cvms", proxy.uri());
+    let args = ["post", &url, "--json", r#"{"name":"web-1"}"#, "--journal", &scratch.journal()];
+
+    let mut child = scratch.command(&args).spawn().unwrap();
+    let started = Instant::now();
+    while cloud.created() == 0 {
+        assert!(started.elapsed() < Duration::from_secs(30), "the server never committed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().await.unwrap(); // SIGKILL
+    assert!(!child.wait().await.unwrap().success());
+
+    let again = scratch.run(&args).await;
+
+    assert_eq!(again.code(), 0, "{again:?}");
+    assert!(again.stderr().contains("replayed"), "{again:?}");
+    assert_eq!(cloud.created(), 1);
+    let keys = cloud.keys_seen();
+    assert_eq!(keys.len(), 2);
+    assert_eq!(keys[0], keys[1], "the re-run took the key from the journal");
+}
+
+#[tokio::test]
+async fn an_explicit_key_journaled_with_another_body_is_refused() {
+    let scratch = Scratch::new("reuse");
+    let cloud = cloud(ServerProfile::stripe()).await;
+    let url = format!("{}/cvms", cloud.uri());
+    let scratch = &scratch;
+    let post = |body: &'static str| {
+        let (url, journal) = (url.clone(), scratch.journal());
+        async move {
+            scratch
+                .run(&["post", &url, "--json", body, "--idempotency-key", "deploy-2f6c9a1", "--journal", &journal])
+                .await
+        }
+    };
+
+    assert_eq!(post(r#"{"name":"api"}"#).await.code(), 0);
+    let refused = post(r#"{"name":"web"}"#).await;
+
+    assert_eq!(refused.code(), 2, "{refused:?}");
+    assert!(refused.stderr().contains(&format!("POST {url} #")), "names the earlier request: {refused:?}");
+    assert_eq!(cloud.requests().len(), 1, "nothing sent the second time");
+    // The same body again is fine: the server replays.
+    assert_eq!(post(r#"{"name":"api"}"#).await.code(), 0);
+    assert_eq!(cloud.created(), 1);
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    let ok = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false"])
+        .args(args)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "git {args:?}");
+}
+
+#[tokio::test]
+async fn key_from_git_clean_dirty_and_no_repo() {
+    if std::process::Command::new("git").arg("--version").output().is_err() {
+        eprintln!("git is not installed: the no-repository case below still runs");
+    }
+    let scratch = Scratch::new("git");
+    let cloud = cloud(ServerProfile::tower()).await;
+    let url = format!("{}/cvms", cloud.uri());
+    let repo = scratch.dir.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let plain = scratch.dir.join("plain");
+    std::fs::create_dir_all(&plain).unwrap();
+    let scratch = &scratch;
+    let deploy = |dir: PathBuf, body: &'static str| {
+        let (url, journal) = (url.clone(), scratch.journal());
+        async move {
+            let git_flag = format!("--key-from-git={}", dir.display());
+            scratch
+                .run(&[
+                    "post",
+                    &url,
+                    "--json",
+                    body,
+                    &git_flag,
+                    "--key-header",
+                    "X-Tower-Idempotency-Key",
+                    "--journal",
+                    &journal,
+                ])
+                .await
+        }
+    };
+
+    // No repository: no key, and why.
+    let run = deploy(plain, r#"{"name":"a"}"#).await;
+    assert_eq!(run.code(), 0, "{run:?}");
+    assert!(run.stderr().contains("no idempotency key from git"), "{run:?}");
+
+    git(&repo, &["init", "-q"]);
+    std::fs::write(repo.join("app.toml"), "replicas = 3\n").unwrap();
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-q", "-m", "first"]);
+    let head = String::from_utf8(
+        std::process::Command::new("git").arg("-C").arg(&repo).args(["rev-parse", "HEAD"]).output().unwrap().stdout,
+    )
+    .unwrap();
+
+    // Clean: the HEAD SHA is the key.
+    let run = deploy(repo.clone(), r#"{"name":"b"}"#).await;
+    assert_eq!(run.code(), 0, "{run:?}");
+
+    // Dirty: no key, and why.
+    std::fs::write(repo.join("app.toml"), "replicas = 5\n").unwrap();
+    let run = deploy(repo.clone(), r#"{"name":"c"}"#).await;
+    assert_eq!(run.code(), 0, "{run:?}");
+    assert!(run.stderr().contains("uncommitted"), "{run:?}");
+
+    let keys = cloud.keys_seen();
+    assert_eq!(keys, [None, Some(head.trim().to_owned()), None]);
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let scratch = Scratch::new("retry-after");
+    let cloud = cloud(ServerProfile::stripe()).await;
+    let proxy =
+        ChaosProxy::start(cloud.address(), Schedule::script([Fault::unavailable(RetryAfter::Seconds(1))])).await;
+
+    let started = Instant::now();
+    let run =
+        scratch.run(&["post", &format!("{}/cvms", proxy.uri()), "--json", "{}", "--journal", &scratch.journal()]).await;
+    let elapsed = started.elapsed();
+
+    assert_eq!(run.code(), 0, "{run:?}");
+    assert!(elapsed >= Duration::from_secs(1), "waited {elapsed:?}");
+    assert!(run.stderr().contains("attempt 1/5 failed (503), retrying in 1.0s"), "{run:?}");
+    assert_eq!(cloud.created(), 1);
+}
+
+#[tokio::test]
+async fn ensure_count_0_to_3_to_7_under_faults_and_surplus_rules() {
+    let scratch = Scratch::new("ensure");
+    let cloud = cloud(ServerProfile::stripe()).await;
+    let mix = FaultMix::chaos().with_retry_after(Some(RetryAfter::Seconds(0))).scaled_to(0.3);
+    let proxy = ChaosProxy::start(cloud.address(), Schedule::random(11, mix)).await;
+    let collection = replicas("app-9", "vm-1");
+    let url = format!("{}/{collection}", proxy.uri());
+    let journal = scratch.journal();
+    let scratch = &scratch;
+    let ensure = |count: &'static str, extra: &'static [&'static str]| {
+        let (url, journal) = (url.clone(), journal.clone());
+        async move {
+            let mut args = vec![
+                "ensure-count",
+                &url,
+                "--count",
+                count,
+                "--expect",
+                "vm_uuid=vm-1",
+                "--output",
+                "json",
+                "--journal",
+                &journal,
+            ];
+            args.extend_from_slice(extra);
+            scratch.run(&args).await
+        }
+    };
+
+    let three = ensure("3", &[]).await;
+    assert_eq!(three.code(), 0, "{three:?}");
+    assert_eq!((three.json()["desired"].as_u64(), three.json()["after"].as_u64()), (Some(3), Some(3)));
+    let seven = ensure("7", &["--generation", "2"]).await;
+    assert_eq!(seven.code(), 0, "{seven:?}");
+    assert_eq!(seven.json()["after"], 7);
+    assert_eq!(seven.json()["created"].as_array().unwrap().len(), 4);
+    assert_eq!(cloud.resources(&collection).len(), 7);
+    assert_eq!(cloud.created(), 7, "nothing created twice");
+
+    // Down to 2 without --prune: the surplus is reported and the exit is 1.
+    let two = ensure("2", &[]).await;
+    assert_eq!(two.code(), 1, "{two:?}");
+    assert_eq!(two.json()["overshoot"], 5);
+    assert!(two.stderr().contains("--prune"), "{two:?}");
+    assert_eq!(cloud.resources(&collection).len(), 7);
+    // With --prune.
+    let pruned = ensure("2", &["--prune"]).await;
+    assert_eq!(pruned.code(), 0, "{pruned:?}");
+    assert_eq!(pruned.json()["deleted"].as_array().unwrap().len(), 5);
+    assert_eq!(cloud.resources(&collection).len(), 2);
+
+    // An identity that does not match: exit 1.
+    let wrong =
+        scratch.run(&["ensure-count", &url, "--count", "3", "--expect", "vm_uuid=vm-9", "--journal", &journal]).await;
+    assert_eq!(wrong.code(), 1, "{wrong:?}");
+}
+
+#[tokio::test]
+async fn journal_list_and_forget() {
+    let scratch = Scratch::new("journal");
+    let cloud = cloud(ServerProfile::stripe()).await;
+    let url = format!("{}/cvms", cloud.uri());
+    let journal = scratch.journal();
+    scratch.run(&["post", &url, "--json", r#"{"name":"web-1"}"#, "--journal", &journal]).await;
+
+    let list = scratch.run(&["journal", "list", "--output", "json", "--journal", &journal]).await;
+    assert_eq!(list.code(), 0, "{list:?}");
+    let records = list.json();
+    let record = &records.as_array().unwrap()[0];
+    assert_eq!(record["state"], "succeeded");
+    assert_eq!(record["status"], 201);
+    assert_eq!(Some(record["key"].as_str().unwrap().to_owned()), cloud.keys_seen()[0]);
+    let operation = record["operation"].as_str().unwrap().to_owned();
+
+    let table = scratch.run(&["journal", "list", "--journal", &journal]).await;
+    assert!(table.stdout().contains(&operation) && table.stdout().contains("succeeded"), "{table:?}");
+    assert!(
+        !table.stdout().contains(cloud.keys_seen()[0].as_deref().unwrap()),
+        "the table shows a fingerprint, not the key"
+    );
+    let pending = scratch.run(&["journal", "list", "--pending", "--output", "json", "--journal", &journal]).await;
+    assert_eq!(pending.json(), serde_json::json!([]));
+
+    assert_eq!(scratch.run(&["journal", "forget", &operation, "--journal", &journal]).await.code(), 0);
+    assert_eq!(scratch.run(&["journal", "forget", &operation, "--journal", &journal]).await.code(), 1);
+    assert_eq!(
+        scratch.run(&["journal", "list", "--output", "json", "--journal", &journal]).await.json(),
+        serde_json::json!([])
+    );
+}
+
+#[tokio::test]
+async fn help_shows_examples_and_exit_codes() {
+    let scratch = Scratch::new("help");
+    for args in
+        [vec!["--help"], vec!["post", "--help"], vec!["ensure-count", "--help"], vec!["journal", "list", "--help"]]
+    {
+        let run = scratch.run(&args).await;
+        assert_eq!(run.code(), 0);
+        assert!(run.stdout().contains("Examples:"), "{args:?}: {run:?}");
+    }
+    let run = scratch.run(&["post", "--help"]).await;
+    assert!(run.stdout().contains("Exit codes:") && run.stdout().contains("3  the outcome is unknown"));
+}

@@ -96,7 +96,10 @@ impl RetryBudget {
     pub fn try_acquire(&self, host: &str, after_timeout: bool) -> Option<Withdrawal> {
         let cost = if after_timeout { self.timeout_cost } else { self.retry_cost };
         let mut tokens = lock(&self.tokens);
-        let available = tokens.entry(host.to_owned()).or_insert(self.capacity);
+        let available = match tokens.get_mut(host) {
+            Some(available) => available,
+            None => tokens.entry(host.to_owned()).or_insert(self.capacity),
+        };
         if *available < cost {
             return None;
         }
@@ -108,6 +111,10 @@ impl RetryBudget {
     pub fn on_success(&self, host: &str, last_retry: Option<Withdrawal>) {
         let refill = last_retry.map_or(self.success_refill, |w| w.0);
         let mut tokens = lock(&self.tokens);
+        // A host without an entry has a full bucket: nothing to refill, nothing to record.
+        if last_retry.is_none() && !tokens.contains_key(host) {
+            return;
+        }
         let available = tokens.entry(host.to_owned()).or_insert(self.capacity);
         *available = available.saturating_add(refill).min(self.capacity);
     }

@@ -94,12 +94,12 @@ impl KeyCarrier {
 
     /// The header value for `key`, quoted if this carrier uses Structured-Field strings.
     pub fn header_value(&self, key: &IdempotencyKey) -> HeaderValue {
-        let text = match &self.0 {
-            Carrier::Header { structured: true, .. } => sf_quote(key.as_str()),
-            _ => key.as_str().to_owned(),
-        };
         // Keys are printable ASCII, and quoting adds only '"' and '\\'.
-        HeaderValue::from_str(&text).expect("a validated key is a valid header value")
+        let value = match &self.0 {
+            Carrier::Header { structured: true, .. } => HeaderValue::from_str(&sf_quote(key.as_str())),
+            _ => HeaderValue::from_maybe_shared(key.bytes().clone()),
+        };
+        value.expect("a validated key is a valid header value")
     }
 
     /// Reads the key a caller already put on the request, if any, and validates it against

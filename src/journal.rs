@@ -7,6 +7,7 @@
 //!
 //! The rules for choosing the key are on [`KeyStore`](crate::KeyStore).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -375,13 +376,28 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     ///
     /// When the store cannot be written.
     fn forget(&self, operation: &str) -> Result<bool, JournalError>;
+
+    /// Whether calls may block (disk, network): [`Operations`](crate::Operations) then makes them
+    /// on tokio's blocking pool. A store that answers from memory says `false` and is called
+    /// in place, saving two thread hand-offs per operation. Default: `true`.
+    fn is_blocking(&self) -> bool {
+        true
+    }
 }
 
 /// Keys in memory, for one process. Useful in tests and where durability is not wanted; it
 /// protects retries within the process, not re-runs.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    records: std::sync::Mutex<Vec<Record>>,
+    inner: std::sync::Mutex<Memory>,
+}
+
+#[derive(Debug, Default)]
+struct Memory {
+    /// Records by operation name.
+    records: HashMap<String, Record>,
+    /// Operation names by key, for the pinning check.
+    by_key: HashMap<IdempotencyKey, String>,
 }
 
 impl MemoryStore {
@@ -393,22 +409,28 @@ impl MemoryStore {
 
 impl KeyStore for MemoryStore {
     fn begin(&self, intent: &Intent<'_>) -> Result<Begun, JournalError> {
-        let mut records = lock(&self.records);
-        let existing = records.iter().find(|r| r.operation == intent.operation);
+        let mut memory = lock(&self.inner);
+        let Memory { records, by_key } = &mut *memory;
+        let existing = records.get(intent.operation);
         let same_key = match &intent.key {
             KeyPlan::Fixed(key) => {
-                records.iter().find(|r| r.key.as_ref() == Some(key) && r.operation != intent.operation)
+                by_key.get(key).filter(|op| op.as_str() != intent.operation).and_then(|op| records.get(op))
             }
             _ => None,
         };
         let (record, begun) = intent.plan(existing, same_key).map_err(JournalError::PayloadMismatch)?;
-        records.retain(|r| r.operation != intent.operation);
-        records.push(record);
+        if let Some(old) = records.get(intent.operation).and_then(|r| r.key.clone()) {
+            by_key.remove(&old);
+        }
+        if let Some(key) = &record.key {
+            by_key.insert(key.clone(), record.operation.clone());
+        }
+        records.insert(record.operation.clone(), record);
         Ok(begun)
     }
 
     fn finish(&self, operation: &str, finish: &Finish) -> Result<(), JournalError> {
-        if let Some(r) = lock(&self.records).iter_mut().find(|r| r.operation == operation) {
+        if let Some(r) = lock(&self.inner).records.get_mut(operation) {
             r.state = finish.state;
             r.status = finish.status;
             r.identity = finish.identity.clone();
@@ -418,18 +440,26 @@ impl KeyStore for MemoryStore {
     }
 
     fn get(&self, operation: &str) -> Result<Option<Record>, JournalError> {
-        Ok(lock(&self.records).iter().find(|r| r.operation == operation).cloned())
+        Ok(lock(&self.inner).records.get(operation).cloned())
     }
 
     fn list(&self) -> Result<Vec<Record>, JournalError> {
-        Ok(lock(&self.records).clone())
+        let mut records: Vec<Record> = lock(&self.inner).records.values().cloned().collect();
+        records.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.operation.cmp(&b.operation)));
+        Ok(records)
+    }
+
+    fn is_blocking(&self) -> bool {
+        false
     }
 
     fn forget(&self, operation: &str) -> Result<bool, JournalError> {
-        let mut records = lock(&self.records);
-        let before = records.len();
-        records.retain(|r| r.operation != operation);
-        Ok(records.len() != before)
+        let mut memory = lock(&self.inner);
+        let Some(record) = memory.records.remove(operation) else { return Ok(false) };
+        if let Some(key) = record.key {
+            memory.by_key.remove(&key);
+        }
+        Ok(true)
     }
 }
 

@@ -30,8 +30,9 @@ const COLUMNS: &str = "operation, key, method, url, fingerprint, state, created_
 
 /// A journal in a SQLite file.
 ///
-/// - The key of an operation is committed (WAL, `synchronous = FULL`: one fsync per commit)
-///   before the first request is sent.
+/// - The key of an operation is committed (WAL, `synchronous = FULL`: one fsync) before the
+///   first request is sent. Its outcome is committed without an fsync: losing it to a power cut
+///   leaves the record pending, and the next run resumes the key and gets a replay.
 /// - Two processes running the same operation at once serialise on the file's write lock and
 ///   use one key: the second finds the first's pending record and resumes it.
 /// - A corrupt file, a lock held longer than the lock timeout, or a path that cannot be written
@@ -222,7 +223,12 @@ impl KeyStore for SqliteJournal {
     fn finish(&self, operation: &str, finish: &Finish) -> Result<(), JournalError> {
         let connection = lock(&self.connection);
         let identity = finish.identity.as_ref().map(serde_json::Value::to_string);
-        connection
+        // The outcome need not survive a power cut: if it is lost, the record stays pending, the
+        // next run resumes its key, and the server replays. So this commit skips the fsync
+        // (WAL with synchronous = NORMAL is still safe against a crash of the process); the key,
+        // written by `begin` before the send, keeps its fsync.
+        connection.pragma_update(None, "synchronous", "NORMAL").map_err(|e| self.fail(e))?;
+        let updated = connection
             .prepare_cached(
                 "UPDATE operations SET state = ?2, status = ?3, identity = ?4, updated_at = ?5 WHERE operation = ?1",
             )
@@ -236,7 +242,9 @@ impl KeyStore for SqliteJournal {
                 ])
             })
             .map(drop)
-            .map_err(|e| self.fail(e))
+            .map_err(|e| self.fail(e));
+        connection.pragma_update(None, "synchronous", "FULL").map_err(|e| self.fail(e))?;
+        updated
     }
 
     fn get(&self, operation: &str) -> Result<Option<Record>, JournalError> {

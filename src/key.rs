@@ -10,9 +10,9 @@
 //! server that replays. `Debug` therefore prints only a short [fingerprint](IdempotencyKey::fingerprint),
 //! and so do the crate's logs; `Display` prints the key itself, for the places that need it.
 
+use bytes::Bytes;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
@@ -73,7 +73,7 @@ pub enum KeyError {
 /// assert!(matches!(IdempotencyKey::with_max_len("x".repeat(65), 64), Err(KeyError::TooLong { len: 65, max: 64 })));
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct IdempotencyKey(Arc<str>);
+pub struct IdempotencyKey(Bytes);
 
 impl IdempotencyKey {
     /// The crate's default namespace for [derived](Self::derive) keys.
@@ -99,10 +99,11 @@ impl IdempotencyKey {
     pub fn with_max_len(key: impl Into<String>, max_len: usize) -> Result<Self, KeyError> {
         let key = key.into();
         validate(&key, max_len)?;
-        Ok(Self(key.into()))
+        Ok(Self(Bytes::from(key)))
     }
 
-    /// A fresh random key (UUIDv4 from the operating system's generator).
+    /// A fresh random key (UUIDv4 from a cryptographically secure generator seeded by the
+    /// operating system).
     ///
     /// Random keys deliberately do not come from the seeded generator used for jitter: two
     /// processes seeded alike would otherwise mint the same keys for different operations, and
@@ -113,7 +114,11 @@ impl IdempotencyKey {
 
     /// The key spelled as a hyphenated lowercase UUID.
     pub fn from_uuid(uuid: Uuid) -> Self {
-        Self(uuid.hyphenated().to_string().into())
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        uuid.hyphenated().encode_lower(&mut buf);
+        // A shared buffer from the start: every header built from the key, and every clone of a
+        // request carrying it, only bumps a reference count.
+        Self(Bytes::from_owner(buf))
     }
 
     /// A deterministic key: UUIDv5 of `namespace` and an unambiguous encoding of `scope`
@@ -139,6 +144,11 @@ impl IdempotencyKey {
 
     /// The key as sent on the wire (before any carrier quoting).
     pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("validated as printable ASCII")
+    }
+
+    /// The key's bytes, shared (cloning is a reference-count increment).
+    pub(crate) fn bytes(&self) -> &Bytes {
         &self.0
     }
 
@@ -167,7 +177,7 @@ impl IdempotencyKey {
     /// A short, stable, non-reversible fingerprint of the key (the first 12 hex digits of its
     /// SHA-256), for logs and traces. Logs carry this, never the key.
     pub fn fingerprint(&self) -> String {
-        let digest = Sha256::digest(self.0.as_bytes());
+        let digest = Sha256::digest(&self.0);
         digest[..6].iter().map(|b| format!("{b:02x}")).collect()
     }
 }
@@ -187,7 +197,7 @@ fn validate(key: &str, max_len: usize) -> Result<(), KeyError> {
 
 impl fmt::Display for IdempotencyKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 

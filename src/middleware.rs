@@ -244,7 +244,22 @@ impl Middleware for IdempotentRetry {
         next: Next<'_>,
     ) -> reqwest_middleware::Result<Response> {
         let options = extensions.get::<RequestOptions>().cloned().unwrap_or_default();
-        self.config.execute(req, extensions, next, &options).await.map_err(reqwest_middleware::Error::middleware)
+        // One span for the request, entered around the whole loop (instrumenting once keeps the
+        // large request future from being moved more than it must).
+        let span = tracing::info_span!(
+            "idempotent_request",
+            method = %req.method(),
+            host = %budget_host(&req),
+            key = Empty,
+            attempts = Empty,
+            replayed = Empty,
+            outcome = Empty,
+        );
+        self.config
+            .execute(req, extensions, next, &options)
+            .instrument(span)
+            .await
+            .map_err(reqwest_middleware::Error::middleware)
     }
 }
 
@@ -284,16 +299,13 @@ impl Config {
         let key = self.prepare_key(&mut request, options)?;
         let replayable = request.body().is_none_or(|b| b.as_bytes().is_some());
         let resendable = key.is_some() || request.method().is_idempotent();
-        let host = budget_host(&request);
-        let span = tracing::info_span!(
-            "idempotent_request",
-            method = %request.method(),
-            host = %host,
-            key = key.as_ref().map(IdempotencyKey::fingerprint),
-            attempts = Empty,
-            replayed = Empty,
-            outcome = Empty,
-        );
+        // The request's span, looked up once (a thread-local read each time).
+        let request_span = tracing::Span::current();
+        if !request_span.is_disabled()
+            && let Some(key) = &key
+        {
+            request_span.record("key", key.fingerprint());
+        }
         // A stream goes out once, as is; the classifier sees a body-less copy of it.
         let (template, mut stream) = if replayable { (request, None) } else { (without_body(&request), Some(request)) };
         let mut run =
@@ -301,112 +313,111 @@ impl Config {
         let mut withdrawal: Option<Withdrawal> = None;
         let started = self.clock.now();
 
-        async move {
-            loop {
-                // Attempt, within what is left of the deadline.
-                let elapsed = since(started, self.clock.now());
-                let timeout = match (policy.get_attempt_timeout(), policy.get_deadline()) {
-                    (t, None) => t,
-                    (t, Some(deadline)) => Some(t.unwrap_or(Duration::MAX).min(deadline.saturating_sub(elapsed))),
-                };
-                let attempt_request = match stream.take() {
-                    Some(original) => original,
-                    None => template.try_clone().expect("only replayable requests are attempted more than once"),
-                };
-                run.attempts += 1;
-                let attempt_span = tracing::debug_span!(
-                    "attempt",
-                    attempt = run.attempts,
-                    cause = Empty,
-                    delay_ms = Empty,
-                    replayed = Empty
-                );
-                let ended = attempt::run(next.clone(), attempt_request, extensions, timeout)
-                    .instrument(attempt_span.clone())
-                    .await;
+        loop {
+            // Attempt, within what is left of the deadline.
+            let elapsed = since(started, self.clock.now());
+            let timeout = match (policy.get_attempt_timeout(), policy.get_deadline()) {
+                (t, None) => t,
+                (t, Some(deadline)) => Some(t.unwrap_or(Duration::MAX).min(deadline.saturating_sub(elapsed))),
+            };
+            let attempt_request = match stream.take() {
+                Some(original) => original,
+                None => template.try_clone().expect("only replayable requests are attempted more than once"),
+            };
+            run.attempts += 1;
+            let attempt_span = tracing::debug_span!(
+                "attempt",
+                attempt = run.attempts,
+                cause = Empty,
+                delay_ms = Empty,
+                replayed = Empty
+            );
+            let ended =
+                attempt::run(next.clone(), attempt_request, extensions, timeout).instrument(attempt_span.clone()).await;
 
-                // Classify.
-                let replayed = match (ended.status(), ended.headers()) {
-                    (Some(status), Some(headers)) => {
-                        self.replay.is_replayed_response(status, headers, run.key.is_some())
-                    }
-                    _ => false,
-                };
-                let context =
-                    AttemptContext::new(&template, run.attempts, run.key.is_some(), ended.as_result(replayed));
-                let verdict = self.classifier.classify(&context);
+            // Classify.
+            let replayed = match (ended.status(), ended.headers()) {
+                (Some(status), Some(headers)) => self.replay.is_replayed_response(status, headers, run.key.is_some()),
+                _ => false,
+            };
+            let context = AttemptContext::new(&template, run.attempts, run.key.is_some(), ended.as_result(replayed));
+            let verdict = self.classifier.classify(&context);
+            if !attempt_span.is_disabled() {
                 attempt_span.record("cause", ended.cause()).record("replayed", replayed);
-                tracing::Span::current().record("attempts", run.attempts).record("replayed", replayed);
-
-                // Decide.
-                let kind = match verdict {
-                    Verdict::Done => return self.finish(ended, run, replayed, &host, withdrawal),
-                    Verdict::KeyReuse => {
-                        tracing::Span::current().record("outcome", "key_reuse");
-                        return Err(Error::KeyReuse(run.failure(ended)));
-                    }
-                    Verdict::Retry { kind, may_have_been_applied } => {
-                        run.may_have_been_applied |= may_have_been_applied;
-                        kind
-                    }
-                };
-                let now = self.clock.now();
-                let server_delay = ended.headers().and_then(|h| retry_after(h, now));
-                run.retry_after = server_delay.or(run.retry_after);
-                let failed = Failed {
-                    attempts: run.attempts,
-                    may_have_been_applied: matches!(verdict, Verdict::Retry { may_have_been_applied: true, .. }),
-                    replayed_server_error: replayed && ended.status().is_some_and(|s| s.is_server_error()),
-                    resendable,
-                    replayable,
-                    server_delay,
-                    elapsed: since(started, now),
-                };
-                let delay = match decide(&policy, &failed, &*self.rng) {
-                    Decision::Retry { delay } => delay,
-                    Decision::Stop(stop) => {
-                        tracing::Span::current().record("outcome", stop_name(stop));
-                        return Err(stop_error(stop, run.failure(ended)));
-                    }
-                };
-                if let Some(budget) = &self.budget {
-                    match budget.try_acquire(&host, kind == RetryKind::Transport(TransportCause::Timeout)) {
-                        Some(w) => withdrawal = Some(w),
-                        None => {
-                            tracing::Span::current().record("outcome", "budget_exhausted");
-                            return Err(Error::BudgetExhausted(run.failure(ended)));
-                        }
-                    }
-                }
-
-                // Sleep.
-                if let Some(hook) = &self.on_retry {
-                    let url = template.url();
-                    hook(&RetryEvent {
-                        attempt: run.attempts,
-                        max_attempts: policy.get_max_attempts(),
-                        cause: ended.cause(),
-                        delay,
-                        key_fingerprint: run.key.as_ref().map(IdempotencyKey::fingerprint),
-                        target: format!("{} {}{}", template.method(), url.origin().ascii_serialization(), url.path()),
-                    });
-                }
-                attempt_span.record("delay_ms", delay.as_millis() as u64);
-                tracing::debug!(
-                    parent: &attempt_span,
-                    attempt = run.attempts,
-                    cause = %ended.cause(),
-                    delay_ms = delay.as_millis() as u64,
-                    replayed,
-                    "retrying"
-                );
-                drop(ended);
-                self.sleeper.sleep(delay).await;
-                run.total_delay += delay;
             }
+            if !request_span.is_disabled() {
+                request_span.record("attempts", run.attempts).record("replayed", replayed);
+            }
+
+            // Decide.
+            let kind = match verdict {
+                Verdict::Done => {
+                    return self.finish(ended, run, replayed, budget_host(&template), withdrawal, &request_span);
+                }
+                Verdict::KeyReuse => {
+                    request_span.record("outcome", "key_reuse");
+                    return Err(Error::KeyReuse(run.failure(ended)));
+                }
+                Verdict::Retry { kind, may_have_been_applied } => {
+                    run.may_have_been_applied |= may_have_been_applied;
+                    kind
+                }
+            };
+            let now = self.clock.now();
+            let server_delay = ended.headers().and_then(|h| retry_after(h, now));
+            run.retry_after = server_delay.or(run.retry_after);
+            let failed = Failed {
+                attempts: run.attempts,
+                may_have_been_applied: matches!(verdict, Verdict::Retry { may_have_been_applied: true, .. }),
+                replayed_server_error: replayed && ended.status().is_some_and(|s| s.is_server_error()),
+                resendable,
+                replayable,
+                server_delay,
+                elapsed: since(started, now),
+            };
+            let delay = match decide(&policy, &failed, &*self.rng) {
+                Decision::Retry { delay } => delay,
+                Decision::Stop(stop) => {
+                    request_span.record("outcome", stop_name(stop));
+                    return Err(stop_error(stop, run.failure(ended)));
+                }
+            };
+            if let Some(budget) = &self.budget {
+                match budget.try_acquire(budget_host(&template), kind == RetryKind::Transport(TransportCause::Timeout))
+                {
+                    Some(w) => withdrawal = Some(w),
+                    None => {
+                        request_span.record("outcome", "budget_exhausted");
+                        return Err(Error::BudgetExhausted(run.failure(ended)));
+                    }
+                }
+            }
+
+            // Sleep.
+            if let Some(hook) = &self.on_retry {
+                let url = template.url();
+                hook(&RetryEvent {
+                    attempt: run.attempts,
+                    max_attempts: policy.get_max_attempts(),
+                    cause: ended.cause(),
+                    delay,
+                    key_fingerprint: run.key.as_ref().map(IdempotencyKey::fingerprint),
+                    target: format!("{} {}{}", template.method(), url.origin().ascii_serialization(), url.path()),
+                });
+            }
+            attempt_span.record("delay_ms", delay.as_millis() as u64);
+            tracing::debug!(
+                parent: &attempt_span,
+                attempt = run.attempts,
+                cause = %ended.cause(),
+                delay_ms = delay.as_millis() as u64,
+                replayed,
+                "retrying"
+            );
+            drop(ended);
+            self.sleeper.sleep(delay).await;
+            run.total_delay += delay;
         }
-        .instrument(span)
-        .await
     }
 
     /// Settles the key: the one already on the request (never overwritten), the one in the
@@ -449,19 +460,20 @@ impl Config {
         replayed: bool,
         host: &str,
         withdrawal: Option<Withdrawal>,
+        span: &tracing::Span,
     ) -> Result<Response, Error> {
         let mut response = match ended {
             Ended::Streaming(response) => response,
             Ended::Buffered(buffered) => buffered.into_response(),
             failed @ Ended::Failed { .. } => {
-                tracing::Span::current().record("outcome", "transport_error");
+                span.record("outcome", "transport_error");
                 return Err(Error::Transport(run.failure(failed)));
             }
         };
         if let Some(budget) = &self.budget {
             budget.on_success(host, withdrawal);
         }
-        tracing::Span::current().record("outcome", if replayed { "replayed" } else { "done" });
+        span.record("outcome", if replayed { "replayed" } else { "done" });
         let status = response.status();
         response.extensions_mut().insert(RetryOutcome {
             attempts: run.attempts,
@@ -498,10 +510,9 @@ fn since(start: SystemTime, now: SystemTime) -> Duration {
     now.duration_since(start).unwrap_or(Duration::ZERO)
 }
 
-/// The budget is per host and port.
-fn budget_host(request: &Request) -> String {
-    let url = request.url();
-    format!("{}:{}", url.host_str().unwrap_or(""), url.port_or_known_default().unwrap_or(0))
+/// The budget is per host and port: `host[:port]` as the URL spells it, sliced, not built.
+fn budget_host(request: &Request) -> &str {
+    &request.url()[url::Position::BeforeHost..url::Position::AfterPort]
 }
 
 /// A copy of `request` without its body, for classifiers to look at when the original (a

@@ -675,26 +675,42 @@ impl<'a> OperationBuilder<'a> {
     }
 
     async fn begin(&self, url: &str, fp: &str, plan: KeyPlan) -> Result<Begun, OperationError> {
-        let store = self.ops.store.clone();
-        let (operation, method, url, fp, now) =
-            (self.name.clone(), self.method.to_string(), url.to_owned(), fp.to_owned(), self.ops.clock.now());
-        tokio::task::spawn_blocking(move || {
-            store.begin(&Intent { operation: &operation, method: &method, url: &url, fingerprint: &fp, key: plan, now })
-        })
-        .await
-        .map_err(|e| OperationError::Journal(JournalError::Other { path: "(journal)".into(), reason: e.to_string() }))?
-        .map_err(OperationError::journal)
-    }
-
-    async fn finish(&self, state: OpState, status: Option<u16>, identity: Option<Value>) -> Result<(), OperationError> {
-        let store = self.ops.store.clone();
-        let (operation, finish) = (self.name.clone(), Finish::new(state, status, identity, self.ops.clock.now()));
-        tokio::task::spawn_blocking(move || store.finish(&operation, &finish))
+        let now = self.ops.clock.now();
+        let method = self.method.as_str();
+        let result = if self.ops.store.is_blocking() {
+            let store = self.ops.store.clone();
+            let (operation, method, url, fp) = (self.name.clone(), method.to_owned(), url.to_owned(), fp.to_owned());
+            tokio::task::spawn_blocking(move || {
+                store.begin(&Intent {
+                    operation: &operation,
+                    method: &method,
+                    url: &url,
+                    fingerprint: &fp,
+                    key: plan,
+                    now,
+                })
+            })
             .await
             .map_err(|e| {
                 OperationError::Journal(JournalError::Other { path: "(journal)".into(), reason: e.to_string() })
             })?
-            .map_err(OperationError::journal)
+        } else {
+            self.ops.store.begin(&Intent { operation: &self.name, method, url, fingerprint: fp, key: plan, now })
+        };
+        result.map_err(OperationError::journal)
+    }
+
+    async fn finish(&self, state: OpState, status: Option<u16>, identity: Option<Value>) -> Result<(), OperationError> {
+        let finish = Finish::new(state, status, identity, self.ops.clock.now());
+        let result = if self.ops.store.is_blocking() {
+            let (store, operation) = (self.ops.store.clone(), self.name.clone());
+            tokio::task::spawn_blocking(move || store.finish(&operation, &finish)).await.map_err(|e| {
+                OperationError::Journal(JournalError::Other { path: "(journal)".into(), reason: e.to_string() })
+            })?
+        } else {
+            self.ops.store.finish(&self.name, &finish)
+        };
+        result.map_err(OperationError::journal)
     }
 
     async fn send_once(

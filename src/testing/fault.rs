@@ -106,6 +106,12 @@ impl FaultMix {
         self
     }
 
+    /// Answers a share `rate` of requests with a 503 or 429 (half each).
+    pub const fn with_status(mut self, rate: f64) -> Self {
+        self.status = rate;
+        self
+    }
+
     /// Holds a share `rate` of requests for `delay` before forwarding them.
     pub const fn with_delay(mut self, rate: f64, delay: Duration) -> Self {
         self.delay_rate = rate;

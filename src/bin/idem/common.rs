@@ -9,6 +9,22 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use idempotent_retry::{IdempotentRetry, KeyCarrier, KeyStore, MemoryStore, Operations, RetryPolicy, SqliteJournal};
 
+/// The options `post` and `ensure-count` share.
+#[derive(Debug, Args)]
+pub struct SharedArgs {
+    /// The caller's scope (account, tenant), part of every derived key.
+    #[arg(long, value_name = "SCOPE", default_value = "")]
+    pub scope: String,
+    #[command(flatten)]
+    pub carrier: CarrierArgs,
+    #[command(flatten)]
+    pub retry: RetryArgs,
+    #[command(flatten)]
+    pub journal: JournalArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
 /// The exit codes scripts depend on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {

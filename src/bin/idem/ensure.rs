@@ -6,7 +6,7 @@ use clap::Args;
 use idempotent_retry::{Desired, ReconcileFailure, Reconciler};
 use serde_json::{Value, json};
 
-use crate::common::{self, CarrierArgs, Exit, Format, JournalArgs, OutputArgs, RetryArgs, fail};
+use crate::common::{self, Exit, Format, SharedArgs, fail};
 
 pub const EXAMPLES: &str = "\
 Examples:
@@ -64,17 +64,8 @@ pub struct EnsureArgs {
     /// The endpoint takes no key: send none, and settle lost creates by listing.
     #[arg(long)]
     pub no_idempotency_key: bool,
-    /// The caller's scope (account, tenant), part of every per-slot key.
-    #[arg(long, value_name = "SCOPE", default_value = "")]
-    pub scope: String,
     #[command(flatten)]
-    pub carrier: CarrierArgs,
-    #[command(flatten)]
-    pub retry: RetryArgs,
-    #[command(flatten)]
-    pub journal: JournalArgs,
-    #[command(flatten)]
-    pub output: OutputArgs,
+    pub shared: SharedArgs,
 }
 
 pub async fn run(args: EnsureArgs) -> Exit {
@@ -101,9 +92,9 @@ async fn ensure(args: EnsureArgs) -> Result<Exit, Exit> {
     }
     let headers = common::headers(&args.headers)?;
 
-    let layer = common::layer(&args.carrier, &args.retry, args.output.quiet)?;
-    let (store, _) = common::store(&args.journal)?;
-    let ops = common::operations(layer, store, &args.scope, args.retry.retention, headers)?;
+    let layer = common::layer(&args.shared.carrier, &args.shared.retry, args.shared.output.quiet)?;
+    let (store, _) = common::store(&args.shared.journal)?;
+    let ops = common::operations(layer, store, &args.shared.scope, args.shared.retry.retention, headers)?;
     let operation = args.operation.clone().unwrap_or_else(|| {
         format!(
             "ensure-count {} #{}",
@@ -126,7 +117,7 @@ async fn ensure(args: EnsureArgs) -> Result<Exit, Exit> {
     if args.no_idempotency_key {
         reconciler = reconciler.keyless();
     }
-    let bar = (!args.output.quiet && std::io::stderr().is_terminal()).then(|| {
+    let bar = (!args.shared.output.quiet && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(args.count as u64);
         bar.set_style(
             indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len}")
@@ -136,7 +127,7 @@ async fn ensure(args: EnsureArgs) -> Result<Exit, Exit> {
         bar.set_message("ensure-count");
         bar
     });
-    if !args.output.quiet {
+    if !args.shared.output.quiet {
         let bar = bar.clone();
         reconciler = reconciler.on_progress(move |r| match &bar {
             Some(bar) => bar.set_position(r.after as u64),
@@ -183,7 +174,7 @@ async fn ensure(args: EnsureArgs) -> Result<Exit, Exit> {
             (*e.report, exit)
         }
     };
-    match args.output.output {
+    match args.shared.output.output {
         Format::Json => println!(
             "{}",
             json!({

@@ -7,7 +7,7 @@ use clap::Args;
 use idempotent_retry::{Error, GitKeyMode, IdempotencyKey, OperationError, Outcome, key_from_git};
 use serde_json::json;
 
-use crate::common::{self, CarrierArgs, Exit, Format, JournalArgs, OutputArgs, RetryArgs, body_value, fail};
+use crate::common::{self, Exit, Format, SharedArgs, body_value, fail};
 
 pub const EXAMPLES: &str = "\
 Examples:
@@ -47,17 +47,8 @@ pub struct PostArgs {
     /// tree or outside a repository no key is sent, and stderr says why.
     #[arg(long, value_name = "DIR", num_args = 0..=1, require_equals = true, default_missing_value = ".")]
     pub key_from_git: Option<PathBuf>,
-    /// The caller's scope (account, tenant) for derived keys.
-    #[arg(long, value_name = "SCOPE", default_value = "")]
-    pub scope: String,
     #[command(flatten)]
-    pub carrier: CarrierArgs,
-    #[command(flatten)]
-    pub retry: RetryArgs,
-    #[command(flatten)]
-    pub journal: JournalArgs,
-    #[command(flatten)]
-    pub output: OutputArgs,
+    pub shared: SharedArgs,
 }
 
 pub async fn run(args: PostArgs) -> Exit {
@@ -93,9 +84,9 @@ async fn post(args: PostArgs) -> Result<Exit, Exit> {
     };
     let keyless = args.no_idempotency_key || (args.key_from_git.is_some() && git_key.is_none());
 
-    let layer = common::layer(&args.carrier, &args.retry, args.output.quiet)?;
-    let (store, journal_path) = common::store(&args.journal)?;
-    let ops = common::operations(layer, store, &args.scope, args.retry.retention, headers)?;
+    let layer = common::layer(&args.shared.carrier, &args.shared.retry, args.shared.output.quiet)?;
+    let (store, journal_path) = common::store(&args.shared.journal)?;
+    let ops = common::operations(layer, store, &args.shared.scope, args.shared.retry.retention, headers)?;
     let name = format!("POST {} #{}", args.url, common::short_hash(&[b"POST", args.url.as_bytes(), &body]));
     let mut op = ops.operation(name).post(&args.url).body(body);
     if json_body {
@@ -107,8 +98,8 @@ async fn post(args: PostArgs) -> Result<Exit, Exit> {
         (None, false) => op.random_key(),
     };
 
-    let quiet = args.output.quiet;
-    let json = args.output.output == Format::Json;
+    let quiet = args.shared.output.quiet;
+    let json = args.shared.output.output == Format::Json;
     let emit = |outcome: &str,
                 status: Option<u16>,
                 attempts: u32,

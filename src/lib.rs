@@ -46,6 +46,7 @@
 //! # Features
 //!
 //! - `journal` (default): [`SqliteJournal`], through rusqlite with SQLite bundled.
+//! - `cli`: the `idem` binary (clap, indicatif, rustls for HTTPS); see the README.
 //! - `test-util`: the [`testing`] module: fake servers that enforce idempotency as real ones do
 //!   (IETF draft, Stripe, brandur's design, django, express, bencher, tower, and endpoints with no
 //!   key at all), a chaos proxy that injects real socket faults, and assertion helpers. Pulls in

@@ -59,6 +59,23 @@ type Lookup =
 /// It runs when an outcome is unknown. It must see what the create did: look an item up by a
 /// name or id the create chose, on a read that does not lag (or use the reconcile engine, which
 /// tolerates lag).
+///
+/// ```
+/// use idempotent_retry::ReadBack;
+///
+/// // The common case: list the collection and find the item by the name the create gave it.
+/// let by_name = ReadBack::find_in_list("https://cloud.example/cvms", "name", "web-1");
+///
+/// // Anything else: an async function of the client.
+/// let by_id = ReadBack::new(|client: reqwest_middleware::ClientWithMiddleware| async move {
+///     let response = client.get("https://cloud.example/cvms/by-name/web-1").send().await?;
+///     if response.status() == 404 {
+///         return Ok(None);
+///     }
+///     Ok(Some(serde_json::from_slice(&response.bytes().await?)?))
+/// });
+/// # let _ = (by_name, by_id);
+/// ```
 #[derive(Clone)]
 pub struct ReadBack(Arc<Lookup>);
 
@@ -299,6 +316,26 @@ pub enum KeySource {
 ///
 /// The client must include the [`IdempotentRetry`](crate::IdempotentRetry) layer: keys travel to
 /// it as [`RequestOptions`]. Use [`Operations::with_layer`] to build one that does.
+///
+/// ```
+/// use idempotent_retry::{IdempotentRetry, Operations, Outcome};
+/// use idempotent_retry::testing::{FakeCloud, ServerProfile};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let cloud = FakeCloud::start(ServerProfile::stripe()).await;
+/// # let api = cloud.uri();
+/// // In production: SqliteJournal::open_default()? keeps keys across runs.
+/// let ops = Operations::with_layer(reqwest::Client::new(), IdempotentRetry::new(), idempotent_retry::MemoryStore::new())
+///     .scope("tenant-42");
+/// let create = || ops.operation("create-cvm/web-1").post(format!("{api}/cvms")).json(&serde_json::json!({"name": "web-1"}));
+///
+/// let first = create().derived_key(1).send().await?;
+/// let again = create().derived_key(1).send().await?; // a re-run: same key, the server replays
+/// assert_eq!((first.outcome, again.outcome), (Outcome::Created, Outcome::Replayed));
+/// assert_eq!(first.identity["id"], again.identity["id"]);
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Operations {
     client: ClientWithMiddleware,

@@ -220,9 +220,8 @@ pub fn headers(values: &[String]) -> Result<reqwest::header::HeaderMap, Exit> {
     Ok(headers)
 }
 
-/// A short, stable hash for default operation names.
-pub fn short_hash(parts: &[&[u8]]) -> String {
-    let method = std::str::from_utf8(parts[0]).unwrap_or("");
-    let url = std::str::from_utf8(parts[1]).unwrap_or("");
-    idempotent_retry::fingerprint(method, url, parts[2])[..12].to_owned()
+/// A short, stable hash of a request, for default operation names: the first 12 hex digits of
+/// its journal [`fingerprint`](idempotent_retry::fingerprint).
+pub fn short_hash(method: &str, url: &str, body: &[u8]) -> String {
+    idempotent_retry::fingerprint(method, url, body)[..12].to_owned()
 }

@@ -99,7 +99,7 @@ async fn ensure(args: EnsureArgs) -> Result<Exit, Exit> {
         format!(
             "ensure-count {} #{}",
             args.collection_url,
-            common::short_hash(&[b"POST", args.collection_url.as_bytes(), &body_bytes])
+            common::short_hash("POST", &args.collection_url, &body_bytes)
         )
     });
     let mut reconciler = Reconciler::new(ops, &args.collection_url, operation)

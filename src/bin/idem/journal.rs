@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use idempotent_retry::{OpState, SqliteJournal, rfc3339};
+use idempotent_retry::{SqliteJournal, rfc3339};
 
 use crate::common::{Exit, Format, fail};
 
@@ -88,8 +88,12 @@ pub fn run(command: JournalCommand) -> Exit {
                             .as_ref()
                             .map_or_else(|| "-".to_owned(), |k| format!("sha256:{}", &k.fingerprint()[..7]));
                         let status = r.status.map_or_else(|| "-".to_owned(), |s| s.to_string());
-                        let state = if r.state == OpState::Pending { "pending" } else { r.state.as_str() };
-                        println!("{state:<10} {status:>6}  {:<20}  {key:<14}  {}", rfc3339(r.updated_at), r.operation);
+                        println!(
+                            "{:<10} {status:>6}  {:<20}  {key:<14}  {}",
+                            r.state.as_str(),
+                            rfc3339(r.updated_at),
+                            r.operation
+                        );
                     }
                 }
             }

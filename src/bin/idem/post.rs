@@ -87,7 +87,7 @@ async fn post(args: PostArgs) -> Result<Exit, Exit> {
     let layer = common::layer(&args.shared.carrier, &args.shared.retry, args.shared.output.quiet)?;
     let (store, journal_path) = common::store(&args.shared.journal)?;
     let ops = common::operations(layer, store, &args.shared.scope, args.shared.retry.retention, headers)?;
-    let name = format!("POST {} #{}", args.url, common::short_hash(&[b"POST", args.url.as_bytes(), &body]));
+    let name = format!("POST {} #{}", args.url, common::short_hash("POST", &args.url, &body));
     let mut op = ops.operation(name).post(&args.url).body(body);
     if json_body {
         op = op.header("content-type", "application/json");

@@ -188,6 +188,8 @@ pub enum OperationError {
         body: Bytes,
         /// Attempts made.
         attempts: u32,
+        /// The key sent, if any.
+        key: Option<IdempotencyKey>,
     },
     /// The request failed (see [`Error`] inside the source for attempts and cause).
     #[error("operation `{operation}` failed{}", if *.may_have_been_applied { "; it may have been applied, and re-running it resumes its key" } else { "; it was not applied" })]
@@ -246,7 +248,9 @@ impl OperationError {
     /// The key the operation was sent with, if known.
     pub fn idempotency_key(&self) -> Option<&IdempotencyKey> {
         match self {
-            OperationError::Failed { key, .. } | OperationError::Unknown { key, .. } => key.as_ref(),
+            OperationError::Failed { key, .. }
+            | OperationError::Unknown { key, .. }
+            | OperationError::Rejected { key, .. } => key.as_ref(),
             _ => None,
         }
     }
@@ -833,6 +837,7 @@ impl<'a> OperationBuilder<'a> {
                 status,
                 body,
                 attempts: record.attempts,
+                key: begun.key.clone(),
             });
         }
         let mut resource = serde_json::from_slice(&body).unwrap_or(Value::Null);

@@ -113,6 +113,18 @@ async fn exit_1_for_a_final_refusal_with_the_body_on_stdout() {
     assert_eq!(run.code(), 1, "{run:?}");
     assert!(run.stdout().contains("no such route"), "{run:?}");
     assert_eq!(cloud.requests().len(), 1, "a 404 is not retried");
+
+    // With --output json the refusal names the key it was sent with.
+    let url = format!("{}/nowhere", cloud.uri());
+    let run = scratch.run(&["post", &url, "--json", "{}", "--output", "json", "--journal", &scratch.journal()]).await;
+    assert_eq!(run.code(), 1, "{run:?}");
+    let out = run.json();
+    assert_eq!(
+        (out["outcome"].as_str(), out["status"].as_u64(), out["attempts"].as_u64()),
+        (Some("rejected"), Some(404), Some(1))
+    );
+    assert_eq!(out["idempotency_key"].as_str().map(str::to_owned), cloud.requests()[1].key, "the key that was sent");
+    assert!(out["idempotency_key"].is_string());
 }
 
 #[tokio::test]

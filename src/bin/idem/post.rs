@@ -134,11 +134,11 @@ async fn post(args: PostArgs) -> Result<Exit, Exit> {
             emit(outcome, done.status.map(|s| s.as_u16()), done.attempts, done.key.as_ref(), replayed, &done.body);
             Ok(Exit::Ok)
         }
-        Err(OperationError::Rejected { status, body, attempts, .. }) => {
+        Err(OperationError::Rejected { status, body, attempts, key, .. }) => {
             if !quiet {
                 eprintln!("idem: the server refused the request with {status}");
             }
-            emit("rejected", Some(status.as_u16()), attempts, None, false, &body);
+            emit("rejected", Some(status.as_u16()), attempts, key.as_ref(), false, &body);
             Ok(Exit::Refused)
         }
         Err(e @ OperationError::IdentityMismatch(_)) => Err(fail(Exit::Refused, e)),

@@ -3,7 +3,7 @@
 //! Every exit code, resume after SIGKILL, the key-reuse refusal, keys from git, a keyless lost
 //! response, Retry-After, ensure-count under faults, and the journal subcommands.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -253,25 +253,13 @@ async fn an_explicit_key_journaled_with_another_body_is_refused() {
     assert_eq!(cloud.created(), 1);
 }
 
-fn git(dir: &Path, args: &[&str]) {
-    let ok = std::process::Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(["-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false"])
-        .args(args)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "git {args:?}");
-}
+#[path = "common/git.rs"]
+mod git_support;
+use git_support::git;
 
 #[tokio::test]
 async fn key_from_git_clean_dirty_and_no_repo() {
-    if std::process::Command::new("git").arg("--version").output().is_err() {
+    if !git_support::available() {
         eprintln!("git is not installed: the no-repository case below still runs");
     }
     let scratch = Scratch::new("git");
@@ -311,10 +299,7 @@ async fn key_from_git_clean_dirty_and_no_repo() {
     std::fs::write(repo.join("app.toml"), "replicas = 3\n").unwrap();
     git(&repo, &["add", "."]);
     git(&repo, &["commit", "-q", "-m", "first"]);
-    let head = String::from_utf8(
-        std::process::Command::new("git").arg("-C").arg(&repo).args(["rev-parse", "HEAD"]).output().unwrap().stdout,
-    )
-    .unwrap();
+    let head = git_support::head(&repo);
 
     // Clean: the HEAD SHA is the key.
     let run = deploy(repo.clone(), r#"{"name":"b"}"#).await;
@@ -327,7 +312,7 @@ async fn key_from_git_clean_dirty_and_no_repo() {
     assert!(run.stderr().contains("uncommitted"), "{run:?}");
 
     let keys = cloud.keys_seen();
-    assert_eq!(keys, [None, Some(head.trim().to_owned()), None]);
+    assert_eq!(keys, [None, Some(head), None]);
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! Keys that outlive the process: a real child process killed with SIGKILL after the server
 //! committed (scenario 14), two processes running one operation, journal failures, git keys.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -187,24 +187,13 @@ async fn a_journal_locked_past_the_timeout_is_a_clear_error_and_nothing_is_sent(
     holder.execute_batch("ROLLBACK").unwrap();
 }
 
-fn git(dir: &Path, args: &[&str]) {
-    let status = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(["-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false"])
-        .args(args)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("git runs");
-    assert!(status.success(), "git {args:?}");
-}
+#[path = "../common/git.rs"]
+mod git_support;
+use git_support::git;
 
 #[tokio::test]
 async fn git_keys_clean_dirty_untracked_and_no_repo() {
-    if Command::new("git").arg("--version").output().is_err() {
+    if !git_support::available() {
         // Without git there is no key, and the reason says so.
         let err = key_from_git(&std::env::temp_dir(), GitKeyMode::CleanOnly).unwrap_err();
         assert!(matches!(err, NoGitKey::GitUnavailable(_)), "{err}");
@@ -218,14 +207,11 @@ async fn git_keys_clean_dirty_untracked_and_no_repo() {
     std::fs::write(repo.join("app.toml"), "replicas = 3\n").unwrap();
     git(&repo, &["add", "."]);
     git(&repo, &["commit", "-q", "-m", "first"]);
-    let head = String::from_utf8(
-        Command::new("git").arg("-C").arg(&repo).args(["rev-parse", "HEAD"]).output().unwrap().stdout,
-    )
-    .unwrap();
+    let head = git_support::head(&repo);
 
     // Clean: the HEAD SHA.
     let clean = key_from_git(&repo, GitKeyMode::CleanOnly).unwrap();
-    assert_eq!(clean.as_str(), head.trim());
+    assert_eq!(clean.as_str(), head);
 
     // Dirty: no key, and why; or a key hashed over the changes, stable while they are.
     std::fs::write(repo.join("app.toml"), "replicas = 5\n").unwrap();

@@ -89,4 +89,6 @@ async fn proxy_faults_as_a_plain_client_sees_them() {
     assert_eq!(cloud.created(), 2);
     assert_eq!((proxy.requests(), proxy.faults_injected()), (5, 4));
     assert_eq!(cloud.requests().len(), 2, "only lose and pass reached the server");
+    let forwarded = proxy.records().iter().filter(|r| r.fault.forwards()).count();
+    assert_eq!(forwarded, cloud.requests().len(), "Fault::forwards says which faults reach the server");
 }

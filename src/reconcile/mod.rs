@@ -456,6 +456,7 @@ impl Reconciler {
                 }
             }
             self.creates.retain(|c| c.id.as_ref().is_none_or(|id| !live_ids.contains(id.as_str())));
+            let mut journal_written = !settled.is_empty();
             for (slot, id) in settled {
                 self.finish_slot(&slot, OpState::Succeeded, Some(&id)).await?;
                 report.created.push(id);
@@ -473,14 +474,15 @@ impl Reconciler {
                 if create.id.is_none() {
                     // Presumed not created: the slot may be used again.
                     self.finish_slot(&create.slot, OpState::Failed, None).await?;
+                    journal_written = true;
                 }
             }
             self.deletes.retain(|d| {
                 live_ids.contains(d.id.as_str()) && now.duration_since(d.since).unwrap_or_default() < self.ttl
             });
             self.seen.extend(live_ids.iter().map(|id| id.to_string()));
-            // Settling wrote to the journal: plan from what it says now.
-            let ledger = self.ledger().await?;
+            // If settling wrote to the journal, plan from what it says now.
+            let ledger = if journal_written { self.ledger().await? } else { ledger };
 
             // Plan.
             let deleting: HashSet<&str> = self.deletes.iter().map(|d| d.id.as_str()).collect();

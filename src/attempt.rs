@@ -1,79 +1,130 @@
-//! One attempt: send down the middleware chain within a timeout, and read error bodies so the
-//! classifier can look inside them.
+//! One attempt: send down the middleware chain and read what must be read, all within the
+//! attempt's time limit, keeping at most a bounded number of body bytes in memory.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{Extensions, HeaderMap, StatusCode, Version};
+use http_body::{Body as HttpBody, Frame, SizeHint};
 use reqwest::{Request, Response, ResponseBuilderExt, Url};
 use reqwest_middleware::Next;
 
 use crate::classify::{AttemptResult, AttemptTimedOut, Delivery, TransportCause, categorize};
 use crate::error::LastAttempt;
+use crate::time::{Sleeper, within};
 
 /// Responses with a status at or above this have their body read before classification.
 const BUFFER_FROM: u16 = 400;
 
+/// What an attempt reads into memory.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Reading {
+    /// Read the body of every response, not only of error responses.
+    pub all_bodies: bool,
+    /// The most body bytes kept in memory.
+    pub max_body: usize,
+}
+
 /// How an attempt ended.
 pub(crate) enum Ended {
-    /// A response whose body is still streaming (status below 400).
+    /// A response whose body is still streaming (status below 400, bodies not read).
     Streaming(Response),
-    /// A response read in full (status 400 or above).
+    /// A response whose body has been read, in full or up to the limit.
     Buffered(Buffered),
     /// A transport failure.
     Failed { error: reqwest_middleware::Error, delivery: Delivery, cause: TransportCause },
 }
 
-/// A response whose body has been read, with everything needed to rebuild it.
+/// A response whose body has been read (up to the limit), with everything needed to rebuild it.
 pub(crate) struct Buffered {
     status: StatusCode,
     version: Version,
     headers: HeaderMap,
     url: Url,
     extensions: Extensions,
+    /// The body, or its first `max_body` bytes.
     body: Bytes,
+    /// The unread rest of a body longer than the limit.
+    rest: Option<Remainder>,
 }
 
-/// Sends `request` down the chain, giving up after `timeout`.
+/// Sends `request` down the chain and reads what `reading` asks for, giving up after `limit`
+/// (measured by `sleeper`). The limit covers the body: a server that sends headers and then
+/// stalls is a timed-out attempt, not a hang.
 pub(crate) async fn run(
     next: Next<'_>,
     request: Request,
     extensions: &mut Extensions,
-    timeout: Option<Duration>,
+    limit: Option<Duration>,
+    sleeper: &dyn Sleeper,
+    reading: Reading,
 ) -> Ended {
-    let sent = next.run(request, extensions);
-    let result = match timeout {
-        Some(limit) => match tokio::time::timeout(limit, sent).await {
-            Ok(result) => result,
-            Err(_) => Err(reqwest_middleware::Error::middleware(AttemptTimedOut(limit))),
-        },
-        None => sent.await,
-    };
-    match result {
-        Ok(response) if response.status().as_u16() >= BUFFER_FROM => Ended::Buffered(Buffered::read(response).await),
-        Ok(response) => Ended::Streaming(response),
-        Err(error) => {
-            let (delivery, cause) = categorize(&error);
-            Ended::Failed { error, delivery, cause }
+    let exchange = async {
+        match next.run(request, extensions).await {
+            Ok(response) if reading.all_bodies || response.status().as_u16() >= BUFFER_FROM => {
+                Buffered::read(response, reading.max_body).await
+            }
+            Ok(response) => Ok(Ended::Streaming(response)),
+            Err(error) => Err(error),
         }
-    }
+    };
+    let result = match within(sleeper, limit, exchange).await {
+        Ok(result) => result,
+        Err(()) => {
+            let limit = limit.expect("only a limit expires");
+            Err(reqwest_middleware::Error::middleware(AttemptTimedOut(limit)))
+        }
+    };
+    result.unwrap_or_else(|error| {
+        let (delivery, cause) = categorize(&error);
+        Ended::Failed { error, delivery, cause }
+    })
 }
 
 impl Buffered {
-    async fn read(mut response: Response) -> Self {
+    /// Reads up to `max_body` bytes of the body. A body cut short is a failed exchange: the
+    /// server answered, so the request may have been applied.
+    async fn read(mut response: Response, max_body: usize) -> Result<Ended, reqwest_middleware::Error> {
+        let mut body = BytesMut::new();
+        let mut leftover = None;
+        while let Some(chunk) = response.chunk().await? {
+            if body.len() + chunk.len() <= max_body {
+                body.extend_from_slice(&chunk);
+                continue;
+            }
+            // Keep what fits; the remainder reaches the caller unread.
+            let fits = max_body - body.len();
+            body.extend_from_slice(&chunk[..fits]);
+            leftover = Some(chunk.slice(fits..));
+            break;
+        }
         let status = response.status();
         let version = response.version();
-        let headers = std::mem::take(response.headers_mut());
         let url = response.url().clone();
+        let headers = std::mem::take(response.headers_mut());
         let extensions = std::mem::take(response.extensions_mut());
-        // The status is what matters; a body cut short (the connection dropped mid-way) is kept
-        // as far as it is known, which for classification is "empty".
-        let body = response.bytes().await.unwrap_or_default();
-        Self { status, version, headers, url, extensions, body }
+        let rest = leftover.map(|head| Remainder { head: Some(head), body: reqwest::Body::from(response) });
+        Ok(Ended::Buffered(Buffered { status, version, headers, url, extensions, body: body.freeze(), rest }))
     }
 
-    /// The response again, with the body it had.
+    /// The response status.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// Whether the body was longer than the limit (only its first bytes were read).
+    pub(crate) fn is_truncated(&self) -> bool {
+        self.rest.is_some()
+    }
+
+    /// The response again: the body read, followed by whatever was left unread.
     pub(crate) fn into_response(self) -> Response {
+        let body = match self.rest {
+            None => reqwest::Body::from(self.body),
+            Some(rest) => reqwest::Body::wrap(Remainder { head: Some(self.body), body: reqwest::Body::wrap(rest) }),
+        };
         let mut builder = http::Response::builder().status(self.status).version(self.version).url(self.url);
         if let Some(headers) = builder.headers_mut() {
             *headers = self.headers;
@@ -81,7 +132,36 @@ impl Buffered {
         if let Some(extensions) = builder.extensions_mut() {
             extensions.extend(self.extensions);
         }
-        Response::from(builder.body(self.body).expect("parts taken from a valid response"))
+        Response::from(builder.body(body).expect("parts taken from a valid response"))
+    }
+}
+
+/// Bytes already read, then the rest of a body.
+struct Remainder {
+    head: Option<Bytes>,
+    body: reqwest::Body,
+}
+
+impl HttpBody for Remainder {
+    type Data = Bytes;
+    type Error = reqwest::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(head) = self.head.take().filter(|h| !h.is_empty()) {
+            return Poll::Ready(Some(Ok(Frame::data(head))));
+        }
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let head = self.head.as_ref().map_or(0, |h| h.len() as u64);
+        let inner = self.body.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + head);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + head);
+        }
+        hint
     }
 }
 
@@ -127,7 +207,7 @@ impl Ended {
         }
     }
 
-    /// The attempt as the last one of a failure.
+    /// The attempt as the last one of a failure (a body's unread rest is dropped).
     pub(crate) fn into_last(self) -> LastAttempt {
         match self {
             Ended::Streaming(r) => {

@@ -84,6 +84,22 @@ pub enum Error {
     #[error("the request body is a stream and could not be replayed, so the request was not retried")]
     NotReplayable(#[source] Box<Failure>),
 
+    /// The caller asked for the response body in memory ([`RequestOptions::buffer_body`]) and
+    /// it is longer than the layer's limit
+    /// ([`max_body`](crate::IdempotentRetryBuilder::max_body)). The first `limit` bytes are in
+    /// the failure; the rest was not read. An answer other than a 4xx may mean the request took
+    /// effect.
+    ///
+    /// [`RequestOptions::buffer_body`]: crate::RequestOptions::buffer_body
+    #[error("the response body is longer than the {limit}-byte limit, so it was not read to the end")]
+    ResponseTooLarge {
+        /// The limit in force, in bytes.
+        limit: usize,
+        /// The attempts; the last one holds the body's first `limit` bytes.
+        #[source]
+        failure: Box<Failure>,
+    },
+
     /// A transport failure the engine does not retry (e.g. a redirect loop or an error from
     /// another middleware).
     #[error("request failed after {attempts}", attempts = attempts(.0))]
@@ -138,7 +154,8 @@ impl Error {
             | Error::KeyReuse(f)
             | Error::ReplayedFailure(f)
             | Error::NotReplayable(f)
-            | Error::Transport(f) => Some(f),
+            | Error::Transport(f)
+            | Error::ResponseTooLarge { failure: f, .. } => Some(f),
         }
     }
 

@@ -24,8 +24,9 @@
 //!    is an error and nothing is sent) and put in a header or a JSON body field. The body bytes
 //!    are pinned: every attempt sends the same bytes and the same key.
 //! 2. **Attempt**: sent down the chain within the per-attempt timeout, clipped to the deadline.
-//!    Error responses (status ≥ 400) are read in full so they can be classified; the caller
-//!    still gets the whole response.
+//!    Error responses (status ≥ 400) are read so they can be classified, within that timeout and
+//!    up to the [body limit](IdempotentRetryBuilder::max_body) (8 MiB); the caller still gets the
+//!    whole response. [`RequestOptions::buffer_body`] has every body read that way.
 //! 3. **Classify** ([`Classifier`], [`DefaultClassifier`]): done, retry (and whether it may have
 //!    been applied), or key reuse. Replays are recognised by [`ReplayDetector`].
 //! 4. **Decide**: attempts left, `Retry-After` as a floor under the [backoff](ExponentialBackoff)

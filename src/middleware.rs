@@ -10,7 +10,7 @@ use reqwest_middleware::{Middleware, Next};
 use tracing::Instrument;
 use tracing::field::Empty;
 
-use crate::attempt::{self, Ended};
+use crate::attempt::{self, Ended, Reading};
 use crate::budget::{RetryBudget, Withdrawal};
 use crate::carrier::KeyCarrier;
 use crate::classify::{AttemptContext, Classifier, DefaultClassifier, RetryKind, TransportCause, Verdict};
@@ -55,6 +55,7 @@ struct Config {
     carrier: KeyCarrier,
     keyed_methods: Vec<Method>,
     max_key_len: usize,
+    max_body: usize,
     budget: Option<Arc<RetryBudget>>,
     classifier: Arc<dyn Classifier>,
     replay: ReplayDetector,
@@ -91,6 +92,7 @@ impl std::fmt::Debug for Config {
             .field("carrier", &self.carrier)
             .field("keyed_methods", &self.keyed_methods)
             .field("max_key_len", &self.max_key_len)
+            .field("max_body", &self.max_body)
             .field("budget", &self.budget)
             .field("replay", &self.replay)
             .finish_non_exhaustive()
@@ -104,6 +106,10 @@ pub struct IdempotentRetryBuilder {
 }
 
 impl IdempotentRetry {
+    /// The most bytes of one response body the layer keeps in memory unless told otherwise:
+    /// 8 MiB. See [`IdempotentRetryBuilder::max_body`].
+    pub const DEFAULT_MAX_BODY: usize = 8 << 20;
+
     /// The layer with every default: [`RetryPolicy::standard`], the `Idempotency-Key` header,
     /// keys on POST and PATCH, a fresh [`RetryBudget`], [`DefaultClassifier`],
     /// [`ReplayDetector::standard`], the system clock, tokio's timer, and jitter seeded from the
@@ -120,6 +126,7 @@ impl IdempotentRetry {
                 carrier: KeyCarrier::standard(),
                 keyed_methods: vec![Method::POST, Method::PATCH],
                 max_key_len: DEFAULT_MAX_KEY_LEN,
+                max_body: IdempotentRetry::DEFAULT_MAX_BODY,
                 budget: Some(Arc::new(RetryBudget::new())),
                 classifier: Arc::new(DefaultClassifier),
                 replay: ReplayDetector::standard(),
@@ -167,6 +174,19 @@ impl IdempotentRetryBuilder {
     /// by the caller are refused before sending.
     pub fn max_key_len(mut self, max: usize) -> Self {
         self.config.max_key_len = max;
+        self
+    }
+
+    /// The most bytes of one response body the layer reads into memory (default
+    /// [`IdempotentRetry::DEFAULT_MAX_BODY`], 8 MiB).
+    ///
+    /// The layer reads error bodies (status 400 and above) so the classifier can look inside
+    /// them, and every body of a request sent with [`RequestOptions::buffer_body`]. An error
+    /// body longer than this is classified on its first `max` bytes and handed to the caller
+    /// with the rest unread; a body the caller asked to have buffered fails the request with
+    /// [`Error::ResponseTooLarge`].
+    pub fn max_body(mut self, max: usize) -> Self {
+        self.config.max_body = max;
         self
     }
 
@@ -332,8 +352,10 @@ impl Config {
                 delay_ms = Empty,
                 replayed = Empty
             );
-            let ended =
-                attempt::run(next.clone(), attempt_request, extensions, timeout).instrument(attempt_span.clone()).await;
+            let reading = Reading { all_bodies: options.is_buffered(), max_body: self.max_body };
+            let ended = attempt::run(next.clone(), attempt_request, extensions, timeout, &*self.sleeper, reading)
+                .instrument(attempt_span.clone())
+                .await;
 
             // Classify.
             let replayed = match (ended.status(), ended.headers()) {
@@ -352,7 +374,8 @@ impl Config {
             // Decide.
             let kind = match verdict {
                 Verdict::Done => {
-                    return self.finish(ended, run, replayed, budget_host(&template), withdrawal, &request_span);
+                    let host = budget_host(&template);
+                    return self.finish(ended, run, replayed, host, withdrawal, options, &request_span);
                 }
                 Verdict::KeyReuse => {
                     request_span.record("outcome", "key_reuse");
@@ -453,17 +476,28 @@ impl Config {
     }
 
     /// Hands a final answer to the caller, with the outcome record attached.
+    #[allow(clippy::too_many_arguments)]
     fn finish(
         &self,
         ended: Ended,
-        run: Run,
+        mut run: Run,
         replayed: bool,
         host: &str,
         withdrawal: Option<Withdrawal>,
+        options: &RequestOptions,
         span: &tracing::Span,
     ) -> Result<Response, Error> {
         let mut response = match ended {
             Ended::Streaming(response) => response,
+            Ended::Buffered(buffered) if options.is_buffered() && buffered.is_truncated() => {
+                // The caller asked for the whole body in memory, and it does not fit. An answer
+                // that is not a refusal may mean the request took effect.
+                let status = buffered.status();
+                run.may_have_been_applied |= !status.is_client_error();
+                span.record("outcome", "response_too_large");
+                let failure = run.failure(Ended::Buffered(buffered));
+                return Err(Error::ResponseTooLarge { limit: self.max_body, failure });
+            }
             Ended::Buffered(buffered) => buffered.into_response(),
             failed @ Ended::Failed { .. } => {
                 span.record("outcome", "transport_error");

@@ -96,7 +96,8 @@ impl ReadBack {
         Self::new(move |client: ClientWithMiddleware| {
             let (url, field, value) = (url.clone(), field.clone(), value.clone());
             async move {
-                let response = client.get(&url).send().await?.error_for_status()?;
+                let request = client.get(&url).with_extension(RequestOptions::new().buffer_body());
+                let response = request.send().await?.error_for_status()?;
                 let list: Value = serde_json::from_slice(&response.bytes().await?)?;
                 Ok(items(&list).and_then(|items| items.iter().find(|item| item.get(&field) == Some(&value)).cloned()))
             }
@@ -759,9 +760,12 @@ impl<'a> OperationBuilder<'a> {
         url: &str,
         key: Option<&IdempotencyKey>,
     ) -> reqwest_middleware::Result<reqwest::Response> {
+        // The answer is read within the attempt: a body that stalls or is cut short is a lost
+        // answer (retried with the key), and its size is bounded.
+        let options = RequestOptions::new().buffer_body();
         let mut options = match key {
-            Some(key) => RequestOptions::new().key(key.clone()),
-            None => RequestOptions::new().no_key(),
+            Some(key) => options.key(key.clone()),
+            None => options.no_key(),
         };
         if let Some(policy) = &self.policy {
             options = options.policy(policy.clone());

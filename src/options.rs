@@ -31,6 +31,7 @@ pub struct RequestOptions {
     no_key: bool,
     policy: Option<RetryPolicy>,
     no_retry: bool,
+    buffer_body: bool,
 }
 
 impl RequestOptions {
@@ -62,6 +63,24 @@ impl RequestOptions {
     pub fn no_retry(mut self) -> Self {
         self.no_retry = true;
         self
+    }
+
+    /// Has the layer read the whole response body into memory within the attempt, up to its
+    /// [`max_body`](crate::IdempotentRetryBuilder::max_body) limit.
+    ///
+    /// The attempt's time limit then covers the body: a server that sends its headers and
+    /// stalls, or cuts the body short, fails the attempt (retried as a lost response when the
+    /// request is keyed or idempotent) instead of leaving the caller waiting. A body over the
+    /// limit fails the request with [`Error::ResponseTooLarge`]. Reading the body afterwards
+    /// (`response.bytes()`) is then immediate.
+    pub fn buffer_body(mut self) -> Self {
+        self.buffer_body = true;
+        self
+    }
+
+    /// Whether [`buffer_body`](Self::buffer_body) is on.
+    pub fn is_buffered(&self) -> bool {
+        self.buffer_body
     }
 
     /// The explicit key, if any.

@@ -5,14 +5,21 @@
 //! [`RecordingSleeper`] that advances it, so a test can assert `delays == [1s, 2s]` without
 //! waiting, and deadline logic still sees time pass.
 //!
-//! Per-attempt I/O timeouts are real timers on real sockets and are not part of this seam:
-//! never pause tokio's clock around real sockets, because a paused clock jumps forward whenever
-//! the runtime is idle and every I/O timeout then fires at once.
+//! A sleeper does two jobs. [`Sleeper::sleep`] is a wait the engine chooses (a backoff, a
+//! `Retry-After`, a poll interval): a recording sleeper returns at once and moves the manual
+//! clock. [`Sleeper::timeout`] is a limit on something else (an attempt, a body read): it fires
+//! when the clock gets there, and a recording sleeper lets the manual clock decide, so a test
+//! (or [`ChaosProxy`](crate::testing::ChaosProxy) in time-travel mode) makes an attempt time
+//! out by advancing the clock, without waiting and without racing real timers.
+//!
+//! Never pause tokio's clock around real sockets instead: a paused clock jumps forward whenever
+//! the runtime is idle, and every I/O timeout then fires at once.
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A future returned by a [`Sleeper`].
@@ -56,8 +63,14 @@ pub trait Clock: Send + Sync + fmt::Debug {
 /// # }
 /// ```
 pub trait Sleeper: Send + Sync + fmt::Debug {
-    /// A future that completes after `duration`.
+    /// A wait the caller chose: a future that completes after `duration` (a backoff, a
+    /// `Retry-After`, a poll interval).
     fn sleep(&self, duration: Duration) -> Sleep;
+
+    /// A limit on something else: a future that completes once `limit` has passed, raced
+    /// against an attempt or a body read. A real sleeper sleeps; a test sleeper lets its clock
+    /// decide (see [`RecordingSleeper`]), or never fires.
+    fn timeout(&self, limit: Duration) -> Sleep;
 }
 
 /// The real wall clock.
@@ -78,41 +91,138 @@ impl Sleeper for TokioSleeper {
     fn sleep(&self, duration: Duration) -> Sleep {
         Box::pin(tokio::time::sleep(duration))
     }
+
+    fn timeout(&self, limit: Duration) -> Sleep {
+        self.sleep(limit)
+    }
 }
 
 /// A clock that moves only when told to. Clones share the same time.
-#[derive(Debug, Clone)]
+///
+/// Futures from [`at`](Self::at) complete when the clock reaches their time, however it gets
+/// there: [`advance`](Self::advance), [`set`](Self::set), or a [`RecordingSleeper`] moving it.
+#[derive(Clone)]
 pub struct ManualClock {
-    now: Arc<Mutex<SystemTime>>,
+    state: Arc<Mutex<Manual>>,
+}
+
+struct Manual {
+    now: SystemTime,
+    /// Wakers of [`ManualClock::at`] futures still waiting, by future, with their times.
+    waiting: std::collections::HashMap<u64, (SystemTime, Waker)>,
+    next_id: u64,
+}
+
+impl fmt::Debug for ManualClock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = lock(&self.state);
+        f.debug_struct("ManualClock").field("now", &state.now).field("waiting", &state.waiting.len()).finish()
+    }
 }
 
 impl ManualClock {
     /// A clock stopped at `start`.
     pub fn new(start: SystemTime) -> Self {
-        Self { now: Arc::new(Mutex::new(start)) }
+        Self { state: Arc::new(Mutex::new(Manual { now: start, waiting: Default::default(), next_id: 0 })) }
     }
 
-    /// Moves the clock forward.
+    /// Moves the clock forward, completing the [`at`](Self::at) futures it passes.
     pub fn advance(&self, by: Duration) {
-        *lock(&self.now) += by;
+        let state = lock(&self.state);
+        let to = state.now + by;
+        Self::move_to(state, to);
     }
 
-    /// Sets the clock to `to`.
+    /// Sets the clock to `to`, completing the [`at`](Self::at) futures it reaches.
     pub fn set(&self, to: SystemTime) {
-        *lock(&self.now) = to;
+        Self::move_to(lock(&self.state), to);
+    }
+
+    fn move_to(mut state: std::sync::MutexGuard<'_, Manual>, to: SystemTime) {
+        state.now = to;
+        let due: Vec<u64> = state.waiting.iter().filter(|(_, (at, _))| *at <= to).map(|(id, _)| *id).collect();
+        let wakers: Vec<Waker> = due.iter().filter_map(|id| state.waiting.remove(id)).map(|(_, w)| w).collect();
+        drop(state);
+        for waker in wakers {
+            waker.wake();
+        }
+    }
+
+    /// A future that completes when this clock reads `at` or later.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use idempotent_retry::ManualClock;
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let clock = ManualClock::new(SystemTime::UNIX_EPOCH);
+    /// let later = clock.at(SystemTime::UNIX_EPOCH + Duration::from_secs(5));
+    /// let mover = clock.clone();
+    /// tokio::spawn(async move { mover.advance(Duration::from_secs(5)) });
+    /// later.await; // returns once the clock was moved, without waiting five seconds
+    /// # });
+    /// ```
+    pub fn at(&self, at: SystemTime) -> Sleep {
+        let id = {
+            let mut state = lock(&self.state);
+            state.next_id += 1;
+            state.next_id
+        };
+        Box::pin(ClockReaches { clock: self.clone(), at, id })
+    }
+
+    /// Futures from [`at`](Self::at) not yet completed (for tests that wait until something is
+    /// waiting on the clock before they move it).
+    pub fn waiting(&self) -> usize {
+        lock(&self.state).waiting.len()
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> SystemTime {
-        *lock(&self.now)
+        lock(&self.state).now
+    }
+}
+
+struct ClockReaches {
+    clock: ManualClock,
+    at: SystemTime,
+    id: u64,
+}
+
+impl Future for ClockReaches {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut state = lock(&self.clock.state);
+        if state.now >= self.at {
+            return Poll::Ready(());
+        }
+        match state.waiting.get_mut(&self.id) {
+            Some((_, waker)) if waker.will_wake(cx.waker()) => {}
+            _ => {
+                state.waiting.insert(self.id, (self.at, cx.waker().clone()));
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for ClockReaches {
+    fn drop(&mut self) {
+        // A future dropped before its time (the attempt finished first) leaves no waker behind.
+        lock(&self.clock.state).waiting.remove(&self.id);
     }
 }
 
 /// A sleeper that records every requested delay and returns at once. Clones share the record.
 ///
 /// Built with [`advancing`](Self::advancing), it also moves a [`ManualClock`] forward by each
-/// delay, so deadline checks behave as if the time had really passed.
+/// delay, so deadline checks behave as if the time had really passed, and its
+/// [timeouts](Sleeper::timeout) fire when that clock reaches them: an attempt times out when
+/// the test (or a time-travelling [`ChaosProxy`](crate::testing::ChaosProxy)) moves the clock
+/// past its limit, never by accident of a slow machine. Built with [`new`](Self::new), it has
+/// no clock and its timeouts never fire.
 #[derive(Debug, Clone, Default)]
 pub struct RecordingSleeper {
     delays: Arc<Mutex<Vec<Duration>>>,
@@ -150,6 +260,35 @@ impl Sleeper for RecordingSleeper {
         // Yield once so a sleep is still a scheduling point, as a real one would be.
         Box::pin(tokio::task::yield_now())
     }
+
+    fn timeout(&self, limit: Duration) -> Sleep {
+        match &self.clock {
+            Some(clock) => match clock.now().checked_add(limit) {
+                Some(at) => clock.at(at),
+                None => Box::pin(std::future::pending()),
+            },
+            None => Box::pin(std::future::pending()),
+        }
+    }
+}
+
+/// `future`, unless `limit` passes first on `sleeper`'s clock (`Err(())`). No limit: `future`.
+pub(crate) async fn within<F: Future>(
+    sleeper: &dyn Sleeper,
+    limit: Option<Duration>,
+    future: F,
+) -> Result<F::Output, ()> {
+    let Some(limit) = limit else { return Ok(future.await) };
+    // The limit starts now, before the future first runs (before a request is sent).
+    let mut timer = sleeper.timeout(limit);
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(output) = future.as_mut().poll(cx) {
+            return Poll::Ready(Ok(output));
+        }
+        timer.as_mut().poll(cx).map(Err)
+    })
+    .await
 }
 
 /// A time as RFC 3339 in UTC, to the second: `2026-11-22T00:00:07Z`. Journal records, fixture
@@ -193,6 +332,32 @@ mod tests {
         assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_305_607)), "2026-11-22T00:00:07Z");
         assert_eq!(rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00Z");
+    }
+
+    #[tokio::test]
+    async fn limits_fire_when_the_manual_clock_gets_there() {
+        let clock = ManualClock::new(SystemTime::UNIX_EPOCH);
+        let sleeper = RecordingSleeper::advancing(&clock);
+        // Done before the limit: the limit's waker is gone with it.
+        assert_eq!(within(&sleeper, Some(Duration::from_secs(1)), async { 7 }).await, Ok(7));
+        assert_eq!(clock.waiting(), 0);
+        // Not done: the limit fires once the clock is moved past it, and not before.
+        let mover = clock.clone();
+        let moved = tokio::spawn(async move {
+            while mover.waiting() == 0 {
+                tokio::task::yield_now().await;
+            }
+            mover.advance(Duration::from_millis(999));
+            tokio::task::yield_now().await;
+            let early = mover.waiting();
+            mover.advance(Duration::from_millis(1));
+            early
+        });
+        assert_eq!(within(&sleeper, Some(Duration::from_secs(1)), std::future::pending::<()>()).await, Err(()));
+        assert_eq!(moved.await.unwrap(), 1, "still waiting at 999 ms");
+        assert!(sleeper.delays().is_empty(), "limits are not recorded as delays");
+        // No limit: the future alone.
+        assert_eq!(within(&sleeper, None, async { 1 }).await, Ok(1));
     }
 
     #[tokio::test]

@@ -438,3 +438,62 @@ async fn help_shows_examples_and_exit_codes() {
     let run = scratch.run(&["post", "--help"]).await;
     assert!(run.stdout().contains("Exit codes:") && run.stdout().contains("3  the outcome is unknown"));
 }
+
+/// A raw HTTP server that answers every request with `status`, a `content-length` of 1000 and
+/// only the first 10 bytes of the body, then holds the connection open.
+async fn stalling_server(status: u16) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = requests.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let head =
+                    format!("HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n");
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(br#"{"id":"cv"#).await;
+                // Hold the connection until the client hangs up.
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (url, requests)
+}
+
+/// Defect: a body that stalls after the headers hung `idem post` forever, whatever its deadline.
+/// The attempt timeout covers the body, and the deadline ends the run.
+#[tokio::test]
+async fn a_stalled_body_ends_at_the_deadline_instead_of_hanging() {
+    for status in [503, 201] {
+        let scratch = Scratch::new(&format!("stall-{status}"));
+        let (url, requests) = stalling_server(status).await;
+        let args = ["post", &url, "--json", "{}", "--deadline", "3", "--attempt-timeout", "1", "--no-journal"];
+
+        let mut child = scratch.command(&args).spawn().unwrap();
+        let exited = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+        let Ok(status_code) = exited else {
+            child.kill().await.unwrap();
+            panic!("{status}: idem post was still running after 30 s against a stalled body");
+        };
+
+        assert_eq!(status_code.unwrap().code(), Some(3), "{status}: outcome unknown, not a hang");
+        assert!(requests.load(std::sync::atomic::Ordering::SeqCst) >= 2, "{status}: retried with its key");
+    }
+}

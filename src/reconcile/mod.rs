@@ -46,6 +46,7 @@ pub use report::ReconcileReport;
 use crate::error::Error;
 use crate::journal::{Finish, OpState, Record};
 use crate::operation::{IdentityMismatch, OperationError, Operations, items};
+use crate::options::RequestOptions;
 use crate::outcome::RetryOutcome;
 use crate::time::{Clock, Sleeper, SystemClock, TokioSleeper};
 
@@ -596,7 +597,8 @@ impl Reconciler {
 
     /// Lists the collection: `(id, item)` for each item.
     async fn list(&self, report: &mut ReconcileReport) -> Result<Vec<(String, Value)>, Listing> {
-        let result = self.ops.client().get(&self.collection).send().await;
+        let result =
+            self.ops.client().get(&self.collection).with_extension(RequestOptions::new().buffer_body()).send().await;
         report.requests += attempts(&result);
         let response = match result {
             Ok(response) => response,

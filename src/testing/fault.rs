@@ -30,6 +30,18 @@ pub enum Fault {
     /// Forward it, let the server answer (and commit), then hold the answer this long before
     /// relaying it: the window in which a client can crash after the server committed.
     HoldResponse(Duration),
+    /// Forward it, let the server answer (and commit), relay the answer's head and half its
+    /// body, then stall: nothing more is sent until the client hangs up (or this long has
+    /// passed, when the proxy closes the connection).
+    StallBody(Duration),
+    /// Answer with this status and a body of this many bytes (chunked, generated as it is sent,
+    /// never held in memory), without forwarding: a hostile or broken server.
+    HugeBody {
+        /// The status to answer with.
+        status: u16,
+        /// The body's length in bytes.
+        len: u64,
+    },
 }
 
 impl Fault {
@@ -50,7 +62,7 @@ impl Fault {
 
     /// Whether the request reaches the server under this fault.
     pub fn forwards(&self) -> bool {
-        matches!(self, Fault::Pass | Fault::Lose | Fault::Delay(_) | Fault::HoldResponse(_))
+        matches!(self, Fault::Pass | Fault::Lose | Fault::Delay(_) | Fault::HoldResponse(_) | Fault::StallBody(_))
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -18,7 +18,7 @@ use super::fault::{Fault, RetryAfter, Schedule};
 use super::http1::{Message, read_request, read_response};
 use super::profile::ServerProfile;
 use super::store::{KeyRead, read_key};
-use crate::time::{Clock, SystemClock, lock};
+use crate::time::{Clock, ManualClock, SystemClock, lock};
 
 /// A request as the proxy received it from the client, and the fault it met.
 #[derive(Debug, Clone)]
@@ -56,6 +56,8 @@ struct Shared {
     schedule: Mutex<Schedule>,
     only: Option<Method>,
     clock: Arc<dyn Clock>,
+    /// Time-travel mode: faults that take time move this clock instead of waiting.
+    travel: Option<ManualClock>,
     log: Mutex<Vec<ProxyRecord>>,
     /// Requests held or being forwarded right now.
     pending: AtomicUsize,
@@ -100,6 +102,7 @@ pub struct ChaosProxyBuilder {
     schedule: Schedule,
     only: Option<Method>,
     clock: Option<Arc<dyn Clock>>,
+    travel: Option<ManualClock>,
 }
 
 impl ChaosProxyBuilder {
@@ -121,6 +124,22 @@ impl ChaosProxyBuilder {
         self
     }
 
+    /// Time-travel mode: faults that take time ([`Delay`](Fault::Delay),
+    /// [`HoldResponse`](Fault::HoldResponse), [`StallBody`](Fault::StallBody)) move `clock`
+    /// forward by their duration instead of waiting in real time, and `Retry-After` dates are
+    /// computed from it.
+    ///
+    /// With a client whose sleeper is a [`RecordingSleeper::advancing`] the same clock, an
+    /// attempt whose time limit such a fault passes times out at once, deterministically: no
+    /// real timer races a slow machine.
+    ///
+    /// [`RecordingSleeper::advancing`]: crate::time::RecordingSleeper::advancing
+    pub fn time_travel(mut self, clock: ManualClock) -> Self {
+        self.clock = Some(Arc::new(clock.clone()));
+        self.travel = Some(clock);
+        self
+    }
+
     /// Starts listening on a loopback port.
     pub async fn start(self) -> ChaosProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
@@ -130,6 +149,7 @@ impl ChaosProxyBuilder {
             schedule: Mutex::new(self.schedule),
             only: self.only,
             clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
+            travel: self.travel,
             log: Mutex::default(),
             pending: AtomicUsize::new(0),
         });
@@ -151,7 +171,7 @@ impl ChaosProxy {
 
     /// A builder for a proxy in front of `upstream`.
     pub fn builder(upstream: SocketAddr) -> ChaosProxyBuilder {
-        ChaosProxyBuilder { upstream, schedule: Schedule::pass(), only: None, clock: None }
+        ChaosProxyBuilder { upstream, schedule: Schedule::pass(), only: None, clock: None, travel: None }
     }
 
     /// `http://127.0.0.1:port`: send requests here instead of to the server.
@@ -211,10 +231,26 @@ async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
         let keep_open = match fault {
             Fault::Pass => pass(&mut client, &shared, &request, Duration::ZERO).await,
             Fault::Delay(hold) => {
-                tokio::time::sleep(hold).await;
+                shared.pass_time(hold).await;
                 pass(&mut client, &shared, &request, Duration::ZERO).await
             }
             Fault::HoldResponse(hold) => pass(&mut client, &shared, &request, hold).await,
+            Fault::StallBody(stall) => {
+                if let Ok(response) = forward(&shared, &request).await {
+                    let head = response.raw.windows(4).position(|w| w == b"\r\n\r\n").map_or(0, |i| i + 4);
+                    let half = head + (response.raw.len() - head) / 2;
+                    if client.write_all(&response.raw[..half]).await.is_ok() {
+                        shared.pass_time(stall).await;
+                        let wait = if shared.travel.is_some() { SAFETY } else { stall };
+                        hang_up_or(&mut client, wait).await;
+                    }
+                }
+                false
+            }
+            Fault::HugeBody { status, len } => {
+                let _ = huge(&mut client, status, len).await;
+                false
+            }
             Fault::Lose => {
                 // Let the server answer (and commit), then throw the answer away.
                 let _ = forward(&shared, &request).await;
@@ -251,14 +287,62 @@ impl Drop for Pending<'_> {
     }
 }
 
+impl Shared {
+    /// Lets `duration` pass: moves the time-travel clock, or waits in real time.
+    async fn pass_time(&self, duration: Duration) {
+        match &self.travel {
+            Some(clock) => {
+                clock.advance(duration);
+                // Let whoever the move woke (an attempt timing out) run before going on.
+                tokio::task::yield_now().await;
+            }
+            None if duration.is_zero() => {}
+            None => tokio::time::sleep(duration).await,
+        }
+    }
+}
+
+/// How long a time-travelling proxy waits, in real time, for a client to hang up after the
+/// clock passed its limit: only a client with a longer limit (or none) waits this long.
+const SAFETY: Duration = Duration::from_secs(5);
+
+/// Waits until the client closes its side of the connection, or `at_most` passes.
+async fn hang_up_or(client: &mut TcpStream, at_most: Duration) {
+    let mut buf = [0u8; 1024];
+    let _ = tokio::time::timeout(at_most, async {
+        while let Ok(n) = client.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Answers with `status` and a chunked body of `len` bytes, made as it is sent.
+async fn huge(client: &mut TcpStream, status: u16, len: u64) -> std::io::Result<()> {
+    let reason = http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("Huge");
+    let head = format!("HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n");
+    client.write_all(head.as_bytes()).await?;
+    const CHUNK: usize = 64 * 1024;
+    let block = vec![b'x'; CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        client.write_all(format!("{n:x}\r\n").as_bytes()).await?;
+        client.write_all(&block[..n]).await?;
+        client.write_all(b"\r\n").await?;
+        left -= n as u64;
+    }
+    client.write_all(b"0\r\n\r\n").await
+}
+
 /// Forwards and relays the answer, `hold` after it arrived; whether the client connection stays
 /// open.
 async fn pass(client: &mut TcpStream, shared: &Shared, request: &Message, hold: Duration) -> bool {
     match forward(shared, request).await {
         Ok(response) => {
-            if !hold.is_zero() {
-                tokio::time::sleep(hold).await;
-            }
+            shared.pass_time(hold).await;
             client.write_all(&response.raw).await.is_ok() && !response.close && !request.close
         }
         Err(_) => {

@@ -4,9 +4,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use idempotent_retry::testing::{CacheErrors, Fault, Schedule, ServerProfile};
 use idempotent_retry::{Error, RequestOptions, RetryOutcome, Sleep, Sleeper};
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::support::*;
 
@@ -90,6 +89,10 @@ impl Sleeper for StartServerOnFirstSleep {
             }
         })
     }
+
+    fn timeout(&self, _: Duration) -> Sleep {
+        Box::pin(std::future::pending())
+    }
 }
 
 #[tokio::test]
@@ -127,45 +130,36 @@ async fn refused_throughout_is_exhausted_and_not_applied() {
     assert_eq!(time.delays().len(), 2);
 }
 
+/// The first attempt is held longer than the attempt timeout (on the injected clock: the proxy
+/// moves it, the client's timer fires, nothing waits in real time).
 #[tokio::test]
 async fn attempt_timeout_is_retried_with_the_same_key() {
-    // Real timers: the first response is held back longer than the attempt timeout.
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(201).set_delay(Duration::from_secs(5)))
-        .up_to_n_times(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST")).respond_with(ResponseTemplate::new(201)).mount(&server).await;
-    let time = Time::new();
-    let client = client(time.layer().policy(fast_policy().attempt_timeout(Duration::from_millis(500))));
+    let policy = fast_policy().attempt_timeout(ms(500));
+    let rig = Rig::with_policy(ServerProfile::stripe(), Schedule::script([Fault::Delay(ms(1000))]), policy).await;
 
-    let response = client.post(server.uri()).body("{}").send().await.unwrap();
+    let response = rig.create("web-1").await.unwrap();
+    rig.proxy.settle().await;
 
     assert_eq!(response.status(), 201);
-    // At least the held-back attempt and one more (a slow machine may time out more than once).
-    let attempts = RetryOutcome::of(&response).unwrap().attempts;
-    assert!(attempts >= 2, "{attempts}");
-    let keys = keys_seen(&server, "idempotency-key").await;
-    assert_eq!(keys.len(), attempts as usize);
-    one_key(&keys);
+    assert_eq!(RetryOutcome::of(&response).unwrap().attempts, 2, "one timeout, one retry");
+    assert_eq!(rig.time.delays(), [ms(100)]);
+    rig.one_key_per_name();
+    assert_eq!(rig.cloud.created_named("web-1"), 1, "the late first attempt and the retry: one CVM");
 }
 
 #[tokio::test]
 async fn keyless_attempt_timeout_is_an_unknown_outcome() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(201).set_delay(Duration::from_secs(5)))
-        .mount(&server)
-        .await;
-    let client = client(Time::new().layer().policy(fast_policy().attempt_timeout(Duration::from_millis(200))));
+    let policy = fast_policy().attempt_timeout(ms(200));
+    let rig = Rig::with_policy(ServerProfile::no_keys(), Schedule::script([Fault::Delay(ms(1000))]), policy).await;
 
-    let err =
-        client.post(server.uri()).body("{}").with_extension(RequestOptions::new().no_key()).send().await.unwrap_err();
+    let err = rig.create_keyless("web-1").await.unwrap_err();
+    rig.proxy.settle().await;
 
     let err = Error::find(&err).unwrap();
     assert!(err.is_outcome_unknown(), "{err}");
-    assert_eq!(requests_seen(&server).await, 1);
+    assert_eq!(err.attempts(), 1);
+    assert_eq!(rig.attempts(), 1, "never resent");
+    assert_eq!(rig.cloud.created_named("web-1"), 1, "it arrived late, and was applied");
 }
 
 #[tokio::test]
@@ -178,4 +172,90 @@ async fn idempotent_get_is_retried_after_a_reset_without_a_key() {
     assert_eq!(response.status(), 201);
     assert_eq!(server.requests().len(), 2);
     assert!(server.requests().iter().all(|r| r.header("idempotency-key").is_none()));
+}
+
+/// Defect: a 400 MB error body was buffered whole. The layer keeps at most its limit in memory
+/// and never reads the rest of a body it is retrying past.
+#[tokio::test]
+async fn a_huge_error_body_is_not_read_past_the_limit() {
+    const LEN: u64 = 400 << 20;
+    let server = HugeBodyServer::start(500, LEN).await;
+    let client = client(Time::new().layer().policy(fast_policy().max_attempts(2)));
+
+    let err = client.post(format!("{}/cvms", server.url)).body("{}").send().await.unwrap_err();
+    let body_len = match &Error::find(&err).expect("typed error").failure().unwrap().last {
+        idempotent_retry::LastAttempt::Status { body, .. } => body.len(),
+        other => panic!("{other:?}"),
+    };
+
+    assert!(body_len <= 8 << 20, "kept {body_len} bytes");
+    let written = server.written();
+    assert!(written < 64 << 20, "the server wrote {written} of {LEN} bytes: the client read them all");
+}
+
+/// A 503 whose body stalls after the headers: the attempt times out (on the injected clock),
+/// and the retry with the same key creates the CVM once.
+#[tokio::test]
+async fn a_stalled_error_body_times_the_attempt_out() {
+    let policy = fast_policy().attempt_timeout(ms(500));
+    // A server that does not keep failed answers: the retry runs the handler again.
+    let profile = ServerProfile::stripe().with_cache(CacheErrors::SuccessOnly);
+    let rig = Rig::with_policy(profile, Schedule::script([Fault::StallBody(ms(1000))]), policy).await;
+    rig.cloud.fail_next_creates(1, http::StatusCode::SERVICE_UNAVAILABLE);
+
+    let response = rig.create("web-1").await.unwrap();
+
+    assert_eq!(response.status(), 201);
+    assert_eq!(RetryOutcome::of(&response).unwrap().attempts, 2);
+    rig.one_key_per_name();
+    assert_eq!(rig.cloud.created_named("web-1"), 1);
+}
+
+/// A buffered success whose body stalls is a lost answer: retried with the key, replayed.
+#[tokio::test]
+async fn a_stalled_success_body_is_a_lost_answer_when_buffered() {
+    let policy = fast_policy().attempt_timeout(ms(500));
+    let rig = Rig::with_policy(ServerProfile::stripe(), Schedule::script([Fault::StallBody(ms(1000))]), policy).await;
+
+    let response = rig
+        .client
+        .post(rig.cvms())
+        .json(&serde_json::json!({"name": "web-1"}))
+        .with_extension(RequestOptions::new().buffer_body())
+        .send()
+        .await
+        .unwrap();
+
+    let outcome = RetryOutcome::of(&response).unwrap().clone();
+    assert_eq!((response.status().as_u16(), outcome.attempts, outcome.replayed), (201, 2, true));
+    assert_eq!(response.json::<serde_json::Value>().await.unwrap()["name"], "web-1");
+    assert_eq!(rig.cloud.created_named("web-1"), 1);
+}
+
+/// A final error body longer than the limit is classified on its first bytes and reaches the
+/// caller whole; asked to buffer it, the layer refuses with the limit instead.
+#[tokio::test]
+async fn a_long_final_body_reaches_the_caller_whole_unless_buffering_was_asked_for() {
+    let body = "x".repeat(3000);
+    let server = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::any())
+        .respond_with(wiremock::ResponseTemplate::new(404).set_body_string(body.clone()))
+        .mount(&server)
+        .await;
+    let client = client(Time::new().layer().max_body(1000));
+
+    let response = client.post(server.uri()).body("{}").send().await.unwrap();
+    assert_eq!(response.status(), 404);
+    assert_eq!(response.text().await.unwrap(), body, "prefix and unread rest, in order");
+
+    let err = client
+        .post(server.uri())
+        .body("{}")
+        .with_extension(RequestOptions::new().buffer_body())
+        .send()
+        .await
+        .unwrap_err();
+    let err = Error::find(&err).unwrap();
+    assert!(matches!(err, Error::ResponseTooLarge { limit: 1000, .. }), "{err}");
+    assert!(!err.may_have_been_applied(), "a 404 is a refusal");
 }

@@ -18,7 +18,9 @@ use proptest::test_runner::TestCaseError;
 
 use crate::support::*;
 
-/// A proxy delay comfortably longer than the client's attempt timeout.
+/// A proxy delay longer than the client's attempt timeout. Both are on the injected clock: the
+/// proxy moves it (time travel), the attempt times out at once, and a slow machine cannot make
+/// an ordinary attempt time out.
 const HOLD: Duration = Duration::from_millis(80);
 const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(40);
 
@@ -107,7 +109,7 @@ async fn run(case: Case) -> Result<(), TestCaseError> {
     let proxy = ChaosProxy::builder(cloud.address())
         .schedule(Schedule::script(faults))
         .only(Method::POST)
-        .clock(time.clock.clone())
+        .time_travel(time.clock.clone())
         .start()
         .await;
     let policy = fast_policy().attempt_timeout(ATTEMPT_TIMEOUT).max_attempts(6);
@@ -186,7 +188,7 @@ mod reconcile {
         let faults: Vec<Fault> = steps.faults.iter().map(|k| fault(*k, &profile)).collect();
         let proxy = ChaosProxy::builder(cloud.address())
             .schedule(Schedule::script(faults))
-            .clock(time.clock.clone())
+            .time_travel(time.clock.clone())
             .start()
             .await;
         let client = client(profile.configure(time.layer().policy(fast_policy())));

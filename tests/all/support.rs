@@ -209,7 +209,8 @@ impl Rig {
         use idempotent_retry::testing::{ChaosProxy, FakeCloud};
         let time = Time::new();
         let cloud = FakeCloud::builder(profile.clone()).clock(time.clock.clone()).start().await;
-        let proxy = ChaosProxy::builder(cloud.address()).schedule(schedule).clock(time.clock.clone()).start().await;
+        let proxy =
+            ChaosProxy::builder(cloud.address()).schedule(schedule).time_travel(time.clock.clone()).start().await;
         let client = client(profile.configure(time.layer().policy(policy)));
         Self { profile, cloud, proxy, client, time }
     }
@@ -248,5 +249,54 @@ impl Rig {
     /// POST attempts the client made (as the proxy saw them).
     pub fn attempts(&self) -> usize {
         self.proxy.records().iter().filter(|r| r.method == "POST").count()
+    }
+}
+
+/// A raw HTTP server that answers every request with `status` and a chunked body of `len`
+/// bytes, made as it is sent, and counts the body bytes the client let it write.
+pub struct HugeBodyServer {
+    pub url: String,
+    written: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl HugeBodyServer {
+    pub async fn start(status: u16, len: u64) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = written.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let count = count.clone();
+                tokio::spawn(async move {
+                    if read_request(&mut stream).await.is_none() {
+                        return;
+                    }
+                    let head = format!("HTTP/1.1 {status} X\r\ntransfer-encoding: chunked\r\n\r\n");
+                    if stream.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let block = vec![b'x'; 64 * 1024];
+                    let mut left = len;
+                    while left > 0 {
+                        let n = left.min(block.len() as u64) as usize;
+                        let chunk = [format!("{n:x}\r\n").as_bytes(), &block[..n], b"\r\n"].concat();
+                        if stream.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                        count.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+                        left -= n as u64;
+                    }
+                    let _ = stream.write_all(b"0\r\n\r\n").await;
+                });
+            }
+        });
+        Self { url, written }
+    }
+
+    /// Body bytes written to clients so far.
+    pub fn written(&self) -> u64 {
+        self.written.load(std::sync::atomic::Ordering::SeqCst)
     }
 }

@@ -143,20 +143,22 @@ impl KeyCarrier {
                 Ok(Some(IdempotencyKey::with_max_len(raw, max_len)?))
             }
             Carrier::BodyField(field) => {
-                let object = json_object(field, body)?;
-                match object.get(field) {
-                    None => Ok(None),
-                    Some(Value::String(s)) => Ok(Some(IdempotencyKey::with_max_len(s.clone(), max_len)?)),
-                    Some(_) => {
+                let object = scan_object(field, body)?;
+                match object.field.as_slice() {
+                    [] => Ok(None),
+                    [Value::String(s)] => Ok(Some(IdempotencyKey::with_max_len(s.clone(), max_len)?)),
+                    [_] => {
                         Err(Error::InvalidRequest(format!("the body's `{field}` field is present but is not a string")))
                     }
+                    _ => Err(Error::InvalidRequest(format!("the body has more than one `{field}` field"))),
                 }
             }
         }
     }
 
-    /// Puts `key` on `request`: sets the header, or rewrites the JSON body with the field added
-    /// (other fields keep their order).
+    /// Puts `key` on `request`: sets the header, or adds the field at the end of the JSON body's
+    /// object. The body's other bytes are sent as they are: numbers keep every digit, duplicate
+    /// members and whitespace stay, nothing is parsed and written out again.
     ///
     /// # Errors
     ///
@@ -168,10 +170,17 @@ impl KeyCarrier {
                 request.headers_mut().insert(name.clone(), self.header_value(key));
             }
             Carrier::BodyField(field) => {
-                let body = request.body().map(|b| b.as_bytes());
-                let mut object = json_object(field, body.unwrap_or(Some(&[])))?;
-                object.insert(field.clone(), Value::String(key.as_str().to_owned()));
-                let bytes = serde_json::to_vec(&Value::Object(object)).expect("a JSON object serializes");
+                let body = request.body().map_or(Some(&[][..]), |b| b.as_bytes());
+                let object = scan_object(field, body)?;
+                let body = body.expect("scanned, so in memory");
+                let close = body.iter().rposition(|b| *b == b'}').expect("an object ends with }");
+                let name = serde_json::to_string(field).expect("a string serializes");
+                let value = serde_json::to_string(key.as_str()).expect("a string serializes");
+                let separator = if object.members == 0 { "" } else { "," };
+                let mut bytes = Vec::with_capacity(body.len() + name.len() + value.len() + 2);
+                bytes.extend_from_slice(&body[..close]);
+                bytes.extend_from_slice(format!("{separator}{name}:{value}").as_bytes());
+                bytes.extend_from_slice(&body[close..]);
                 *request.body_mut() = Some(Bytes::from(bytes).into());
             }
         }
@@ -186,23 +195,32 @@ impl Default for KeyCarrier {
     }
 }
 
-/// Parses `body` as a JSON object for a body-field carrier.
-fn json_object(field: &str, body: Option<&[u8]>) -> Result<serde_json::Map<String, Value>, Error> {
+/// What a body-field carrier needs to know about a JSON object body, found without building it.
+struct Scanned {
+    /// Top-level members.
+    members: usize,
+    /// The values of the key field, as often as it occurs at the top level.
+    field: Vec<Value>,
+}
+
+/// Checks that `body` is one JSON object and finds the key field in it, leaving the bytes alone.
+fn scan_object(field: &str, body: Option<&[u8]>) -> Result<Scanned, Error> {
     let Some(body) = body else {
         return Err(Error::InvalidRequest(format!(
             "the key goes in the JSON body field `{field}`, but the body is a stream, which cannot be read to add it"
         )));
     };
-    if body.is_empty() {
+    if body.iter().all(u8::is_ascii_whitespace) {
         return Err(Error::InvalidRequest(format!(
             "the key goes in the JSON body field `{field}`, but the request has no body; send a JSON object"
         )));
     }
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(other) => Err(Error::InvalidRequest(format!(
-            "the key goes in the JSON body field `{field}`, but the body is a JSON {}, not an object",
-            json_kind(&other)
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let scanned = serde::de::DeserializeSeed::deserialize(TopLevel(field), &mut de).and_then(|s| de.end().map(|()| s));
+    match scanned {
+        Ok(Ok(scanned)) => Ok(scanned),
+        Ok(Err(kind)) => Err(Error::InvalidRequest(format!(
+            "the key goes in the JSON body field `{field}`, but the body is a JSON {kind}, not an object"
         ))),
         Err(e) => Err(Error::InvalidRequest(format!(
             "the key goes in the JSON body field `{field}`, but the body is not JSON: {e}"
@@ -210,14 +228,64 @@ fn json_object(field: &str, body: Option<&[u8]>) -> Result<serde_json::Map<Strin
     }
 }
 
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
+/// Visits one JSON value: an object is scanned for the field, anything else is named.
+struct TopLevel<'a>(&'a str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for TopLevel<'_> {
+    type Value = Result<Scanned, &'static str>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for TopLevel<'_> {
+    type Value = Result<Scanned, &'static str>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut scanned = Scanned { members: 0, field: Vec::new() };
+        while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            scanned.members += 1;
+            if name == self.0 {
+                scanned.field.push(map.next_value()?);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(Ok(scanned))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Err("array"))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Err("string"))
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Err("boolean"))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Err("number"))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Err("number"))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Err("number"))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Err("null"))
     }
 }
 
@@ -331,5 +399,12 @@ mod tests {
         let h = HeaderMap::new();
         let err = c.existing_key(&h, Some(br#"{"idempotency_key":5}"#), 255).unwrap_err();
         assert!(err.to_string().contains("not a string"), "{err}");
+        let twice = br#"{"idempotency_key":"a","x":1e400,"idempotency_key":"b"}"#;
+        let err = c.existing_key(&h, Some(twice), 255).unwrap_err();
+        assert!(err.to_string().contains("more than one"), "{err}");
+        let trailing = br#"{"a":1} {"b":2}"#;
+        assert!(c.existing_key(&h, Some(trailing), 255).unwrap_err().to_string().contains("not JSON"));
+        let huge_exponent = br#"{"x":1e400}"#;
+        assert_eq!(c.existing_key(&h, Some(huge_exponent), 255).unwrap(), None, "numbers are not converted");
     }
 }

@@ -79,7 +79,8 @@ pub struct Record {
     pub method: String,
     /// Target URL.
     pub url: String,
-    /// SHA-256 of method, URL and body ([`fingerprint`]), in hex.
+    /// SHA-256 of method, URL and body ([`fingerprint`]), in hex. The body is the one sent,
+    /// byte for byte, except for the key a body-field carrier adds to it.
     pub fingerprint: String,
     /// Where it stands.
     pub state: OpState,

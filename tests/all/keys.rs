@@ -164,3 +164,30 @@ async fn keys_are_minted_per_request_and_only_for_keyed_methods() {
     assert_eq!(keys[3], None);
     assert_eq!(keys[4], None);
 }
+
+/// Defect: the body-field carrier parsed the body into a map and wrote it out again, so large
+/// integers became floats, `1e-400` became `0.0` and a duplicate member was dropped. The key is
+/// inserted into the bytes as they are; every other byte reaches the server unchanged.
+#[tokio::test]
+async fn body_field_carrier_leaves_every_other_byte_alone() {
+    let bodies = [
+        r#"{"big": 12345678901234567890123, "f": 9007199254740993.0, "tiny": 1e-400, "dup": 1, "dup": 2}"#,
+        "{ }",
+        "  {\"nested\": {\"idempotency_key\": 5}, \"s\": \"\\u00e9\\n\"}\n",
+    ];
+    for body in bodies {
+        let server = server_503_then_201().await;
+        let client = client(Time::new().layer().carrier(KeyCarrier::body_field("idempotency_key")));
+
+        let response = client.post(server.uri()).body(body).send().await.unwrap();
+
+        let key = RetryOutcome::of(&response).unwrap().key.clone().unwrap();
+        let close = body.rfind('}').unwrap();
+        let empty = body[body.find('{').unwrap() + 1..close].trim().is_empty();
+        let member = format!(r#"{}"idempotency_key":"{key}""#, if empty { "" } else { "," });
+        let want = format!("{}{member}{}", &body[..close], &body[close..]);
+        for request in server.received_requests().await.unwrap() {
+            assert_eq!(String::from_utf8(request.body).unwrap(), want, "{body}");
+        }
+    }
+}

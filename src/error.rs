@@ -293,3 +293,19 @@ impl std::error::Error for Failure {
         }
     }
 }
+
+/// An error and its causes on one line, each cause once (a cause whose text the line already
+/// holds is left out).
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = e.source();
+    }
+    text
+}

@@ -89,6 +89,7 @@ mod reconcile;
 mod replay;
 mod retry_after;
 mod rng;
+mod target;
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod testing;

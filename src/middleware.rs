@@ -316,6 +316,7 @@ impl Config {
         // Key: validated and attached before anything is sent.
         options.validate()?;
         let policy = options.policy_or(&self.policy);
+        policy.check().map_err(Error::InvalidRequest)?;
         let key = self.prepare_key(&mut request, options)?;
         let replayable = request.body().is_none_or(|b| b.as_bytes().is_some());
         let resendable = key.is_some() || request.method().is_idempotent();

@@ -623,6 +623,10 @@ impl<'a> OperationBuilder<'a> {
         let Some(url) = self.url.clone() else {
             return Err(self.invalid("no URL: call post(), patch(), put() or request()"));
         };
+        crate::target::http_url(&url).map_err(|why| self.invalid(why))?;
+        if let Some(policy) = &self.policy {
+            policy.check().map_err(|why| self.invalid(why))?;
+        }
         if self.sources.len() > 1 {
             return Err(self.invalid(format!("conflicting key sources: {:?}", self.sources)));
         }
@@ -699,6 +703,11 @@ impl<'a> OperationBuilder<'a> {
                 Ok(response) => return self.answered(response, &begun, no_key_reason.take()).await,
                 Err(error) => error,
             };
+            if let Some(why) = never_sent(&error) {
+                // It could not be sent at all: nothing to settle.
+                self.finish(OpState::Failed, None, None).await?;
+                return Err(self.invalid(why));
+            }
             let may_have_been_applied = Error::find(&error).is_none_or(Error::may_have_been_applied);
             if !may_have_been_applied {
                 self.finish(OpState::Failed, error.status().map(|s| s.as_u16()), None).await?;
@@ -897,5 +906,17 @@ impl<'a> OperationBuilder<'a> {
             attempts: 0,
             no_key_reason,
         })
+    }
+}
+
+/// Why a request could not be sent at all, if that is how it failed: the request could not be
+/// built, or the layer refused it before the first attempt.
+fn never_sent(error: &reqwest_middleware::Error) -> Option<String> {
+    match error {
+        reqwest_middleware::Error::Reqwest(e) if e.is_builder() => Some(e.to_string()),
+        _ => match Error::find(error) {
+            Some(e @ (Error::InvalidKey(_) | Error::InvalidRequest(_))) => Some(crate::error::chain(e)),
+            _ => None,
+        },
     }
 }

@@ -130,6 +130,18 @@ impl RetryPolicy {
     pub fn get_backoff(&self) -> &dyn Backoff {
         &*self.backoff
     }
+
+    /// Refuses a policy under which nothing could be sent: a zero deadline or attempt timeout.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        let zero = |what: &str| Err(format!("the {what} is zero, so no attempt could be made in it"));
+        if self.deadline == Some(Duration::ZERO) {
+            return zero("deadline");
+        }
+        if self.attempt_timeout == Some(Duration::ZERO) {
+            return zero("attempt timeout");
+        }
+        Ok(())
+    }
 }
 
 impl Default for RetryPolicy {

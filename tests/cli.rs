@@ -497,3 +497,43 @@ async fn a_stalled_body_ends_at_the_deadline_instead_of_hanging() {
         assert!(requests.load(std::sync::atomic::Ordering::SeqCst) >= 2, "{status}: retried with its key");
     }
 }
+
+/// Defect: inputs that can never be sent (a bad URL, a zero time budget) exited 3, left the
+/// journal `unknown` and told keyless callers that re-running was NOT safe, while the server saw
+/// nothing. They are usage errors: exit 2, nothing journaled, nothing sent.
+#[tokio::test]
+async fn what_cannot_be_sent_is_a_usage_error_and_leaves_no_record() {
+    let scratch = Scratch::new("not-sent");
+    let cloud = cloud(ServerProfile::stripe()).await;
+    let url = format!("{}/cvms", cloud.uri());
+    let journal = scratch.journal();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["post", "not a url", "--json", "{}"],
+        vec!["post", "http://", "--json", "{}"],
+        vec!["post", "http://[::1", "--json", "{}"],
+        vec!["post", "file:///x", "--json", "{}"],
+        vec!["post", "file:///x", "--json", "{}", "--no-idempotency-key"],
+        vec!["post", &url, "--json", "{}", "--deadline", "0"],
+        vec!["post", &url, "--json", "{}", "--attempt-timeout", "0"],
+        vec!["post", &url, "--json", "{}", "--deadline", "0", "--no-idempotency-key"],
+        vec!["post", &url, "--json", "{}", "--deadline", "1e30"],
+        vec!["ensure-count", "not a url", "--count", "1"],
+    ];
+    for mut args in cases {
+        args.extend(["--journal", &journal]);
+        let run = scratch.run(&args).await;
+        assert_eq!(run.code(), 2, "{args:?}: {run:?}");
+        assert!(
+            !run.stderr().contains("NOT safe") && !run.stderr().contains("may have been applied"),
+            "{args:?}: {run:?}"
+        );
+    }
+    let run = scratch.run(&["post", &url, "--json", "{}", "--deadline", "1e30", "--journal", &journal]).await;
+    assert!(run.stderr().contains("too large"), "says what is wrong with it: {run:?}");
+    assert!(!run.stderr().contains("non-negative"), "{run:?}");
+    assert!(cloud.requests().is_empty(), "nothing was sent");
+    if std::path::Path::new(&journal).exists() {
+        let list = scratch.run(&["journal", "list", "--output", "json", "--journal", &journal]).await;
+        assert_eq!(list.json(), serde_json::json!([]), "nothing journaled: {list:?}");
+    }
+}

@@ -111,6 +111,10 @@ pub enum ReconcileFailure {
     /// The deadline passed before the collection converged.
     #[error("not converged within {0:?}")]
     Deadline(Duration),
+    /// The settings cannot work (the collection URL is not an http or https URL). Nothing was
+    /// sent.
+    #[error("invalid settings, nothing was sent: {0}")]
+    InvalidOptions(String),
 }
 
 /// Why a list failed: worth another try, or not.
@@ -386,7 +390,10 @@ impl Reconciler {
     pub async fn reconcile(&mut self, desired: &Desired) -> Result<ReconcileReport, ReconcileError> {
         let started = self.clock.now();
         let mut report = ReconcileReport { desired: desired.len(), ..ReconcileReport::default() };
-        let result = self.run(desired, &mut report, started).await;
+        let result = match crate::target::http_url(&self.collection) {
+            Ok(_) => self.run(desired, &mut report, started).await,
+            Err(why) => Err(ReconcileFailure::InvalidOptions(why)),
+        };
         report.elapsed_ms = self.clock.now().duration_since(started).unwrap_or_default().as_millis() as u64;
         match result {
             Ok(()) => Ok(report),

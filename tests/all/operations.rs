@@ -278,3 +278,23 @@ async fn a_client_without_the_layer_is_reported() {
     // The request options a layer would have read went nowhere: no key on the wire.
     assert_eq!(rig.proxy.records()[0].key(&rig.profile), None);
 }
+
+/// What cannot be sent is an invalid operation: nothing is journaled and nothing is sent, so
+/// a keyless caller is never told it "may have been applied".
+#[tokio::test]
+async fn what_cannot_be_sent_is_invalid_and_not_journaled() {
+    let rig = Rig::new(ServerProfile::no_keys(), Schedule::pass()).await;
+    let ops = ops(&rig);
+    for url in ["not a url", "http://", "http://[::1", "file:///x", "/cvms"] {
+        let err = ops.operation(url).post(url).json(&json!({})).no_key().send().await.unwrap_err();
+        assert!(matches!(err, OperationError::InvalidOptions { .. }), "{url}: {err}");
+        assert!(!err.may_have_been_applied());
+        assert!(ops.store().get(url).unwrap().is_none(), "{url}: nothing journaled");
+    }
+    let zero = fast_policy().deadline(Duration::ZERO);
+    let err = ops.operation("zero").post(rig.cvms()).json(&json!({})).no_key().policy(zero).send().await.unwrap_err();
+    assert!(matches!(err, OperationError::InvalidOptions { .. }), "{err}");
+    assert!(err.to_string().contains("deadline is zero"), "{err}");
+    assert!(ops.store().get("zero").unwrap().is_none(), "nothing journaled");
+    assert_eq!(posts(&rig), 0);
+}

@@ -112,9 +112,15 @@ pub struct OutputArgs {
     pub quiet: bool,
 }
 
+/// A time limit given in seconds: more than zero (with no time nothing could be sent) and no
+/// larger than a `Duration` holds.
 fn seconds(value: f64, flag: &str) -> Result<Duration, Exit> {
-    Duration::try_from_secs_f64(value)
-        .map_err(|_| fail(Exit::Usage, format!("{flag} must be a non-negative number of seconds")))
+    if !value.is_finite() || value <= 0.0 {
+        return Err(fail(Exit::Usage, format!("{flag} {value}: must be more than 0 seconds; nothing was sent")));
+    }
+    Duration::try_from_secs_f64(value).map_err(|_| {
+        fail(Exit::Usage, format!("{flag} {value}: too large (at most {} seconds); nothing was sent", u64::MAX))
+    })
 }
 
 /// The retry layer the options describe.

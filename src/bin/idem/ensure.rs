@@ -168,7 +168,7 @@ async fn ensure(args: EnsureArgs) -> Result<Exit, Exit> {
                 | ReconcileFailure::BadId { .. }
                 | ReconcileFailure::Rejected { .. }
                 | ReconcileFailure::Delete { .. } => Exit::Refused,
-                ReconcileFailure::Operation(_) => Exit::Usage,
+                ReconcileFailure::Operation(_) | ReconcileFailure::InvalidOptions(_) => Exit::Usage,
                 _ => Exit::Unknown,
             };
             (*e.report, exit)

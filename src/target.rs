@@ -26,14 +26,24 @@ pub(crate) fn http_url(url: &str) -> Result<Url, String> {
 ///
 /// An empty id, `.` or `..`: no item can be named so.
 pub(crate) fn item_url(collection: &Url, id: &str) -> Result<Url, String> {
-    if id.is_empty() || id == "." || id == ".." {
-        return Err(format!("{id:?} cannot name an item: it is not a path segment"));
-    }
+    check_id(id)?;
     let mut url = collection.clone();
     url.set_query(None);
     url.set_fragment(None);
     url.path_segments_mut().map_err(|()| format!("{} cannot have items", redact(collection)))?.pop_if_empty().push(id);
     Ok(url)
+}
+
+/// Whether `id` can name an item: not empty, not `.` or `..`.
+///
+/// # Errors
+///
+/// Why not.
+pub(crate) fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id == "." || id == ".." {
+        return Err(format!("{id:?} cannot name an item: it is not a path segment"));
+    }
+    Ok(())
 }
 
 /// The URL as it may be shown or stored: a password and every query value replaced by `***`,

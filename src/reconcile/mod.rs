@@ -391,7 +391,7 @@ impl Reconciler {
         let started = self.clock.now();
         let mut report = ReconcileReport { desired: desired.len(), ..ReconcileReport::default() };
         let result = match crate::target::http_url(&self.collection) {
-            Ok(_) => self.run(desired, &mut report, started).await,
+            Ok(url) => self.run(&url, desired, &mut report, started).await,
             Err(why) => Err(ReconcileFailure::InvalidOptions(why)),
         };
         report.elapsed_ms = self.clock.now().duration_since(started).unwrap_or_default().as_millis() as u64;
@@ -405,6 +405,7 @@ impl Reconciler {
 
     async fn run(
         &mut self,
+        collection: &url::Url,
         desired: &Desired,
         report: &mut ReconcileReport,
         started: SystemTime,
@@ -420,7 +421,7 @@ impl Reconciler {
                 return Err(ReconcileFailure::Deadline(self.deadline));
             }
             // Observe. A transient failure to list is waited out, within the deadline.
-            let listed = match self.list(report).await {
+            let listed = match self.list(collection, report).await {
                 Ok(listed) => listed,
                 Err(Listing::Transient(why)) => {
                     if self.clock.now().duration_since(started).unwrap_or_default() >= self.deadline {
@@ -564,7 +565,7 @@ impl Reconciler {
             let deletes: Vec<String> =
                 deletes.into_iter().filter_map(|a| if let Action::Delete(id) = a { Some(id) } else { None }).collect();
             self.create_all(creates, &live_ids.iter().map(|s| s.to_string()).collect(), report).await?;
-            self.delete_all(deletes, report).await?;
+            self.delete_all(collection, deletes, report).await?;
         }
     }
 
@@ -603,9 +604,10 @@ impl Reconciler {
     }
 
     /// Lists the collection: `(id, item)` for each item.
-    async fn list(&self, report: &mut ReconcileReport) -> Result<Vec<(String, Value)>, Listing> {
+    async fn list(&self, collection: &url::Url, report: &mut ReconcileReport) -> Result<Vec<(String, Value)>, Listing> {
+        let shown = crate::target::redact(collection);
         let result =
-            self.ops.client().get(&self.collection).with_extension(RequestOptions::new().buffer_body()).send().await;
+            self.ops.client().get(collection.clone()).with_extension(RequestOptions::new().buffer_body()).send().await;
         report.requests += attempts(&result);
         let response = match result {
             Ok(response) => response,
@@ -616,10 +618,10 @@ impl Reconciler {
         };
         let status = response.status();
         if status.is_server_error() || status == http::StatusCode::TOO_MANY_REQUESTS {
-            return Err(Listing::Transient(format!("GET {} answered {status}", self.collection)));
+            return Err(Listing::Transient(format!("GET {shown} answered {status}")));
         }
         if !status.is_success() {
-            return Err(Listing::Fatal(ReconcileFailure::List(format!("GET {} answered {status}", self.collection))));
+            return Err(Listing::Fatal(ReconcileFailure::List(format!("GET {shown} answered {status}"))));
         }
         let body = response.bytes().await.map_err(|e| Listing::Transient(e.to_string()))?;
         let fatal = |why: String| Listing::Fatal(ReconcileFailure::List(why));
@@ -635,6 +637,8 @@ impl Reconciler {
         for item in entries {
             let id = field_text(item, &self.id_field)
                 .ok_or_else(|| fatal(format!("an item has no `{}`: {item}", self.id_field)))?;
+            crate::target::item_url(collection, &id)
+                .map_err(|why| fatal(format!("an item's `{}` {why}: {item}", self.id_field)))?;
             if !ids.insert(id.clone()) {
                 return Err(fatal(format!("id {id} is listed twice")));
             }
@@ -720,8 +724,8 @@ impl Reconciler {
             Ok(done) => {
                 report.requests += u64::from(done.attempts);
                 let id = field_text(&done.resource, &self.id_field).unwrap_or_default();
-                if id.is_empty() {
-                    return Err(ReconcileFailure::BadId { slot: slot.to_string(), id, why: "which is missing".into() });
+                if let Err(why) = crate::target::check_id(&id) {
+                    return Err(ReconcileFailure::BadId { slot: slot.to_string(), id, why });
                 }
                 let taken = self.creates.iter().any(|c| c.slot != *slot && c.id.as_deref() == Some(&id))
                     || (live.contains(&id) && self.owner_of(&id).await?.is_some_and(|owner| owner != *slot));
@@ -792,7 +796,12 @@ impl Reconciler {
             .map(|(_, slot, _)| slot))
     }
 
-    async fn delete_all(&mut self, ids: Vec<String>, report: &mut ReconcileReport) -> Result<(), ReconcileFailure> {
+    async fn delete_all(
+        &mut self,
+        collection: &url::Url,
+        ids: Vec<String>,
+        report: &mut ReconcileReport,
+    ) -> Result<(), ReconcileFailure> {
         let mut next = 0;
         let mut batch = 1;
         while next < ids.len() {
@@ -800,8 +809,9 @@ impl Reconciler {
             for group in chunk.chunks(self.concurrency) {
                 let mut tasks = tokio::task::JoinSet::new();
                 for id in group {
-                    let (client, url, id) =
-                        (self.ops.client().clone(), format!("{}/{id}", self.collection), id.clone());
+                    let url = crate::target::item_url(collection, id)
+                        .map_err(|why| ReconcileFailure::Delete { id: id.clone(), reason: why })?;
+                    let (client, id) = (self.ops.client().clone(), id.clone());
                     tasks.spawn(async move {
                         let result = client.delete(url).send().await;
                         (id, result)

@@ -292,3 +292,76 @@ async fn slow_start_doubles_batches_and_a_refusal_stops_the_run() {
     assert!(report.converged, "{report}");
     assert_eq!(live(&rig), 8);
 }
+
+/// Defect: delete URLs were `format!("{collection}/{id}")` with the server's id as it came. A
+/// listed id `../../../admin/users/42` deleted `/admin/users/42`; `x?force=true` added a query.
+/// An id is one percent-encoded path segment, and an empty id is refused.
+#[tokio::test]
+async fn hostile_ids_are_one_path_segment() {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let server = MockServer::start().await;
+    let items = json!({"items": [
+        {"id": "../../../admin/users/42", "name": "a", "created_at": "2026-11-22T00:00:01Z"},
+        {"id": "x?force=true", "name": "b", "created_at": "2026-11-22T00:00:02Z"},
+    ]});
+    Mock::given(method("GET")).respond_with(ResponseTemplate::new(200).set_body_json(items)).mount(&server).await;
+    Mock::given(method("DELETE")).respond_with(ResponseTemplate::new(404)).mount(&server).await;
+    let time = Time::new();
+    let ops = Operations::new(client(time.layer().policy(fast_policy())), MemoryStore::new()).clock(time.clock.clone());
+    let collection = format!("{}/apps/a/cvms/v/replicas", server.uri());
+    let mut r = Reconciler::new(ops, &collection, "replicas")
+        .prune(true)
+        .prune_foreign(true)
+        .clock(time.clock.clone())
+        .sleeper(time.sleeper.clone());
+
+    let _ = r.reconcile(&Desired::Count(0)).await;
+
+    let deletes: Vec<String> = server
+        .received_requests()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.method.as_str() == "DELETE")
+        .map(|r| format!("{}{}", r.url.path(), r.url.query().map(|q| format!("?{q}")).unwrap_or_default()))
+        .collect();
+    assert!(!deletes.is_empty(), "surplus was deleted");
+    for path in &deletes {
+        assert!(path.starts_with("/apps/a/cvms/v/replicas/"), "left the collection: {path}");
+        assert!(!path.contains('?'), "added a query: {path}");
+        assert_eq!(path.matches('/').count(), 6, "more than one segment: {path}");
+    }
+    let mut deletes = deletes;
+    deletes.sort();
+    deletes.dedup();
+    assert_eq!(
+        deletes,
+        ["/apps/a/cvms/v/replicas/..%2F..%2F..%2Fadmin%2Fusers%2F42", "/apps/a/cvms/v/replicas/x%3Fforce=true"]
+    );
+}
+
+#[tokio::test]
+async fn an_empty_listed_id_is_an_identity_error_and_nothing_is_deleted() {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    for id in ["", ".", ".."] {
+        let server = MockServer::start().await;
+        let items = json!({"items": [{"id": id, "name": "a"}]});
+        Mock::given(method("GET")).respond_with(ResponseTemplate::new(200).set_body_json(items)).mount(&server).await;
+        let time = Time::new();
+        let ops = Operations::new(client(time.layer()), MemoryStore::new()).clock(time.clock.clone());
+        let mut r = Reconciler::new(ops, format!("{}/cvms", server.uri()), "cvms")
+            .prune(true)
+            .prune_foreign(true)
+            .clock(time.clock.clone())
+            .sleeper(time.sleeper.clone());
+
+        let err = r.reconcile(&Desired::Count(0)).await.unwrap_err();
+
+        assert!(matches!(err.failure, ReconcileFailure::List(_)), "{id:?}: {err}");
+        assert!(err.to_string().contains("cannot name"), "{id:?}: {err}");
+        let requests = server.received_requests().await.unwrap();
+        assert!(requests.iter().all(|r| r.method.as_str() == "GET"), "{id:?}: nothing deleted");
+    }
+}

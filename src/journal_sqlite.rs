@@ -109,17 +109,26 @@ impl SqliteJournal {
             })?;
         }
         let fail = |e: rusqlite::Error| classify(&shown, lock_timeout, e);
-        let connection = Connection::open(&path).map_err(|e| match classify(&shown, lock_timeout, e) {
+        let mut connection = Connection::open(&path).map_err(|e| match classify(&shown, lock_timeout, e) {
             JournalError::Other { reason, .. } => JournalError::ReadOnly { path: shown.clone(), reason },
             other => other,
         })?;
         connection.busy_timeout(lock_timeout).map_err(fail)?;
-        let mode: String = connection.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(fail)?;
+        // Switching a new file to WAL takes its exclusive lock, and SQLite answers a second
+        // connection doing the same with SQLITE_BUSY at once, without its busy handler (waiting
+        // could deadlock). Once one of them has switched, the other finds WAL already on.
+        let mode: String =
+            while_busy(lock_timeout, || connection.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)))
+                .map_err(fail)?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(JournalError::Other { path: shown, reason: format!("cannot switch to WAL mode (got {mode})") });
         }
         connection.pragma_update(None, "synchronous", "FULL").map_err(fail)?;
-        connection.execute_batch(SCHEMA).map_err(fail)?;
+        // The schema under the write lock from the start: a read that upgrades to a write after
+        // another connection wrote fails at once (SQLITE_BUSY_SNAPSHOT), where IMMEDIATE waits.
+        let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(fail)?;
+        tx.execute_batch(SCHEMA).map_err(fail)?;
+        tx.commit().map_err(fail)?;
         Ok(Self { path, lock_timeout, connection: Mutex::new(connection) })
     }
 
@@ -130,6 +139,23 @@ impl SqliteJournal {
 
     fn fail(&self, e: rusqlite::Error) -> JournalError {
         classify(&self.path.display().to_string(), self.lock_timeout, e)
+    }
+}
+
+/// Runs `op` again while SQLite answers SQLITE_BUSY without having waited, for up to `timeout`
+/// in all: the waiting SQLite's busy handler would have done.
+fn while_busy<T>(timeout: Duration, mut op: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    let mut waited = Duration::ZERO;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match op() {
+            Err(e) if e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) && waited < timeout => {
+                crate::time::pause_thread(pause);
+                waited += pause;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            result => return result,
+        }
     }
 }
 

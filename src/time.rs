@@ -314,6 +314,13 @@ pub fn rfc3339(t: SystemTime) -> String {
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// Blocks this thread for `duration`: for blocking code (the journal's SQLite calls) that waits
+/// out a lock. Not for the engine, whose waits go through the injected [`Sleeper`].
+#[cfg(feature = "journal")]
+pub(crate) fn pause_thread(duration: Duration) {
+    std::thread::sleep(duration);
+}
+
 /// Locks a mutex, ignoring poisoning: the guarded values are plain data that a panic elsewhere
 /// cannot leave half-written.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

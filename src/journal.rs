@@ -7,7 +7,7 @@
 //!
 //! The rules for choosing the key are on [`KeyStore`](crate::KeyStore).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -113,7 +113,7 @@ pub fn fingerprint(method: &str, url: &str, body: &[u8]) -> String {
 pub enum KeyPlan {
     /// Resume the pending key, or mint a new random one.
     Random,
-    /// This key, whatever the journal holds (explicit, derived or from git).
+    /// This key (explicit, derived or from git).
     Fixed(IdempotencyKey),
     /// No key.
     None,
@@ -126,7 +126,7 @@ pub struct Intent<'a> {
     pub operation: &'a str,
     /// HTTP method.
     pub method: &'a str,
-    /// Target URL.
+    /// Target URL, as it may be stored (see [`Record::url`]).
     pub url: &'a str,
     /// The payload [`fingerprint`].
     pub fingerprint: &'a str,
@@ -136,19 +136,48 @@ pub struct Intent<'a> {
     pub now: SystemTime,
 }
 
+/// One run's hold on an operation's record: its key and when that key was first recorded.
+///
+/// [`KeyStore::finish`] changes a record only while it still carries the claim it names, so a
+/// run that reports late cannot overwrite the record of a newer run with another key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Claim {
+    /// The key (`None` for a run without one).
+    pub key: Option<IdempotencyKey>,
+    /// When the key was first recorded (the age that counts against a server's retention).
+    pub created_at: SystemTime,
+}
+
+impl Record {
+    /// The claim of the run that wrote this record.
+    pub fn claim(&self) -> Claim {
+        Claim { key: self.key.clone(), created_at: self.created_at }
+    }
+
+    /// Whether `claim` is this record's (times compared to the millisecond, as stores keep them).
+    pub fn is_claimed_by(&self, claim: &Claim) -> bool {
+        self.key == claim.key && to_millis(self.created_at) == to_millis(claim.created_at)
+    }
+}
+
 /// What [`KeyStore::begin`] decided.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
-pub struct Begun {
-    /// The key to send (`None`: send without one).
-    pub key: Option<IdempotencyKey>,
-    /// The key is a previous run's, taken from the journal.
-    pub resumed: bool,
-    /// When the key was first recorded.
-    pub key_created_at: SystemTime,
-    /// A previous run may have taken effect and is not settled (the journal said pending or
-    /// unknown). With a resumed key the server settles it; without one, read back first.
-    pub unsettled: Option<Record>,
+pub enum Begun {
+    /// Send, with the claim's key (or without a key when it has none). The record is pending.
+    Send {
+        /// The key to send and when it was first recorded; [`KeyStore::finish`] names it.
+        claim: Claim,
+        /// The key is a previous run's, taken from the journal: that run was pending or unknown.
+        resumed: bool,
+    },
+    /// This operation already succeeded with this (fixed) key. Nothing was written.
+    Succeeded(Record),
+    /// A previous run may have taken effect and this run cannot resume it: it had another key,
+    /// or none, or this run has none. Nothing was written, and nothing may be sent until it is
+    /// settled: found by reading back, or finished as failed once a read-back did not find it,
+    /// or forgotten.
+    Unsettled(Record),
 }
 
 /// The journal refused to start an operation: the key is pinned to another payload.
@@ -226,10 +255,11 @@ pub enum JournalError {
     },
 }
 
-impl<'a> Intent<'a> {
-    /// Applies the journal's rules (see the table on [`KeyStore`]) to what a store holds:
-    /// `existing`, this operation's record, and `same_key`, another operation's record with the
-    /// fixed key, if any. Returns the record to write (state pending) and the decision.
+impl Intent<'_> {
+    /// Applies the journal's rules (the table on [`KeyStore`]) to what a store holds:
+    /// `existing`, this operation's record, and `conflict`, another operation's record that holds
+    /// the fixed key with another payload, if any. Returns the record to write (pending), if
+    /// any, and the decision.
     ///
     /// Stores call this inside their own atomic section; a custom [`KeyStore`] should too.
     ///
@@ -239,55 +269,87 @@ impl<'a> Intent<'a> {
     pub fn plan(
         &self,
         existing: Option<&Record>,
-        same_key: Option<&Record>,
-    ) -> Result<(Record, Begun), Box<PayloadMismatch>> {
-        let unsettled = existing.filter(|r| r.state.is_unsettled()).cloned();
-        let (key, resumed, key_created_at) = match &self.key {
-            KeyPlan::Fixed(key) => {
-                if let Some(other) =
-                    same_key.filter(|o| o.operation != self.operation && o.fingerprint != self.fingerprint)
-                {
-                    return Err(Box::new(PayloadMismatch::new(self.operation, other, Some(key))));
-                }
-                match existing.filter(|r| r.key.as_ref() == Some(key)) {
-                    Some(r) if r.fingerprint != self.fingerprint => {
-                        return Err(Box::new(PayloadMismatch::new(self.operation, r, Some(key))));
+        conflict: Option<&Record>,
+    ) -> Result<(Option<Record>, Begun), Box<PayloadMismatch>> {
+        let mismatch =
+            |r: &Record, key: Option<&IdempotencyKey>| Box::new(PayloadMismatch::new(self.operation, r, key));
+        if let (KeyPlan::Fixed(key), Some(other)) = (&self.key, conflict) {
+            return Err(mismatch(other, Some(key)));
+        }
+        let send = |key: Option<IdempotencyKey>, created_at: SystemTime, resumed: bool| {
+            let claim = Claim { key, created_at };
+            (Some(self.pending(&claim)), Begun::Send { claim, resumed })
+        };
+        let Some(r) = existing else {
+            let key = match &self.key {
+                KeyPlan::Random => Some(IdempotencyKey::random()),
+                KeyPlan::Fixed(key) => Some(key.clone()),
+                KeyPlan::None => None,
+            };
+            return Ok(send(key, self.now, false));
+        };
+        let same_payload = r.fingerprint == self.fingerprint;
+        let same_key = matches!((&self.key, &r.key), (KeyPlan::Fixed(k), Some(held)) if k == held);
+        Ok(match &self.key {
+            // The previous run is unsettled: resume its key, or touch nothing.
+            _ if r.state.is_unsettled() => match &r.key {
+                Some(key) if same_key || self.key == KeyPlan::Random => {
+                    if !same_payload {
+                        return Err(mismatch(r, Some(key)));
                     }
-                    Some(r) => (Some(key.clone()), r.state.is_unsettled(), r.created_at),
-                    None => (Some(key.clone()), false, self.now),
+                    send(Some(key.clone()), r.created_at, true)
+                }
+                _ => (None, Begun::Unsettled(r.clone())),
+            },
+            // The same fixed key again: pinned to its payload; done if it succeeded.
+            KeyPlan::Fixed(key) if same_key => {
+                if !same_payload {
+                    return Err(mismatch(r, Some(key)));
+                }
+                if r.state == OpState::Succeeded {
+                    (None, Begun::Succeeded(r.clone()))
+                } else {
+                    send(Some(key.clone()), r.created_at, false)
                 }
             }
-            KeyPlan::Random => match unsettled.as_ref() {
-                Some(r) if r.fingerprint != self.fingerprint => {
-                    return Err(Box::new(PayloadMismatch::new(self.operation, r, r.key.as_ref())));
-                }
-                Some(Record { key: Some(key), created_at, .. }) => (Some(key.clone()), true, *created_at),
-                _ => (Some(IdempotencyKey::random()), false, self.now),
-            },
-            KeyPlan::None => (None, false, self.now),
-        };
-        // A resumed key settles the previous run; anything else leaves it to the caller.
-        let unsettled = if resumed { None } else { unsettled };
-        let record = Record {
+            // A settled operation run again with a new key, or none: a new run.
+            KeyPlan::Random => send(Some(IdempotencyKey::random()), self.now, false),
+            KeyPlan::Fixed(key) => send(Some(key.clone()), self.now, false),
+            // Two keyless runs must not share a claim: the new one is recorded as later.
+            KeyPlan::None => {
+                let later = if r.key.is_none() && to_millis(self.now) <= to_millis(r.created_at) {
+                    from_millis(to_millis(r.created_at) + 1)
+                } else {
+                    self.now
+                };
+                send(None, later, false)
+            }
+        })
+    }
+
+    /// The pending record of a run with `claim`.
+    fn pending(&self, claim: &Claim) -> Record {
+        Record {
             operation: self.operation.to_owned(),
-            key: key.clone(),
+            key: claim.key.clone(),
             method: self.method.to_owned(),
             url: self.url.to_owned(),
             fingerprint: self.fingerprint.to_owned(),
             state: OpState::Pending,
-            created_at: key_created_at,
+            created_at: claim.created_at,
             updated_at: self.now,
             status: None,
             identity: None,
-        };
-        Ok((record, Begun { key, resumed, key_created_at, unsettled }))
+        }
     }
 }
 
-/// How an operation ended, for [`KeyStore::finish`].
+/// How a run ended, for [`KeyStore::finish`].
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct Finish {
+    /// The run: only a record that still carries this claim is changed.
+    pub claim: Claim,
     /// The new state.
     pub state: OpState,
     /// The final HTTP status, if any.
@@ -299,9 +361,33 @@ pub struct Finish {
 }
 
 impl Finish {
-    /// A finish record.
-    pub fn new(state: OpState, status: Option<u16>, identity: Option<serde_json::Value>, now: SystemTime) -> Self {
-        Self { state, status, identity, now }
+    /// The run with `claim` ended in `state` at `now`.
+    pub fn new(claim: Claim, state: OpState, now: SystemTime) -> Self {
+        Self { claim, state, status: None, identity: None, now }
+    }
+
+    /// With the final HTTP status.
+    pub fn status(mut self, status: Option<u16>) -> Self {
+        self.status = status;
+        self
+    }
+
+    /// With the identity the server returned.
+    pub fn identity(mut self, identity: Option<serde_json::Value>) -> Self {
+        self.identity = identity;
+        self
+    }
+
+    /// Applies this to `record` if the record is the claimed run's; whether it was.
+    pub fn apply(&self, record: &mut Record) -> bool {
+        if !record.is_claimed_by(&self.claim) {
+            return false;
+        }
+        record.state = self.state;
+        record.status = self.status;
+        record.identity = self.identity.clone();
+        record.updated_at = self.now;
+        true
     }
 }
 
@@ -313,36 +399,45 @@ impl Finish {
 /// | the journal holds for this operation | random key source | fixed key (explicit, derived, git) | no key |
 /// |---|---|---|---|
 /// | nothing | mint a key | the fixed key | – |
-/// | pending or unknown, same payload | **resume its key** | the fixed key | read back first |
-/// | pending or unknown, other payload | refused | refused if the key is the same | read back first |
-/// | succeeded or failed | mint a new key (a new run) | the fixed key: the server replays | – |
+/// | pending or unknown, with a key, same payload | **resume its key** | resume it if it is the fixed key, else *unsettled* | *unsettled* |
+/// | pending or unknown, with a key, other payload | refused | refused if it is the fixed key, else *unsettled* | *unsettled* |
+/// | pending or unknown, without a key | *unsettled* | *unsettled* | *unsettled* |
+/// | succeeded | mint a new key (a new run) | the same key: *succeeded*; another key: a new run | a new run |
+/// | failed | mint a new key | the fixed key (same payload only, if it is the same key) | a new run |
 ///
-/// and, for any fixed key, another operation that used the key with another payload means the
-/// request is refused before sending, with an error that names both.
+/// *Unsettled* and *succeeded* write nothing: a record that may have taken effect survives any
+/// re-run, whatever key source it names, until a read-back settles it (then
+/// [`finish`](Self::finish) it) or it is [forgotten](Self::forget); a succeeded key is not sent
+/// again blindly once the server may have forgotten it. For any fixed key, another operation
+/// that used the key with another payload means the request is refused before sending, with an
+/// error that names both.
+///
+/// [`finish`](Self::finish) is a compare-and-set on the run's [`Claim`]: a run that reports
+/// late never overwrites the record of a newer run.
 ///
 /// Implemented by [`MemoryStore`] and [`SqliteJournal`](crate::SqliteJournal); implement it to keep
-/// keys elsewhere, e.g. in Terraform state. [`begin`](Self::begin) must be atomic with respect
-/// to other processes using the same store, and durable before it returns: the caller sends
-/// right after.
+/// keys elsewhere, e.g. in Terraform state, and check the implementation with
+/// `testing::check_key_store` (feature `test-util`). [`begin`](Self::begin) must be atomic
+/// with respect to other processes using the same store, and durable before it returns: the
+/// caller sends right after.
 ///
 /// # Examples
 ///
 /// ```
 /// use std::time::SystemTime;
-/// use idempotent_retry::{Intent, KeyPlan, KeyStore, MemoryStore, fingerprint};
+/// use idempotent_retry::{Begun, Intent, KeyPlan, KeyStore, MemoryStore, fingerprint};
 ///
 /// let store = MemoryStore::new();
 /// let fp = fingerprint("POST", "https://api.test/cvms", b"{}");
 /// let intent = Intent { operation: "create/web-1", method: "POST", url: "https://api.test/cvms", fingerprint: &fp, key: KeyPlan::Random, now: SystemTime::now() };
-/// let first = store.begin(&intent).unwrap();
+/// let Begun::Send { claim: first, .. } = store.begin(&intent).unwrap() else { unreachable!() };
 /// // The process dies here. The re-run resumes the same key:
-/// let again = store.begin(&intent).unwrap();
-/// assert_eq!(again.key, first.key);
-/// assert!(again.resumed);
+/// let Begun::Send { claim: again, resumed } = store.begin(&intent).unwrap() else { unreachable!() };
+/// assert_eq!((again.key, resumed), (first.key, true));
 /// ```
 pub trait KeyStore: Send + Sync + fmt::Debug {
-    /// Decides the key for an operation about to be sent ([`Intent::plan`]) and records it as
-    /// pending, durably, before returning.
+    /// Decides what a run of the operation does ([`Intent::plan`]) and records the pending run,
+    /// when there is one, durably, before returning.
     ///
     /// # Errors
     ///
@@ -350,12 +445,13 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// variants when the store cannot be used.
     fn begin(&self, intent: &Intent<'_>) -> Result<Begun, JournalError>;
 
-    /// Records how the operation ended.
+    /// Records how a run ended, if the operation's record is still that run's
+    /// ([`Finish::apply`]); whether it was.
     ///
     /// # Errors
     ///
     /// When the store cannot be written.
-    fn finish(&self, operation: &str, finish: &Finish) -> Result<(), JournalError>;
+    fn finish(&self, operation: &str, finish: &Finish) -> Result<bool, JournalError>;
 
     /// The record of one operation.
     ///
@@ -397,8 +493,9 @@ pub struct MemoryStore {
 struct Memory {
     /// Records by operation name.
     records: HashMap<String, Record>,
-    /// Operation names by key, for the pinning check.
-    by_key: HashMap<IdempotencyKey, String>,
+    /// The operations holding each key, for the pinning check. Several operations may hold a
+    /// key (with the same payload); each keeps it until its own record moves on.
+    by_key: HashMap<IdempotencyKey, BTreeSet<String>>,
 }
 
 impl MemoryStore {
@@ -408,36 +505,47 @@ impl MemoryStore {
     }
 }
 
+impl Memory {
+    fn unindex(&mut self, record: &Record) {
+        if let Some(key) = &record.key
+            && let Some(holders) = self.by_key.get_mut(key)
+        {
+            holders.remove(&record.operation);
+            if holders.is_empty() {
+                self.by_key.remove(key);
+            }
+        }
+    }
+}
+
 impl KeyStore for MemoryStore {
     fn begin(&self, intent: &Intent<'_>) -> Result<Begun, JournalError> {
         let mut memory = lock(&self.inner);
-        let Memory { records, by_key } = &mut *memory;
-        let existing = records.get(intent.operation);
-        let same_key = match &intent.key {
-            KeyPlan::Fixed(key) => {
-                by_key.get(key).filter(|op| op.as_str() != intent.operation).and_then(|op| records.get(op))
-            }
+        let conflict = match &intent.key {
+            KeyPlan::Fixed(key) => memory.by_key.get(key).into_iter().flatten().find_map(|op| {
+                memory
+                    .records
+                    .get(op)
+                    .filter(|r| r.operation != intent.operation && r.fingerprint != intent.fingerprint)
+            }),
             _ => None,
         };
-        let (record, begun) = intent.plan(existing, same_key).map_err(JournalError::PayloadMismatch)?;
-        if let Some(old) = records.get(intent.operation).and_then(|r| r.key.clone()) {
-            by_key.remove(&old);
+        let (record, begun) =
+            intent.plan(memory.records.get(intent.operation), conflict).map_err(JournalError::PayloadMismatch)?;
+        if let Some(record) = record {
+            if let Some(old) = memory.records.remove(intent.operation) {
+                memory.unindex(&old);
+            }
+            if let Some(key) = &record.key {
+                memory.by_key.entry(key.clone()).or_default().insert(record.operation.clone());
+            }
+            memory.records.insert(record.operation.clone(), record);
         }
-        if let Some(key) = &record.key {
-            by_key.insert(key.clone(), record.operation.clone());
-        }
-        records.insert(record.operation.clone(), record);
         Ok(begun)
     }
 
-    fn finish(&self, operation: &str, finish: &Finish) -> Result<(), JournalError> {
-        if let Some(r) = lock(&self.inner).records.get_mut(operation) {
-            r.state = finish.state;
-            r.status = finish.status;
-            r.identity = finish.identity.clone();
-            r.updated_at = finish.now;
-        }
-        Ok(())
+    fn finish(&self, operation: &str, finish: &Finish) -> Result<bool, JournalError> {
+        Ok(lock(&self.inner).records.get_mut(operation).is_some_and(|r| finish.apply(r)))
     }
 
     fn get(&self, operation: &str) -> Result<Option<Record>, JournalError> {
@@ -457,9 +565,7 @@ impl KeyStore for MemoryStore {
     fn forget(&self, operation: &str) -> Result<bool, JournalError> {
         let mut memory = lock(&self.inner);
         let Some(record) = memory.records.remove(operation) else { return Ok(false) };
-        if let Some(key) = record.key {
-            memory.by_key.remove(&key);
-        }
+        memory.unindex(&record);
         Ok(true)
     }
 }
@@ -490,62 +596,7 @@ mod unix_millis {
 mod tests {
     use super::*;
 
-    fn intent<'a>(op: &'a str, fp: &'a str, key: KeyPlan) -> Intent<'a> {
-        Intent { operation: op, method: "POST", url: "https://api.test/cvms", fingerprint: fp, key, now: UNIX_EPOCH }
-    }
-
     fn _object_safe(_: &dyn KeyStore) {}
-
-    #[test]
-    fn random_keys_resume_while_unsettled_and_renew_after() {
-        let store = MemoryStore::new();
-        let first = store.begin(&intent("op", "fp1", KeyPlan::Random)).unwrap();
-        assert!(!first.resumed && first.key.is_some());
-        let again = store.begin(&intent("op", "fp1", KeyPlan::Random)).unwrap();
-        assert_eq!((again.key.clone(), again.resumed), (first.key.clone(), true));
-        assert_eq!(again.unsettled, None, "the resumed key settles it");
-
-        store.finish("op", &Finish::new(OpState::Succeeded, Some(201), None, UNIX_EPOCH)).unwrap();
-        let next_run = store.begin(&intent("op", "fp1", KeyPlan::Random)).unwrap();
-        assert_ne!(next_run.key, first.key, "a succeeded operation run again is a new operation");
-        assert!(!next_run.resumed);
-    }
-
-    #[test]
-    fn a_pending_random_operation_with_another_payload_is_refused() {
-        let store = MemoryStore::new();
-        store.begin(&intent("op", "fp1", KeyPlan::Random)).unwrap();
-        let err = store.begin(&intent("op", "fp2", KeyPlan::Random)).unwrap_err();
-        assert!(matches!(err, JournalError::PayloadMismatch(_)), "{err}");
-    }
-
-    #[test]
-    fn fixed_keys_are_pinned_to_one_payload_across_operations() {
-        let store = MemoryStore::new();
-        let key = IdempotencyKey::new("deploy-abc").unwrap();
-        store.begin(&intent("deploy/a", "fp1", KeyPlan::Fixed(key.clone()))).unwrap();
-        store.finish("deploy/a", &Finish::new(OpState::Succeeded, Some(201), None, UNIX_EPOCH)).unwrap();
-        // Same key, same payload, run again: fine (the server replays).
-        let again = store.begin(&intent("deploy/a", "fp1", KeyPlan::Fixed(key.clone()))).unwrap();
-        assert_eq!(again.key.as_ref(), Some(&key));
-        // Same key, another payload, another operation: refused, naming both.
-        let err = store.begin(&intent("deploy/b", "fp2", KeyPlan::Fixed(key.clone()))).unwrap_err();
-        let msg = err.to_string();
-        assert!(msg.contains("`deploy/b`") && msg.contains("`deploy/a`") && msg.contains("nothing was sent"), "{msg}");
-        assert!(!msg.contains("deploy-abc"), "the key is fingerprinted: {msg}");
-        // Same operation, same key, another payload: refused too.
-        let err = store.begin(&intent("deploy/a", "fp3", KeyPlan::Fixed(key))).unwrap_err();
-        assert!(matches!(err, JournalError::PayloadMismatch(_)));
-    }
-
-    #[test]
-    fn keyless_reruns_report_the_unsettled_run() {
-        let store = MemoryStore::new();
-        let first = store.begin(&intent("op", "fp", KeyPlan::None)).unwrap();
-        assert_eq!((first.key.clone(), first.unsettled.clone()), (None, None));
-        let again = store.begin(&intent("op", "fp", KeyPlan::None)).unwrap();
-        assert_eq!(again.unsettled.map(|r| r.state), Some(OpState::Pending));
-    }
 
     #[test]
     fn fingerprints_cover_method_url_and_body() {

@@ -210,43 +210,45 @@ impl KeyStore for SqliteJournal {
                 .prepare_cached(&format!("SELECT {COLUMNS} FROM operations WHERE operation = ?1"))
                 .map_err(|e| self.fail(e))?;
             let existing = by_operation.query_row([intent.operation], record).optional().map_err(|e| self.fail(e))?;
-            let same_key = match &intent.key {
+            let conflict = match &intent.key {
                 KeyPlan::Fixed(key) => {
                     let mut by_key = tx
                         .prepare_cached(&format!(
-                            "SELECT {COLUMNS} FROM operations WHERE key = ?1 AND operation <> ?2 LIMIT 1"
+                            "SELECT {COLUMNS} FROM operations WHERE key = ?1 AND operation <> ?2 AND fingerprint <> ?3 LIMIT 1"
                         ))
                         .map_err(|e| self.fail(e))?;
                     by_key
-                        .query_row(params![key.as_str(), intent.operation], record)
+                        .query_row(params![key.as_str(), intent.operation, intent.fingerprint], record)
                         .optional()
                         .map_err(|e| self.fail(e))?
                 }
                 _ => None,
             };
-            intent.plan(existing.as_ref(), same_key.as_ref()).map_err(JournalError::PayloadMismatch)?
+            intent.plan(existing.as_ref(), conflict.as_ref()).map_err(JournalError::PayloadMismatch)?
         };
-        tx.prepare_cached(&format!(
-            "INSERT OR REPLACE INTO operations ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, NULL)"
-        ))
-        .and_then(|mut insert| {
-            insert.execute(params![
-                planned.operation,
-                planned.key.as_ref().map(IdempotencyKey::as_str),
-                planned.method,
-                planned.url,
-                planned.fingerprint,
-                planned.state.as_str(),
-                to_millis(planned.created_at),
-                to_millis(planned.updated_at),
-            ])
-        })
-        .map_err(|e| self.fail(e))?;
-        tx.commit().map_err(|e| self.fail(e))?;
+        if let Some(planned) = planned {
+            tx.prepare_cached(&format!(
+                "INSERT OR REPLACE INTO operations ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, NULL)"
+            ))
+            .and_then(|mut insert| {
+                insert.execute(params![
+                    planned.operation,
+                    planned.key.as_ref().map(IdempotencyKey::as_str),
+                    planned.method,
+                    planned.url,
+                    planned.fingerprint,
+                    planned.state.as_str(),
+                    to_millis(planned.created_at),
+                    to_millis(planned.updated_at),
+                ])
+            })
+            .map_err(|e| self.fail(e))?;
+            tx.commit().map_err(|e| self.fail(e))?;
+        }
         Ok(begun)
     }
 
-    fn finish(&self, operation: &str, finish: &Finish) -> Result<(), JournalError> {
+    fn finish(&self, operation: &str, finish: &Finish) -> Result<bool, JournalError> {
         let connection = lock(&self.connection);
         let identity = finish.identity.as_ref().map(serde_json::Value::to_string);
         // The outcome need not survive a power cut: if it is lost, the record stays pending, the
@@ -254,9 +256,11 @@ impl KeyStore for SqliteJournal {
         // (WAL with synchronous = NORMAL is still safe against a crash of the process); the key,
         // written by `begin` before the send, keeps its fsync.
         connection.pragma_update(None, "synchronous", "NORMAL").map_err(|e| self.fail(e))?;
+        // Compare-and-set: only the run that holds the record (its key, its first time) ends it.
         let updated = connection
             .prepare_cached(
-                "UPDATE operations SET state = ?2, status = ?3, identity = ?4, updated_at = ?5 WHERE operation = ?1",
+                "UPDATE operations SET state = ?2, status = ?3, identity = ?4, updated_at = ?5 \
+                 WHERE operation = ?1 AND key IS ?6 AND created_at = ?7",
             )
             .and_then(|mut update| {
                 update.execute(params![
@@ -264,10 +268,12 @@ impl KeyStore for SqliteJournal {
                     finish.state.as_str(),
                     finish.status.map(i64::from),
                     identity,
-                    to_millis(finish.now)
+                    to_millis(finish.now),
+                    finish.claim.key.as_ref().map(IdempotencyKey::as_str),
+                    to_millis(finish.claim.created_at),
                 ])
             })
-            .map(drop)
+            .map(|rows| rows > 0)
             .map_err(|e| self.fail(e));
         connection.pragma_update(None, "synchronous", "FULL").map_err(|e| self.fail(e))?;
         updated
@@ -324,13 +330,16 @@ mod tests {
             key: KeyPlan::Random,
             now: UNIX_EPOCH,
         };
-        let first = SqliteJournal::open(&path).unwrap().begin(&intent).unwrap();
+        let Begun::Send { claim: first, .. } = SqliteJournal::open(&path).unwrap().begin(&intent).unwrap() else {
+            panic!("a first run sends")
+        };
         let journal = SqliteJournal::open(&path).unwrap();
         let again = journal.begin(&intent).unwrap();
-        assert_eq!((again.key, again.resumed), (first.key, true));
-        journal
-            .finish("op", &Finish::new(OpState::Succeeded, Some(201), Some(serde_json::json!({"id": "x"})), UNIX_EPOCH))
-            .unwrap();
+        assert_eq!(again, Begun::Send { claim: first.clone(), resumed: true });
+        let done = Finish::new(first, OpState::Succeeded, UNIX_EPOCH)
+            .status(Some(201))
+            .identity(Some(serde_json::json!({"id": "x"})));
+        assert!(journal.finish("op", &done).unwrap());
         let record = journal.get("op").unwrap().unwrap();
         assert_eq!((record.state, record.status), (OpState::Succeeded, Some(201)));
         assert_eq!(record.identity, Some(serde_json::json!({"id": "x"})));

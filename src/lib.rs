@@ -107,7 +107,8 @@ pub use crate::classify::{
 pub use crate::error::{Error, Failure, LastAttempt};
 pub use crate::git::{GitKeyMode, NoGitKey, key_from_git};
 pub use crate::journal::{
-    Begun, Finish, Intent, JournalError, KeyPlan, KeyStore, MemoryStore, OpState, PayloadMismatch, Record, fingerprint,
+    Begun, Claim, Finish, Intent, JournalError, KeyPlan, KeyStore, MemoryStore, OpState, PayloadMismatch, Record,
+    fingerprint,
 };
 #[cfg(feature = "journal")]
 pub use crate::journal_sqlite::SqliteJournal;

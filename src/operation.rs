@@ -15,6 +15,7 @@
 //!     Outcome::Created => println!("created {}", done.identity["id"]),
 //!     Outcome::Replayed => println!("it was created earlier: {}", done.identity["id"]),
 //!     Outcome::Recovered => println!("found by reading back: {}", done.identity["id"]),
+//!     Outcome::Recorded => println!("done long ago, by the journal: {}", done.identity["id"]),
 //! }
 //! # Ok(()) }
 //! ```
@@ -40,7 +41,9 @@ use uuid::Uuid;
 
 use crate::error::Error;
 use crate::git::{GitKeyMode, key_from_git};
-use crate::journal::{Begun, Finish, Intent, JournalError, KeyPlan, KeyStore, OpState, PayloadMismatch, fingerprint};
+use crate::journal::{
+    Begun, Claim, Finish, Intent, JournalError, KeyPlan, KeyStore, OpState, PayloadMismatch, Record, fingerprint,
+};
 use crate::key::IdempotencyKey;
 use crate::options::RequestOptions;
 use crate::outcome::RetryOutcome;
@@ -122,7 +125,7 @@ pub fn items(list: &Value) -> Option<&Vec<Value>> {
         .or_else(|| list.get("data").and_then(Value::as_array))
 }
 
-/// What happened. The three are the whole set: match them exhaustively.
+/// What happened. The four are the whole set: match them exhaustively.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
@@ -133,6 +136,9 @@ pub enum Outcome {
     Replayed,
     /// Found by reading back.
     Recovered,
+    /// The journal says this key succeeded, longer ago than the server keeps keys, so nothing
+    /// was sent (the server would have created anew): the identity is the journal's.
+    Recorded,
 }
 
 /// A finished operation.
@@ -179,7 +185,7 @@ pub enum OperationError {
     #[error(transparent)]
     PayloadMismatch(Box<PayloadMismatch>),
     /// The server answered with a final refusal. Not applied.
-    #[error("operation `{operation}` was refused with {status}")]
+    #[error("operation `{operation}` was refused with {status}{}", if *.key_reuse { ": the server says the key was used before with another payload, so this key can never be sent with this payload" } else { "" })]
     Rejected {
         /// The operation.
         operation: String,
@@ -191,6 +197,9 @@ pub enum OperationError {
         attempts: u32,
         /// The key sent, if any.
         key: Option<IdempotencyKey>,
+        /// The refusal is the server's "key reused with another payload" (422, 417, a 409 that
+        /// says so, Stripe's `idempotency_error`).
+        key_reuse: bool,
     },
     /// The request failed (see [`Error`] inside the source for attempts and cause).
     #[error("operation `{operation}` failed{}", if *.may_have_been_applied { "; it may have been applied, and re-running it resumes its key" } else { "; it was not applied" })]
@@ -218,6 +227,19 @@ pub enum OperationError {
     /// The server returned a resource that is not the one asked for.
     #[error(transparent)]
     IdentityMismatch(Box<IdentityMismatch>),
+    /// The operation succeeded earlier (the journal recorded it, longer ago than the server
+    /// keeps keys), and the read-back no longer finds what it created: it was deleted since.
+    /// Nothing was sent. A new resource is a new operation: bump the generation of a derived
+    /// key, use a new key, or forget the operation.
+    #[error(
+        "operation `{operation}` succeeded earlier ({identity}), and the read-back no longer finds it; nothing was sent. A new resource is a new operation: bump the generation, use another key, or forget the operation"
+    )]
+    Gone {
+        /// The operation.
+        operation: String,
+        /// The identity the journal recorded.
+        identity: Value,
+    },
     /// The read-back lookup failed.
     #[error("operation `{operation}`: the read-back failed")]
     ReadBack {
@@ -429,6 +451,22 @@ impl Operations {
         &self.store
     }
 
+    /// Calls the store: on tokio's blocking pool when it [may block](KeyStore::is_blocking),
+    /// in place when it answers from memory.
+    pub(crate) async fn journal<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&dyn KeyStore) -> Result<T, JournalError> + Send + 'static,
+    ) -> Result<T, JournalError> {
+        if !self.store.is_blocking() {
+            return call(&*self.store);
+        }
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || call(&*store)).await.map_err(|e| JournalError::Other {
+            path: "(journal)".into(),
+            reason: format!("the journal call failed: {e}"),
+        })?
+    }
+
     /// The client.
     pub fn client(&self) -> &ClientWithMiddleware {
         &self.client
@@ -617,6 +655,20 @@ impl<'a> OperationBuilder<'a> {
     }
 
     async fn run(self) -> Result<Completed, OperationError> {
+        let url = self.checked_url()?;
+        let (plan, no_key_reason) = self.key_plan().await?;
+        let fp = fingerprint(self.method.as_str(), &url, &self.body);
+        let stored_url = crate::target::redact_str(&url);
+        let run = match self.start(&stored_url, &fp, &plan, no_key_reason.clone()).await? {
+            Start::Done(done) => return Ok(*done),
+            Start::Send(run) => run,
+        };
+        tracing::Span::current().record("key", run.claim.key.as_ref().map(IdempotencyKey::fingerprint));
+        self.send_until_settled(&url, run, no_key_reason).await
+    }
+
+    /// The URL, the options and the operation's own policy, checked before anything else.
+    fn checked_url(&self) -> Result<String, OperationError> {
         if let Some(reason) = &self.invalid {
             return Err(self.invalid(reason.clone()));
         }
@@ -630,108 +682,227 @@ impl<'a> OperationBuilder<'a> {
         if self.sources.len() > 1 {
             return Err(self.invalid(format!("conflicting key sources: {:?}", self.sources)));
         }
-        let (plan, mut no_key_reason) = match self.sources.first().cloned().unwrap_or(KeySource::Random) {
+        Ok(url)
+    }
+
+    /// How the key is chosen, and why there is none when a source found none. Git runs off the
+    /// async thread.
+    async fn key_plan(&self) -> Result<(KeyPlan, Option<String>), OperationError> {
+        Ok(match self.sources.first().cloned().unwrap_or(KeySource::Random) {
             KeySource::Random => (KeyPlan::Random, None),
             KeySource::Derived { generation } => (KeyPlan::Fixed(self.ops.derived_key(&self.name, generation)), None),
             KeySource::Explicit(key) => (KeyPlan::Fixed(key), None),
-            KeySource::Git { dir, mode } => match key_from_git(&dir, mode) {
-                Ok(key) => (KeyPlan::Fixed(key), None),
-                Err(why) => {
-                    tracing::warn!(operation = %self.name, "no idempotency key from git: {why}");
-                    (KeyPlan::None, Some(why.to_string()))
+            KeySource::Git { dir, mode } => {
+                let found = tokio::task::spawn_blocking(move || key_from_git(&dir, mode))
+                    .await
+                    .map_err(|e| self.invalid(format!("reading the git key failed: {e}")))?;
+                match found {
+                    Ok(key) => (KeyPlan::Fixed(key), None),
+                    Err(why) => {
+                        tracing::warn!(operation = %self.name, "no idempotency key from git: {why}");
+                        (KeyPlan::None, Some(why.to_string()))
+                    }
                 }
-            },
+            }
             KeySource::None => (KeyPlan::None, None),
-        };
-        let fp = fingerprint(self.method.as_str(), &url, &self.body);
+        })
+    }
 
-        // The key is on record before anything is sent.
-        let mut begun = self.begin(&url, &fp, plan.clone()).await?;
-        tracing::Span::current().record("key", begun.key.as_ref().map(IdempotencyKey::fingerprint));
-
-        // A previous run without a key may have taken effect: read back before sending again.
-        if let Some(previous) = begun.unsettled.take() {
-            let Some(read_back) = &self.read_back else {
-                return Err(OperationError::Unknown {
-                    operation: self.name.clone(),
-                    key: None,
-                    reason: format!(
-                        "a previous run ({}, {}) may have taken effect and there is no read-back to find out; attach one, or forget the operation once checked",
-                        previous.state,
-                        crate::time::rfc3339(previous.updated_at)
-                    ),
-                });
-            };
-            if let Some(found) = self.lookup(read_back).await? {
-                return self.recovered(found, &begun, no_key_reason).await;
+    /// Asks the journal what this run does, settling what stands in the way first: a previous
+    /// run that may have taken effect, a key the server may have forgotten.
+    async fn start(
+        &self,
+        url: &str,
+        fp: &str,
+        plan: &KeyPlan,
+        no_key_reason: Option<String>,
+    ) -> Result<Start, OperationError> {
+        // Another process may change the record between two looks; a few rounds settle that.
+        for _ in 0..4 {
+            match self.begin(url, fp, plan.clone()).await? {
+                Begun::Send { claim, resumed } => {
+                    if !resumed || !self.past_retention(&claim) {
+                        return Ok(Start::Send(Run { claim, resumed, resending_success: false }));
+                    }
+                    // The server may have forgotten the key: it is not resent blind.
+                    let Some(read_back) = &self.read_back else {
+                        self.finish(&claim, Finish::new(claim.clone(), OpState::Unknown, self.ops.clock.now())).await?;
+                        return Err(self.unknown(claim.key.clone(), self.retention_reason(&claim)));
+                    };
+                    if let Some(found) = self.lookup(read_back).await? {
+                        return self.recovered(found, &claim, no_key_reason).await.map(Start::done);
+                    }
+                    // Not there: nothing was created. A random key is renewed; a fixed one is
+                    // sent again (the server no longer knows it).
+                    if *plan != KeyPlan::Random {
+                        return Ok(Start::Send(Run { claim, resumed, resending_success: false }));
+                    }
+                    self.settle_as_failed(&claim).await?;
+                }
+                Begun::Succeeded(record) => {
+                    let claim = record.claim();
+                    if !self.past_retention(&claim) {
+                        // The server still holds the key: it replays.
+                        return Ok(Start::Send(Run { claim, resumed: false, resending_success: true }));
+                    }
+                    return self.succeeded_earlier(record, no_key_reason).await.map(Start::done);
+                }
+                Begun::Unsettled(previous) => {
+                    let claim = previous.claim();
+                    let Some(read_back) = &self.read_back else {
+                        return Err(self.unknown(
+                            previous.key.clone(),
+                            format!(
+                                "a previous run ({}, {}, {}) may have taken effect, and this run cannot resume it; attach a read-back, or check the server and then forget the operation (`idem journal forget`, KeyStore::forget)",
+                                previous.state,
+                                previous.key.as_ref().map_or_else(|| "no key".to_owned(), |k| format!("key sha256:{}", k.fingerprint())),
+                                crate::time::rfc3339(previous.updated_at)
+                            ),
+                        ));
+                    };
+                    if let Some(found) = self.lookup(read_back).await? {
+                        return self.recovered(found, &claim, no_key_reason).await.map(Start::done);
+                    }
+                    // Not there: the previous run did not take effect. Settle it, then plan again.
+                    self.settle_as_failed(&claim).await?;
+                }
             }
         }
+        Err(self
+            .unknown(None, "the journal's record kept changing under this run (another process is running it?)".into()))
+    }
 
-        // A key the server may have forgotten is not resent.
-        let retention = self.retention.unwrap_or(self.ops.retention);
-        let margin = self.ops.margin.unwrap_or(retention / 10);
-        let age = self.ops.clock.now().duration_since(begun.key_created_at).unwrap_or_default();
-        if begun.resumed && age >= retention.saturating_sub(margin) {
-            let Some(read_back) = &self.read_back else {
-                self.finish(OpState::Unknown, None, None).await?;
-                return Err(OperationError::Unknown {
-                    operation: self.name.clone(),
-                    key: begun.key.clone(),
-                    reason: format!(
-                        "the key was recorded {}s ago, past the server's retention ({}s) less the margin; the server may have forgotten it, so it is not resent. Attach a read-back",
-                        age.as_secs(),
-                        retention.as_secs()
-                    ),
-                });
-            };
-            if let Some(found) = self.lookup(read_back).await? {
-                return self.recovered(found, &begun, no_key_reason).await;
-            }
-            // Not there: nothing was created; a fresh create is safe, with a fresh key if the
-            // key was random.
-            if plan == KeyPlan::Random {
-                self.finish(OpState::Failed, None, None).await?;
-                begun = self.begin(&url, &fp, KeyPlan::Random).await?;
-            }
-        }
-
-        // Send; if the outcome is unknown, read back; if not found, send once more.
-        let mut retried_after_read_back = false;
+    /// Sends; if the outcome is unknown, reads back; if not found, sends once more.
+    async fn send_until_settled(
+        &self,
+        url: &str,
+        run: Run,
+        mut no_key_reason: Option<String>,
+    ) -> Result<Completed, OperationError> {
+        let mut read_back_done = false;
         loop {
-            let result = self.send_once(&url, begun.key.as_ref()).await;
-            let error = match result {
-                Ok(response) => return self.answered(response, &begun, no_key_reason.take()).await,
+            let error = match self.send_once(url, run.claim.key.as_ref()).await {
+                Ok(response) => return self.answered(response, &run, no_key_reason.take()).await,
                 Err(error) => error,
             };
+            if run.resending_success {
+                // The journal already knows it succeeded; a failed replay changes nothing there.
+                return Err(self.failed(error, &run.claim, true));
+            }
             if let Some(why) = never_sent(&error) {
                 // It could not be sent at all: nothing to settle.
-                self.finish(OpState::Failed, None, None).await?;
+                self.settle_as_failed(&run.claim).await?;
                 return Err(self.invalid(why));
+            }
+            if let Some(refusal) = self.key_refusal(&error, &run.claim).await? {
+                return Err(refusal);
             }
             let may_have_been_applied = Error::find(&error).is_none_or(Error::may_have_been_applied);
             if !may_have_been_applied {
-                self.finish(OpState::Failed, error.status().map(|s| s.as_u16()), None).await?;
-                return Err(self.failed(error, &begun, false));
+                let status = error.status().map(|s| s.as_u16());
+                self.finish(
+                    &run.claim,
+                    Finish::new(run.claim.clone(), OpState::Failed, self.ops.clock.now()).status(status),
+                )
+                .await?;
+                return Err(self.failed(error, &run.claim, false));
             }
-            let Some(read_back) = self.read_back.clone().filter(|_| !retried_after_read_back) else {
-                self.finish(OpState::Unknown, None, None).await?;
-                return Err(self.failed(error, &begun, true));
+            let Some(read_back) = self.read_back.as_ref().filter(|_| !read_back_done) else {
+                self.finish(&run.claim, Finish::new(run.claim.clone(), OpState::Unknown, self.ops.clock.now())).await?;
+                return Err(self.failed(error, &run.claim, true));
             };
-            if let Some(found) = self.lookup(&read_back).await? {
-                return self.recovered(found, &begun, no_key_reason).await;
+            if let Some(found) = self.lookup(read_back).await? {
+                return self.recovered(found, &run.claim, no_key_reason).await;
             }
-            retried_after_read_back = true;
+            read_back_done = true;
             tracing::info!(operation = %self.name, "not found by reading back: sending again");
         }
     }
 
+    /// The server refused the key as used with another payload: a final refusal, with its body.
+    async fn key_refusal(
+        &self,
+        error: &reqwest_middleware::Error,
+        claim: &Claim,
+    ) -> Result<Option<OperationError>, OperationError> {
+        let Some(Error::KeyReuse(failure)) = Error::find(error) else { return Ok(None) };
+        let crate::error::LastAttempt::Status { status, body, .. } = &failure.last else { return Ok(None) };
+        let finish = Finish::new(claim.clone(), OpState::Failed, self.ops.clock.now()).status(Some(status.as_u16()));
+        self.finish(claim, finish).await?;
+        Ok(Some(OperationError::Rejected {
+            operation: self.name.clone(),
+            status: *status,
+            body: body.clone(),
+            attempts: failure.attempts,
+            key: claim.key.clone(),
+            key_reuse: true,
+        }))
+    }
+
+    /// Whether the key's age is past the server's retention, less the margin.
+    fn past_retention(&self, claim: &Claim) -> bool {
+        let (retention, margin) = self.retention_and_margin();
+        self.key_age(claim) >= retention.saturating_sub(margin)
+    }
+
+    fn retention_and_margin(&self) -> (Duration, Duration) {
+        let retention = self.retention.unwrap_or(self.ops.retention);
+        (retention, self.ops.margin.unwrap_or(retention / 10))
+    }
+
+    fn key_age(&self, claim: &Claim) -> Duration {
+        self.ops.clock.now().duration_since(claim.created_at).unwrap_or_default()
+    }
+
+    fn retention_reason(&self, claim: &Claim) -> String {
+        format!(
+            "the key was recorded {}s ago, past the server's retention ({}s) less the margin; the server may have forgotten it, so it is not resent. Attach a read-back",
+            self.key_age(claim).as_secs(),
+            self.retention_and_margin().0.as_secs()
+        )
+    }
+
+    /// A fixed key that succeeded, past the server's retention: the journal's record, refreshed
+    /// by the read-back when there is one. Nothing is sent.
+    async fn succeeded_earlier(
+        &self,
+        record: Record,
+        no_key_reason: Option<String>,
+    ) -> Result<Completed, OperationError> {
+        let claim = record.claim();
+        if let Some(read_back) = &self.read_back {
+            return match self.lookup(read_back).await? {
+                Some(found) => self.recovered(found, &claim, no_key_reason).await,
+                None => Err(OperationError::Gone {
+                    operation: self.name.clone(),
+                    identity: record.identity.unwrap_or(Value::Null),
+                }),
+            };
+        }
+        tracing::Span::current().record("outcome", "recorded");
+        let identity: BTreeMap<String, Value> = match &record.identity {
+            Some(Value::Object(map)) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            _ => BTreeMap::new(),
+        };
+        Ok(Completed {
+            outcome: Outcome::Recorded,
+            status: record.status.and_then(|s| StatusCode::from_u16(s).ok()),
+            resource: record.identity.clone().unwrap_or(Value::Null),
+            body: Bytes::new(),
+            identity,
+            key: record.key,
+            resumed: false,
+            attempts: 0,
+            no_key_reason,
+        })
+    }
+
     async fn begin(&self, url: &str, fp: &str, plan: KeyPlan) -> Result<Begun, OperationError> {
+        let (operation, method, url, fp) =
+            (self.name.clone(), self.method.as_str().to_owned(), url.to_owned(), fp.to_owned());
         let now = self.ops.clock.now();
-        let method = self.method.as_str();
-        let result = if self.ops.store.is_blocking() {
-            let store = self.ops.store.clone();
-            let (operation, method, url, fp) = (self.name.clone(), method.to_owned(), url.to_owned(), fp.to_owned());
-            tokio::task::spawn_blocking(move || {
+        self.ops
+            .journal(move |store| {
                 store.begin(&Intent {
                     operation: &operation,
                     method: &method,
@@ -742,26 +913,26 @@ impl<'a> OperationBuilder<'a> {
                 })
             })
             .await
-            .map_err(|e| {
-                OperationError::Journal(JournalError::Other { path: "(journal)".into(), reason: e.to_string() })
-            })?
-        } else {
-            self.ops.store.begin(&Intent { operation: &self.name, method, url, fingerprint: fp, key: plan, now })
-        };
-        result.map_err(OperationError::journal)
+            .map_err(OperationError::journal)
     }
 
-    async fn finish(&self, state: OpState, status: Option<u16>, identity: Option<Value>) -> Result<(), OperationError> {
-        let finish = Finish::new(state, status, identity, self.ops.clock.now());
-        let result = if self.ops.store.is_blocking() {
-            let (store, operation) = (self.ops.store.clone(), self.name.clone());
-            tokio::task::spawn_blocking(move || store.finish(&operation, &finish)).await.map_err(|e| {
-                OperationError::Journal(JournalError::Other { path: "(journal)".into(), reason: e.to_string() })
-            })?
-        } else {
-            self.ops.store.finish(&self.name, &finish)
-        };
-        result.map_err(OperationError::journal)
+    /// Records how the run with `claim` ended (`finish` carries the claim too).
+    async fn finish(&self, _claim: &Claim, finish: Finish) -> Result<(), OperationError> {
+        let operation = self.name.clone();
+        let applied =
+            self.ops.journal(move |store| store.finish(&operation, &finish)).await.map_err(OperationError::journal)?;
+        if !applied {
+            tracing::info!(operation = %self.name, "the journal's record moved on to a newer run: this run's outcome is not recorded over it");
+        }
+        Ok(())
+    }
+
+    async fn settle_as_failed(&self, claim: &Claim) -> Result<(), OperationError> {
+        self.finish(claim, Finish::new(claim.clone(), OpState::Failed, self.ops.clock.now())).await
+    }
+
+    fn unknown(&self, key: Option<IdempotencyKey>, reason: String) -> OperationError {
+        OperationError::Unknown { operation: self.name.clone(), key, reason }
     }
 
     async fn send_once(
@@ -796,8 +967,23 @@ impl<'a> OperationBuilder<'a> {
             .map_err(|source| OperationError::ReadBack { operation: self.name.clone(), source })
     }
 
-    fn failed(&self, source: reqwest_middleware::Error, begun: &Begun, may_have_been_applied: bool) -> OperationError {
-        OperationError::Failed { operation: self.name.clone(), key: begun.key.clone(), may_have_been_applied, source }
+    fn failed(&self, source: reqwest_middleware::Error, claim: &Claim, may_have_been_applied: bool) -> OperationError {
+        OperationError::Failed { operation: self.name.clone(), key: claim.key.clone(), may_have_been_applied, source }
+    }
+
+    /// The identity fields of `resource` as the journal keeps them: `id` and the declared and
+    /// expected fields, as found (`null` where missing), whether or not they match.
+    fn identity_record(&self, resource: &Value) -> Value {
+        let mut identity = serde_json::Map::new();
+        let fields = std::iter::once("id").chain(self.identity.iter().map(String::as_str));
+        for field in fields.chain(self.expect.iter().map(|(f, _)| f.as_str())) {
+            if let Some(value) = resource.get(field) {
+                identity.insert(field.to_owned(), value.clone());
+            } else if field != "id" {
+                identity.insert(field.to_owned(), Value::Null);
+            }
+        }
+        Value::Object(identity)
     }
 
     /// Identity fields of `resource`, checked against the expectations.
@@ -826,31 +1012,44 @@ impl<'a> OperationBuilder<'a> {
     async fn answered(
         &self,
         response: reqwest::Response,
-        begun: &Begun,
+        run: &Run,
         no_key_reason: Option<String>,
     ) -> Result<Completed, OperationError> {
+        let claim = &run.claim;
+        let now = self.ops.clock.now();
         let Some(record) = RetryOutcome::of(&response).cloned() else {
-            self.finish(OpState::Unknown, Some(response.status().as_u16()), None).await?;
+            if !run.resending_success {
+                let finish = Finish::new(claim.clone(), OpState::Unknown, now).status(Some(response.status().as_u16()));
+                self.finish(claim, finish).await?;
+            }
             return Err(self.invalid(
                 "the client has no IdempotentRetry layer, so the request went out without its key; build it with Operations::with_layer",
             ));
         };
         let status = response.status();
+        // In memory already: the layer read it within the attempt (`buffer_body`).
         let body = match response.bytes().await {
             Ok(body) => body,
             Err(e) => {
-                self.finish(OpState::Unknown, Some(status.as_u16()), None).await?;
-                return Err(self.failed(e.into(), begun, true));
+                if !run.resending_success {
+                    self.finish(claim, Finish::new(claim.clone(), OpState::Unknown, now).status(Some(status.as_u16())))
+                        .await?;
+                }
+                return Err(self.failed(e.into(), claim, true));
             }
         };
         if !record.succeeded {
-            self.finish(OpState::Failed, Some(status.as_u16()), None).await?;
+            if !run.resending_success {
+                self.finish(claim, Finish::new(claim.clone(), OpState::Failed, now).status(Some(status.as_u16())))
+                    .await?;
+            }
             return Err(OperationError::Rejected {
                 operation: self.name.clone(),
                 status,
                 body,
                 attempts: record.attempts,
-                key: begun.key.clone(),
+                key: claim.key.clone(),
+                key_reuse: false,
             });
         }
         let mut resource = serde_json::from_slice(&body).unwrap_or(Value::Null);
@@ -862,24 +1061,31 @@ impl<'a> OperationBuilder<'a> {
         {
             if fresh.get("id").is_some() && fresh.get("id") != resource.get("id") {
                 let expected = resource.get("id").cloned().unwrap_or(Value::Null);
-                self.finish(OpState::Succeeded, Some(status.as_u16()), Some(resource.clone())).await?;
+                let finish = Finish::new(claim.clone(), OpState::Succeeded, now)
+                    .status(Some(status.as_u16()))
+                    .identity(Some(self.identity_record(&resource)));
+                self.finish(claim, finish).await?;
                 let found = fresh.get("id").cloned().unwrap_or(Value::Null);
                 return Err(IdentityMismatch::error(&self.name, "id", expected, found, fresh));
             }
             resource = fresh;
         }
-        let identity = self.identity_of(&resource);
-        let stored = identity.as_ref().ok().map(|i| serde_json::to_value(i).expect("a map of JSON values"));
-        self.finish(OpState::Succeeded, Some(status.as_u16()), stored).await?;
+        // What was created is recorded, whether or not its identity is the one expected: it is
+        // this operation's, and a re-run must not create another.
+        let finish = Finish::new(claim.clone(), OpState::Succeeded, now)
+            .status(Some(status.as_u16()))
+            .identity(Some(self.identity_record(&resource)));
+        self.finish(claim, finish).await?;
+        let identity = self.identity_of(&resource)?;
         tracing::Span::current().record("outcome", if record.replayed { "replayed" } else { "created" });
         Ok(Completed {
             outcome,
             status: Some(status),
             resource,
             body,
-            identity: identity?,
-            key: begun.key.clone(),
-            resumed: begun.resumed,
+            identity,
+            key: claim.key.clone(),
+            resumed: run.resumed,
             attempts: record.attempts,
             no_key_reason,
         })
@@ -888,25 +1094,51 @@ impl<'a> OperationBuilder<'a> {
     async fn recovered(
         &self,
         found: Value,
-        begun: &Begun,
+        claim: &Claim,
         no_key_reason: Option<String>,
     ) -> Result<Completed, OperationError> {
-        let identity = self.identity_of(&found);
-        let stored = identity.as_ref().ok().map(|i| serde_json::to_value(i).expect("a map of JSON values"));
-        self.finish(OpState::Succeeded, None, stored).await?;
+        let finish = Finish::new(claim.clone(), OpState::Succeeded, self.ops.clock.now())
+            .identity(Some(self.identity_record(&found)));
+        self.finish(claim, finish).await?;
+        let identity = self.identity_of(&found)?;
         tracing::Span::current().record("outcome", "recovered");
         Ok(Completed {
             outcome: Outcome::Recovered,
             status: None,
             resource: found,
             body: Bytes::new(),
-            identity: identity?,
-            key: begun.key.clone(),
-            resumed: begun.resumed,
+            identity,
+            key: claim.key.clone(),
+            resumed: false,
             attempts: 0,
             no_key_reason,
         })
     }
+}
+
+/// What a run does once the journal has been asked.
+enum Start {
+    /// Nothing to send: settled by reading back, or by the journal's record.
+    Done(Box<Completed>),
+    /// Send, as this run.
+    Send(Run),
+}
+
+impl Start {
+    fn done(completed: Completed) -> Self {
+        Start::Done(Box::new(completed))
+    }
+}
+
+/// The run about to send.
+struct Run {
+    /// Its key and when that key was first recorded.
+    claim: Claim,
+    /// The key is a previous run's.
+    resumed: bool,
+    /// The key already succeeded (within the server's retention): the server replays, and the
+    /// journal's record is refreshed only by a success.
+    resending_success: bool,
 }
 
 /// Why a request could not be sent at all, if that is how it failed: the request could not be

@@ -537,3 +537,68 @@ async fn what_cannot_be_sent_is_a_usage_error_and_leaves_no_record() {
         assert_eq!(list.json(), serde_json::json!([]), "nothing journaled: {list:?}");
     }
 }
+
+/// A server that creates a resource for every request it has not seen the key of, and answers
+/// the first create with 503 after committing it (a proxy that lost the answer). Keys it has
+/// seen are answered with the stored 201.
+struct CommitThen503 {
+    created: std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>,
+}
+
+impl wiremock::Respond for CommitThen503 {
+    fn respond(&self, request: &wiremock::Request) -> wiremock::ResponseTemplate {
+        let key = request.headers.get("idempotency-key").map(|v| v.to_str().unwrap().to_owned());
+        let mut created = self.created.lock().unwrap();
+        if key.is_some() && created.contains(&key) {
+            return wiremock::ResponseTemplate::new(201).set_body_string(r#"{"id":"replayed"}"#);
+        }
+        created.push(key);
+        let status = if created.len() == 1 { 503 } else { 201 };
+        wiremock::ResponseTemplate::new(status).set_body_string(format!(r#"{{"id":"r{}"}}"#, created.len()))
+    }
+}
+
+/// Defect: `begin` wrote the new record before the "previous run unsettled" check. A keyless run
+/// the server committed (answered 503) left an unknown record; the same command with a key then
+/// replaced it with a pending key it never sent, and a third run resumed that key and created a
+/// second resource. An unsettled record survives any re-run until a read-back or
+/// `journal forget` settles it.
+#[tokio::test]
+async fn an_unsettled_keyless_run_survives_reruns_with_other_key_flags() {
+    let scratch = Scratch::new("rerun-flags");
+    let server = wiremock::MockServer::start().await;
+    let created = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(CommitThen503 { created: created.clone() })
+        .mount(&server)
+        .await;
+    let url = format!("{}/cvms", server.uri());
+    let journal = scratch.journal();
+    let post = |extra: &'static [&'static str]| {
+        let (url, journal) = (url.clone(), journal.clone());
+        let scratch = &scratch;
+        async move {
+            let mut args = vec!["post", &url, "--json", r#"{"name":"web-1"}"#, "--journal", &journal];
+            args.extend_from_slice(extra);
+            scratch.run(&args).await
+        }
+    };
+
+    let first = post(&["--no-idempotency-key"]).await;
+    assert_eq!(first.code(), 3, "{first:?}");
+    for _ in 0..2 {
+        let again = post(&[]).await;
+        assert_eq!(again.code(), 3, "still unsettled: {again:?}");
+        assert!(again.stderr().contains("journal forget"), "says how to settle it: {again:?}");
+    }
+    let list = scratch.run(&["journal", "list", "--output", "json", "--journal", &journal]).await.json();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!((list[0]["state"].as_str(), list[0]["key"].as_str()), (Some("unknown"), None), "the keyless record");
+    assert_eq!(created.lock().unwrap().len(), 1, "one resource");
+
+    // Checked by hand and forgotten: the next run is a new operation.
+    let operation = list[0]["operation"].as_str().unwrap().to_owned();
+    assert_eq!(scratch.run(&["journal", "forget", &operation, "--journal", &journal]).await.code(), 0);
+    assert_eq!(post(&[]).await.code(), 0);
+    assert_eq!(created.lock().unwrap().len(), 2);
+}

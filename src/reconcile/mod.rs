@@ -359,26 +359,26 @@ impl Reconciler {
 
     /// This operation's slot records in the journal.
     async fn ledger(&self) -> Result<Vec<(u64, Slot, Record)>, ReconcileFailure> {
-        let store = self.ops.store().clone();
-        let records = tokio::task::spawn_blocking(move || store.list())
-            .await
-            .map_err(|e| ReconcileFailure::List(e.to_string()))?
-            .map_err(|e| ReconcileFailure::Operation(OperationError::Journal(e)))?;
+        let records = self.ops.journal(|store| store.list()).await.map_err(journal_failure)?;
         Ok(records
             .into_iter()
             .filter_map(|r| self.parse_slot_operation(&r.operation).map(|(g, s)| (g, s, r)))
             .collect())
     }
 
+    /// Settles a slot's record: the run that holds it now ended in `state`.
     async fn finish_slot(&self, slot: &Slot, state: OpState, id: Option<&str>) -> Result<(), ReconcileFailure> {
-        let store = self.ops.store().clone();
         let name = self.slot_operation(self.generation, slot);
         let identity = id.map(|id| serde_json::json!({ self.id_field.clone(): id }));
-        let finish = Finish::new(state, None, identity, self.clock.now());
-        tokio::task::spawn_blocking(move || store.finish(&name, &finish))
+        let now = self.clock.now();
+        self.ops
+            .journal(move |store| {
+                let Some(record) = store.get(&name)? else { return Ok(false) };
+                store.finish(&name, &Finish::new(record.claim(), state, now).identity(identity))
+            })
             .await
-            .map_err(|e| ReconcileFailure::List(e.to_string()))?
-            .map_err(|e| ReconcileFailure::Operation(OperationError::Journal(e)))
+            .map(drop)
+            .map_err(journal_failure)
     }
 
     /// Makes the collection hold `desired`.
@@ -838,6 +838,10 @@ impl Reconciler {
         }
         Ok(())
     }
+}
+
+fn journal_failure(e: crate::journal::JournalError) -> ReconcileFailure {
+    ReconcileFailure::Operation(OperationError::Journal(e))
 }
 
 fn attempts(result: &reqwest_middleware::Result<reqwest::Response>) -> u64 {

@@ -13,6 +13,7 @@
 //!   commit, resets (real RSTs), statuses with `Retry-After`, delays.
 //! - [`assert_one_key_per_operation`] and the counters on [`FakeCloud`] for assertions about what
 //!   matters: one key per operation, resources created.
+//! - [`check_key_store`]: the journal's rules, for a [`KeyStore`](crate::KeyStore) of your own.
 //!
 //! ```
 //! use idempotent_retry::IdempotentRetry;
@@ -38,6 +39,7 @@ mod check;
 mod cloud;
 mod fault;
 mod http1;
+mod key_store;
 mod profile;
 mod proxy;
 mod store;
@@ -45,5 +47,6 @@ mod store;
 pub use check::{assert_one_key_per_operation, one_key_per_operation};
 pub use cloud::{FakeCloud, FakeCloudBuilder, Resource, SeenRequest, replicas};
 pub use fault::{Fault, FaultMix, RetryAfter, Schedule};
+pub use key_store::check_key_store;
 pub use profile::{CacheErrors, InFlight, KeyFormat, KeyLocation, Mismatch, Replay, Scope, ServerProfile};
 pub use proxy::{ChaosProxy, ChaosProxyBuilder, ProxyRecord};

@@ -5,6 +5,7 @@ mod chaos;
 mod durability;
 mod faults;
 mod fixtures;
+mod journal;
 mod keys;
 mod operations;
 mod properties;

@@ -298,3 +298,30 @@ async fn what_cannot_be_sent_is_invalid_and_not_journaled() {
     assert!(ops.store().get("zero").unwrap().is_none(), "nothing journaled");
     assert_eq!(posts(&rig), 0);
 }
+
+/// Defect: the retention check ran only for resumed keys. A derived (or explicit) key that
+/// succeeded was resent 49 h later, after the server had forgotten it, and created a second
+/// resource. The journal knew it had succeeded: a re-run never creates a second resource.
+#[tokio::test]
+async fn a_succeeded_fixed_key_past_retention_is_not_resent() {
+    let rig = Rig::new(ServerProfile::stripe(), Schedule::pass()).await;
+    let ops = ops(&rig);
+    let create = || ops.operation("create-cvm/web-1").post(rig.cvms()).json(&json!({"name": "web-1"})).derived_key(1);
+    let first = create().send().await.unwrap();
+    assert_eq!(first.outcome, Outcome::Created);
+
+    // Within the retention the server replays.
+    rig.time.clock.advance(Duration::from_secs(20 * 3600));
+    assert_eq!(create().send().await.unwrap().outcome, Outcome::Replayed);
+
+    // 49 h after the key was first used, the server has forgotten it.
+    rig.time.clock.advance(Duration::from_secs(29 * 3600));
+    let sent = posts(&rig);
+    let again = create().send().await.unwrap();
+    assert_ne!(again.outcome, Outcome::Created, "{again:?}");
+    assert_eq!(again.identity["id"], first.identity["id"], "what the journal recorded");
+    assert_eq!(posts(&rig), sent, "nothing resent");
+    let fresh = create().read_back(find_cvm(&rig, "web-1")).send().await.unwrap();
+    assert_eq!((fresh.outcome, &fresh.identity["id"]), (Outcome::Recovered, &first.identity["id"]));
+    assert_eq!(rig.cloud.created(), 1);
+}

@@ -1,0 +1,24 @@
+//! The journal's rules, one check for both stores (`testing::check_key_store`).
+//!
+//! Among them, two sequences that broke a store: `MemoryStore` lost a key from its index while
+//! another operation still held it (pinning bypassed, where `SqliteJournal` refused), and a late
+//! `finish` of an older run overwrote a newer run's record in both.
+
+use idempotent_retry::testing::check_key_store;
+use idempotent_retry::{MemoryStore, SqliteJournal};
+
+#[test]
+fn memory_store_follows_the_rules() {
+    check_key_store(MemoryStore::new);
+}
+
+#[test]
+fn sqlite_journal_follows_the_rules() {
+    let dir = std::env::temp_dir().join(format!("idem-it-{}-rules", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut n = 0;
+    check_key_store(|| {
+        n += 1;
+        SqliteJournal::open(dir.join(format!("journal-{n}.sqlite3"))).unwrap()
+    });
+}

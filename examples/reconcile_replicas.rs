@@ -9,7 +9,8 @@
 //! Each step prints its report; the last line is JSON: `{"profile":…,"steps":[{"desired":5,"after":5,"overshoot":0,…},…]}`.
 //! With keys, every create has a stable per-slot key and a retry after a lost response is a
 //! replay. Without keys, a lost create is settled by watching the list (the expectation stays
-//! until the item shows), never by a blind resend.
+//! until an item that is new since the send shows, and that item is then *presumed* ours),
+//! never by a blind resend.
 
 use std::time::Duration;
 
@@ -84,7 +85,9 @@ async fn main() {
         .poll_interval(Duration::from_millis(100))
         .expectation_ttl(Duration::from_secs(5));
     if !profile.takes_keys() {
-        reconciler = reconciler.keyless();
+        // No other writer uses this collection: an item only presumed this run's (it appeared
+        // after a create whose answer was lost) may be deleted too when scaling down.
+        reconciler = reconciler.keyless().prune_foreign(true);
     }
 
     println!(

@@ -41,6 +41,10 @@ pub enum Jitter {
     /// Full jitter: uniform in `[0, ceiling]`.
     #[default]
     Full,
+    /// Equal jitter: half the ceiling, plus a uniform share of the other half, so the wait is
+    /// never less than half the ceiling (AWS Architecture Blog, "Exponential Backoff And
+    /// Jitter"). For waits that must make time pass, such as rounds of a reconcile.
+    Equal,
 }
 
 /// Exponential backoff with a cap and (by default) full jitter.
@@ -97,6 +101,7 @@ impl Backoff for ExponentialBackoff {
         Some(match self.jitter {
             Jitter::None => ceiling,
             Jitter::Full => uniform(rng, ceiling),
+            Jitter::Equal => ceiling / 2 + uniform(rng, ceiling - ceiling / 2),
         })
     }
 }
@@ -154,6 +159,18 @@ mod tests {
         let rng = SeededRng::new(3);
         let delays: Vec<_> = (1..=3).map(|n| b.delay(n, &rng).unwrap()).collect();
         assert_eq!(delays, [Duration::from_millis(100), Duration::from_millis(200), Duration::from_millis(400)]);
+    }
+
+    #[test]
+    fn equal_jitter_is_between_half_and_the_whole_ceiling() {
+        let b = ExponentialBackoff::new(Duration::from_secs(1), Duration::from_secs(30)).jitter(Jitter::Equal);
+        let rng = SeededRng::new(5);
+        for n in 1..=10 {
+            for _ in 0..50 {
+                let d = b.delay(n, &rng).unwrap();
+                assert!(d >= b.ceiling(n) / 2 && d <= b.ceiling(n), "{n}: {d:?}");
+            }
+        }
     }
 
     #[test]

@@ -304,14 +304,12 @@ pub struct IdentityMismatch {
 }
 
 impl IdentityMismatch {
+    pub(crate) fn new(operation: &str, field: &str, expected: Value, found: Value, resource: Value) -> Self {
+        Self { operation: operation.to_owned(), field: field.to_owned(), expected, found, resource }
+    }
+
     fn error(operation: &str, field: &str, expected: Value, found: Value, resource: Value) -> OperationError {
-        OperationError::IdentityMismatch(Box::new(Self {
-            operation: operation.to_owned(),
-            field: field.to_owned(),
-            expected,
-            found,
-            resource,
-        }))
+        OperationError::IdentityMismatch(Box::new(Self::new(operation, field, expected, found, resource)))
     }
 }
 
@@ -493,6 +491,7 @@ impl Operations {
             read_back: None,
             retention: None,
             policy: None,
+            deadline: None,
         }
     }
 }
@@ -514,6 +513,7 @@ pub struct OperationBuilder<'a> {
     read_back: Option<ReadBack>,
     retention: Option<Duration>,
     policy: Option<RetryPolicy>,
+    deadline: Option<Duration>,
 }
 
 impl<'a> OperationBuilder<'a> {
@@ -636,6 +636,12 @@ impl<'a> OperationBuilder<'a> {
     /// A retry policy for this operation's request.
     pub fn policy(mut self, policy: RetryPolicy) -> Self {
         self.policy = Some(policy);
+        self
+    }
+
+    /// At most this long for the request, retries included (see [`RequestOptions::deadline`]).
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
         self
     }
 
@@ -949,6 +955,9 @@ impl<'a> OperationBuilder<'a> {
         };
         if let Some(policy) = &self.policy {
             options = options.policy(policy.clone());
+        }
+        if let Some(deadline) = self.deadline {
+            options = options.deadline(deadline);
         }
         self.ops
             .client

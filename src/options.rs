@@ -32,6 +32,7 @@ pub struct RequestOptions {
     policy: Option<RetryPolicy>,
     no_retry: bool,
     buffer_body: bool,
+    deadline: Option<std::time::Duration>,
 }
 
 impl RequestOptions {
@@ -62,6 +63,14 @@ impl RequestOptions {
     /// Makes one attempt only ([`RetryPolicy::never`]).
     pub fn no_retry(mut self) -> Self {
         self.no_retry = true;
+        self
+    }
+
+    /// Gives this request at most `deadline` in all, retries and waits included: the policy's
+    /// own deadline, if shorter, still holds. For a caller with a time budget of its own (a
+    /// reconcile run, an apply) to pass what is left of it down.
+    pub fn deadline(mut self, deadline: std::time::Duration) -> Self {
+        self.deadline = Some(deadline);
         self
     }
 
@@ -110,10 +119,17 @@ impl RequestOptions {
 
     /// The policy these options select, given the middleware's default.
     pub(crate) fn policy_or<'a>(&'a self, default: &'a RetryPolicy) -> std::borrow::Cow<'a, RetryPolicy> {
-        if self.no_retry {
-            std::borrow::Cow::Owned(RetryPolicy::never())
+        use std::borrow::Cow;
+        let policy = if self.no_retry {
+            Cow::Owned(RetryPolicy::never())
         } else {
-            self.policy.as_ref().map_or(std::borrow::Cow::Borrowed(default), std::borrow::Cow::Borrowed)
+            self.policy.as_ref().map_or(Cow::Borrowed(default), Cow::Borrowed)
+        };
+        match self.deadline {
+            Some(limit) if policy.get_deadline().is_none_or(|d| d > limit) => {
+                Cow::Owned(policy.into_owned().deadline(limit))
+            }
+            _ => policy,
         }
     }
 }
@@ -129,6 +145,18 @@ mod tests {
         assert!(RequestOptions::new().key(k).no_key().validate().is_err());
         assert!(RequestOptions::new().policy(RetryPolicy::standard()).no_retry().validate().is_err());
         assert!(RequestOptions::new().no_retry().no_key().validate().is_ok());
+    }
+
+    #[test]
+    fn a_deadline_clips_the_policys() {
+        let std = RetryPolicy::standard();
+        let secs = |s| Some(std::time::Duration::from_secs(s));
+        let clipped = RequestOptions::new().deadline(std::time::Duration::from_secs(5));
+        assert_eq!(clipped.policy_or(&std).get_deadline(), secs(5));
+        let loose = RequestOptions::new().deadline(std::time::Duration::from_secs(500));
+        assert_eq!(loose.policy_or(&std).get_deadline(), secs(60), "the shorter one holds");
+        let never = RequestOptions::new().no_retry().deadline(std::time::Duration::from_secs(5));
+        assert_eq!(never.policy_or(&std).get_deadline(), secs(5));
     }
 
     #[test]

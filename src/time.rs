@@ -314,6 +314,68 @@ pub fn rfc3339(t: SystemTime) -> String {
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// Parses an RFC 3339 time (`2026-11-22T00:00:07Z`, `2026-11-22T01:00:07.250+01:00`), as
+/// servers write `created_at`. `None` for anything else.
+pub(crate) fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    let b = text.trim().as_bytes();
+    let num = |range: std::ops::Range<usize>| -> Option<i64> {
+        let digits = b.get(range)?;
+        digits.iter().all(u8::is_ascii_digit).then(|| digits.iter().fold(0, |n, d| n * 10 + i64::from(d - b'0')))
+    };
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+        return None;
+    }
+    let mut rest = &b[19..];
+    let mut nanos = 0u32;
+    if rest.first() == Some(&b'.') {
+        let digits = rest[1..].iter().take_while(|c| c.is_ascii_digit()).count();
+        if digits == 0 {
+            return None;
+        }
+        for (i, d) in rest[1..=digits].iter().enumerate().take(9) {
+            nanos += u32::from(d - b'0') * 10u32.pow(8 - i as u32);
+        }
+        rest = &rest[1 + digits..];
+    }
+    let offset = match rest {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let digits = [*h1, *h2, *m1, *m2];
+            if !digits.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            let minutes = i64::from(h1 - b'0') * 600
+                + i64::from(h2 - b'0') * 60
+                + i64::from(m1 - b'0') * 10
+                + i64::from(m2 - b'0');
+            if *sign == b'+' { minutes * 60 } else { -minutes * 60 }
+        }
+        _ => return None,
+    };
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second.min(59) - offset;
+    let secs = u64::try_from(secs).ok()?;
+    Some(UNIX_EPOCH + Duration::new(secs, nanos))
+}
+
 /// Blocks this thread for `duration`: for blocking code (the journal's SQLite calls) that waits
 /// out a lock. Not for the engine, whose waits go through the injected [`Sleeper`].
 #[cfg(feature = "journal")]
@@ -339,6 +401,23 @@ mod tests {
         assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_305_607)), "2026-11-22T00:00:07Z");
         assert_eq!(rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn rfc3339_round_trips_and_reads_offsets() {
+        for secs in [0, 951_782_400, 1_795_305_607, 4_102_444_800] {
+            let t = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+            assert_eq!(parse_rfc3339(&rfc3339(t)), Some(t), "{secs}");
+        }
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_305_607);
+        assert_eq!(parse_rfc3339("2026-11-22T01:00:07+01:00"), Some(t));
+        assert_eq!(parse_rfc3339("2026-11-21T23:30:07-00:30"), Some(t));
+        assert_eq!(parse_rfc3339("2026-11-22T00:00:07.250Z"), Some(t + Duration::from_millis(250)));
+        for bad in
+            ["", "2026-11-22", "2026-13-22T00:00:07Z", "2026-11-22T00:00:07", "yesterday", "2026-11-22T00:00:07+0100"]
+        {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
     }
 
     #[tokio::test]

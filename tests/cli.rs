@@ -602,3 +602,31 @@ async fn an_unsettled_keyless_run_survives_reruns_with_other_key_flags() {
     assert_eq!(post(&[]).await.code(), 0);
     assert_eq!(created.lock().unwrap().len(), 2);
 }
+
+/// Defect: `ensure-count` ignored `--deadline`: against creates that keep failing it looped
+/// until killed. The run ends at its deadline, with its report and exit 3.
+#[tokio::test]
+async fn ensure_count_ends_at_its_deadline_against_failing_creates() {
+    let scratch = Scratch::new("ensure-deadline");
+    let cloud = cloud(ServerProfile::stripe()).await;
+    let proxy = ChaosProxy::builder(cloud.address())
+        .schedule(Schedule::always(Fault::Status { status: 503, retry_after: None }))
+        .only(http::Method::POST)
+        .start()
+        .await;
+    let url = format!("{}/{}", proxy.uri(), replicas("app-9", "vm-1"));
+    let args =
+        ["ensure-count", &url, "--count", "3", "--deadline", "4", "--output", "json", "--journal", &scratch.journal()];
+
+    let mut child = scratch.command(&args).spawn().unwrap();
+    let Ok(status) = tokio::time::timeout(Duration::from_secs(60), child.wait()).await else {
+        child.kill().await.unwrap();
+        panic!("ensure-count --deadline 4 was still running after 60 s");
+    };
+    let output = child.wait_with_output().await.unwrap();
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+
+    assert_eq!(status.unwrap().code(), Some(3), "{report}");
+    assert_eq!(report["converged"], false, "the report is printed: {report}");
+    assert!(proxy.requests() < 100, "{} requests in 4 s", proxy.requests());
+}

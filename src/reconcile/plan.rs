@@ -75,15 +75,32 @@ pub struct Member {
 }
 
 impl Member {
-    /// A member.
-    pub fn new(
-        id: impl Into<String>,
-        name: Option<String>,
-        created_at: Option<String>,
-        ours: bool,
-        protected: bool,
-    ) -> Self {
-        Self { id: id.into(), name, created_at, ours, protected }
+    /// A member this operation created.
+    pub fn ours(id: impl Into<String>) -> Self {
+        Self { id: id.into(), name: None, created_at: None, ours: true, protected: false }
+    }
+
+    /// A member this operation did not create, or cannot prove it did.
+    pub fn foreign(id: impl Into<String>) -> Self {
+        Self { ours: false, ..Self::ours(id) }
+    }
+
+    /// With its name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// With its creation time as the server wrote it.
+    pub fn created_at(mut self, created_at: impl Into<String>) -> Self {
+        self.created_at = Some(created_at.into());
+        self
+    }
+
+    /// Never to be deleted.
+    pub fn protected(mut self) -> Self {
+        self.protected = true;
+        self
     }
 }
 
@@ -153,7 +170,7 @@ fn newest_first(members: &mut [&Member]) {
 /// use std::collections::BTreeSet;
 /// use idempotent_retry::{Action, Desired, Member, Plan, PlanInput, Prune, Slot, plan};
 ///
-/// let observed = [Member::new("a", None, Some("2026-01-01T00:00:00Z".into()), true, false)];
+/// let observed = [Member::ours("a").created_at("2026-01-01T00:00:00Z")];
 /// let used = BTreeSet::from([Slot::Index(0)]);
 /// let input = PlanInput {
 ///     desired: &Desired::Count(3),
@@ -227,7 +244,12 @@ mod tests {
     use super::*;
 
     fn member(id: &str, name: Option<&str>, at: u32, ours: bool) -> Member {
-        Member::new(id, name.map(str::to_owned), Some(format!("2026-11-22T00:00:{at:02}Z")), ours, false)
+        let member = if ours { Member::ours(id) } else { Member::foreign(id) };
+        let member = member.created_at(format!("2026-11-22T00:00:{at:02}Z"));
+        match name {
+            Some(name) => member.name(name),
+            None => member,
+        }
     }
 
     fn run(desired: Desired, observed: &[Member], expected: usize, used: &[Slot], prune: Prune) -> Plan {
@@ -282,8 +304,7 @@ mod tests {
 
     #[test]
     fn foreign_and_protected_members_are_spared() {
-        let mut named = member("n", Some("gpu-slot"), 9, true);
-        named.protected = true;
+        let named = member("n", Some("gpu-slot"), 9, true).protected();
         let observed = [member("ours", None, 1, true), member("foreign", None, 5, false), named];
         let p = run(Desired::Count(1), &observed, 0, &[], PRUNE);
         assert_eq!(p.overshoot, ["n", "foreign"]);

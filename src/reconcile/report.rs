@@ -18,6 +18,10 @@ pub struct ReconcileReport {
     pub max_observed: usize,
     /// Ids of items this call created (or whose creation it settled).
     pub created: Vec<String>,
+    /// Ids of items taken for the work of creates whose answers were lost (keyless endpoints):
+    /// each appeared after such a create was sent. Counted, never pruned as this operation's,
+    /// since nothing proves they are.
+    pub presumed: Vec<String>,
     /// Ids of items that filled a named slot without being created.
     pub adopted: Vec<String>,
     /// Ids of items this call deleted.
@@ -45,12 +49,13 @@ impl fmt::Display for ReconcileReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "desired {}: {} -> {} ({}), created {}, adopted {}, deleted {}, overshoot {}, unknown {}, expired {}, {} requests in {} rounds, {} ms",
+            "desired {}: {} -> {} ({}), created {}, presumed {}, adopted {}, deleted {}, overshoot {}, unknown {}, expired {}, {} requests in {} rounds, {} ms",
             self.desired,
             self.before,
             self.after,
             if self.converged { "converged" } else { "not converged" },
             self.created.len(),
+            self.presumed.len(),
             self.adopted.len(),
             self.deleted.len(),
             self.overshoot,

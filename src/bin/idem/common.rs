@@ -70,14 +70,15 @@ pub struct RetryArgs {
     /// The most attempts, the first included.
     #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
-    /// The total time allowed, in seconds, waits included.
-    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
-    pub deadline: f64,
+    /// The total time allowed, in seconds, waits included [default: 60 for post, 600 for
+    /// ensure-count, whose every request gets at most what is left of it].
+    #[arg(long, value_name = "SECS")]
+    pub deadline: Option<f64>,
     /// The time allowed for one attempt, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub attempt_timeout: f64,
     /// How long the server keeps keys, in seconds. An older pending key is not resent.
-    #[arg(long, value_name = "SECS", default_value_t = 86_400)]
+    #[arg(long, value_name = "SECS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
     pub retention: u64,
 }
 
@@ -112,6 +113,13 @@ pub struct OutputArgs {
     pub quiet: bool,
 }
 
+impl RetryArgs {
+    /// The deadline asked for, or `default` seconds.
+    pub fn deadline_or(&self, default: f64) -> Result<Duration, Exit> {
+        seconds(self.deadline.unwrap_or(default), "--deadline")
+    }
+}
+
 /// A time limit given in seconds: more than zero (with no time nothing could be sent) and no
 /// larger than a `Duration` holds.
 fn seconds(value: f64, flag: &str) -> Result<Duration, Exit> {
@@ -123,8 +131,13 @@ fn seconds(value: f64, flag: &str) -> Result<Duration, Exit> {
     })
 }
 
-/// The retry layer the options describe.
-pub fn layer(carrier: &CarrierArgs, retry: &RetryArgs, quiet: bool) -> Result<IdempotentRetry, Exit> {
+/// The retry layer the options describe, each request within `deadline`.
+pub fn layer(
+    carrier: &CarrierArgs,
+    retry: &RetryArgs,
+    deadline: Duration,
+    quiet: bool,
+) -> Result<IdempotentRetry, Exit> {
     let carrier = match &carrier.key_field {
         Some(field) => KeyCarrier::body_field(field.clone()),
         None => KeyCarrier::header(&carrier.key_header)
@@ -135,7 +148,7 @@ pub fn layer(carrier: &CarrierArgs, retry: &RetryArgs, quiet: bool) -> Result<Id
     };
     let policy = RetryPolicy::standard()
         .max_attempts(retry.max_attempts)
-        .deadline(seconds(retry.deadline, "--deadline")?)
+        .deadline(deadline)
         .attempt_timeout(seconds(retry.attempt_timeout, "--attempt-timeout")?);
     let mut builder = IdempotentRetry::builder().carrier(carrier).policy(policy);
     if !quiet {

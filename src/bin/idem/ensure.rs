@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 
 use clap::Args;
 use idempotent_retry::{Desired, ReconcileFailure, Reconciler};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::common::{self, Exit, Format, SharedArgs, fail};
 
@@ -92,7 +92,10 @@ async fn ensure(args: EnsureArgs) -> Result<Exit, Exit> {
     }
     let headers = common::headers(&args.headers)?;
 
-    let layer = common::layer(&args.shared.carrier, &args.shared.retry, args.shared.output.quiet)?;
+    // The run's deadline bounds every request in it; one request alone has the usual minute.
+    let deadline = args.shared.retry.deadline_or(600.0)?;
+    let request_deadline = deadline.min(std::time::Duration::from_secs(60));
+    let layer = common::layer(&args.shared.carrier, &args.shared.retry, request_deadline, args.shared.output.quiet)?;
     let (store, _) = common::store(&args.shared.journal)?;
     let ops = common::operations(layer, store, &args.shared.scope, args.shared.retry.retention, headers)?;
     let operation = args.operation.clone().unwrap_or_else(|| {
@@ -107,7 +110,8 @@ async fn ensure(args: EnsureArgs) -> Result<Exit, Exit> {
         .create_body(body)
         .id_field(&args.id_field)
         .prune(args.prune)
-        .prune_foreign(args.prune_foreign);
+        .prune_foreign(args.prune_foreign)
+        .deadline(deadline);
     if let Some(field) = &args.items_field {
         reconciler = reconciler.items_field(field);
     }
@@ -154,7 +158,7 @@ async fn ensure(args: EnsureArgs) -> Result<Exit, Exit> {
                 report.overshoot,
                 report.overshoot_ids.join(", "),
                 if args.prune {
-                    "they were not created by this operation (see --prune-foreign)"
+                    "nothing proves this operation created them (see --prune-foreign)"
                 } else {
                     "pass --prune to delete them"
                 }
@@ -175,19 +179,7 @@ async fn ensure(args: EnsureArgs) -> Result<Exit, Exit> {
         }
     };
     match args.shared.output.output {
-        Format::Json => println!(
-            "{}",
-            json!({
-                "desired": report.desired,
-                "before": report.before,
-                "after": report.after,
-                "created": report.created,
-                "deleted": report.deleted,
-                "overshoot": report.overshoot,
-                "unknown": report.unknown,
-                "requests": report.requests,
-            })
-        ),
+        Format::Json => println!("{}", serde_json::to_string(&report).expect("a report serializes")),
         Format::Text => println!("{report}"),
     }
     Ok(exit)

@@ -84,7 +84,8 @@ async fn post(args: PostArgs) -> Result<Exit, Exit> {
     };
     let keyless = args.no_idempotency_key || (args.key_from_git.is_some() && git_key.is_none());
 
-    let layer = common::layer(&args.shared.carrier, &args.shared.retry, args.shared.output.quiet)?;
+    let deadline = args.shared.retry.deadline_or(60.0)?;
+    let layer = common::layer(&args.shared.carrier, &args.shared.retry, deadline, args.shared.output.quiet)?;
     let (store, journal_path) = common::store(&args.shared.journal)?;
     let ops = common::operations(layer, store, &args.shared.scope, args.shared.retry.retention, headers)?;
     let name = format!("POST {} #{}", args.url, common::short_hash("POST", &args.url, &body));

@@ -77,8 +77,15 @@ pub(crate) async fn run(
             Err(reqwest_middleware::Error::middleware(AttemptTimedOut(limit)))
         }
     };
-    result.unwrap_or_else(|error| {
+    result.unwrap_or_else(|mut error| {
         let (delivery, cause) = categorize(&error);
+        // reqwest's errors show their URL: never its password or query values.
+        if let reqwest_middleware::Error::Reqwest(e) = &mut error
+            && let Some(url) = e.url_mut()
+            && let Ok(shown) = Url::parse(&crate::target::redact(url))
+        {
+            *url = shown;
+        }
         Ended::Failed { error, delivery, cause }
     })
 }

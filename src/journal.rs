@@ -242,6 +242,13 @@ pub enum JournalError {
         /// What the system said.
         reason: String,
     },
+    /// There is no journal where one was to be opened (not created: see
+    /// [`SqliteJournal::open_existing`](crate::SqliteJournal::open_existing)).
+    #[error("there is no journal at {path}")]
+    Missing {
+        /// The path looked at.
+        path: String,
+    },
     /// The key is pinned to another payload.
     #[error(transparent)]
     PayloadMismatch(Box<PayloadMismatch>),

@@ -94,6 +94,20 @@ impl SqliteJournal {
         Self::open_with_lock_timeout(path, Self::DEFAULT_LOCK_TIMEOUT)
     }
 
+    /// Opens the journal at `path` only if there is one: to inspect or clear it, where creating
+    /// a file (and its directories) for a mistyped path would only hide the mistake.
+    ///
+    /// # Errors
+    ///
+    /// [`JournalError::Missing`] if there is no file at `path`; otherwise as [`open`](Self::open).
+    pub fn open_existing(path: impl AsRef<Path>) -> Result<Self, JournalError> {
+        let path = path.as_ref();
+        if !path.is_file() {
+            return Err(JournalError::Missing { path: path.display().to_string() });
+        }
+        Self::open(path)
+    }
+
     /// Like [`open`](Self::open), with another lock timeout.
     ///
     /// # Errors

@@ -73,6 +73,7 @@ mod backoff_compat;
 mod budget;
 mod carrier;
 mod classify;
+mod convention;
 mod decide;
 mod error;
 mod git;
@@ -104,6 +105,7 @@ pub use crate::classify::{
     AttemptContext, AttemptResult, Classifier, ClassifyFn, DefaultClassifier, Delivery, RetryKind, TransportCause,
     Verdict, classify_fn,
 };
+pub use crate::convention::ServerConvention;
 pub use crate::error::{Error, Failure, LastAttempt};
 pub use crate::git::{GitKeyMode, NoGitKey, key_from_git};
 pub use crate::journal::{
@@ -128,6 +130,7 @@ pub use crate::reconcile::{
 pub use crate::replay::ReplayDetector;
 pub use crate::retry_after::{parse_retry_after, retry_after};
 pub use crate::rng::{Random, SeededRng};
+pub use crate::target::redact_url;
 pub use crate::time::{Clock, ManualClock, RecordingSleeper, Sleep, Sleeper, SystemClock, TokioSleeper, rfc3339};
 
 #[doc = include_str!("../README.md")]

@@ -164,6 +164,12 @@ impl IdempotentRetryBuilder {
         self
     }
 
+    /// Configures the layer for a server's convention: carrier, maximum key length and replay
+    /// detection; for an endpoint that takes no key, no method gets one.
+    pub fn convention(self, convention: &crate::convention::ServerConvention) -> Self {
+        convention.configure(self)
+    }
+
     /// The methods that get a key minted (default POST and PATCH).
     pub fn keyed_methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
         self.config.keyed_methods = methods.into_iter().collect();

@@ -179,8 +179,20 @@ pub enum OperationError {
         reason: String,
     },
     /// The journal could not be used. Nothing was sent.
-    #[error("journal error, nothing was sent")]
+    #[error("journal error, nothing was sent: {0}")]
     Journal(#[source] JournalError),
+    /// The request was sent, but the journal could not record how it ended. The record stays as
+    /// it was (pending: a re-run resumes the key).
+    #[error("operation `{operation}` was sent, but the journal could not record how it ended: {source}")]
+    Unrecorded {
+        /// The operation.
+        operation: String,
+        /// The key sent, if any.
+        key: Option<IdempotencyKey>,
+        /// What the journal said.
+        #[source]
+        source: JournalError,
+    },
     /// The key is pinned to another payload. Nothing was sent.
     #[error(transparent)]
     PayloadMismatch(Box<PayloadMismatch>),
@@ -258,7 +270,8 @@ impl OperationError {
             OperationError::Failed { may_have_been_applied, .. } => *may_have_been_applied,
             OperationError::Unknown { .. }
             | OperationError::IdentityMismatch { .. }
-            | OperationError::ReadBack { .. } => true,
+            | OperationError::ReadBack { .. }
+            | OperationError::Unrecorded { .. } => true,
             _ => false,
         }
     }
@@ -273,6 +286,7 @@ impl OperationError {
         match self {
             OperationError::Failed { key, .. }
             | OperationError::Unknown { key, .. }
+            | OperationError::Unrecorded { key, .. }
             | OperationError::Rejected { key, .. } => key.as_ref(),
             _ => None,
         }
@@ -922,19 +936,29 @@ impl<'a> OperationBuilder<'a> {
             .map_err(OperationError::journal)
     }
 
-    /// Records how the run with `claim` ended (`finish` carries the claim too).
-    async fn finish(&self, _claim: &Claim, finish: Finish) -> Result<(), OperationError> {
+    /// Records how the run ended, once its request was sent.
+    async fn finish(&self, claim: &Claim, finish: Finish) -> Result<(), OperationError> {
+        self.record(finish).await.map_err(|source| OperationError::Unrecorded {
+            operation: self.name.clone(),
+            key: claim.key.clone(),
+            source,
+        })
+    }
+
+    /// Records that a run took no effect, before anything of this run was sent.
+    async fn settle_as_failed(&self, claim: &Claim) -> Result<(), OperationError> {
+        let finish = Finish::new(claim.clone(), OpState::Failed, self.ops.clock.now());
+        self.record(finish).await.map_err(OperationError::journal)
+    }
+
+    /// `finish` as a compare-and-set: a newer run's record is left alone.
+    async fn record(&self, finish: Finish) -> Result<(), JournalError> {
         let operation = self.name.clone();
-        let applied =
-            self.ops.journal(move |store| store.finish(&operation, &finish)).await.map_err(OperationError::journal)?;
+        let applied = self.ops.journal(move |store| store.finish(&operation, &finish)).await?;
         if !applied {
             tracing::info!(operation = %self.name, "the journal's record moved on to a newer run: this run's outcome is not recorded over it");
         }
         Ok(())
-    }
-
-    async fn settle_as_failed(&self, claim: &Claim) -> Result<(), OperationError> {
-        self.finish(claim, Finish::new(claim.clone(), OpState::Failed, self.ops.clock.now())).await
     }
 
     fn unknown(&self, key: Option<IdempotencyKey>, reason: String) -> OperationError {

@@ -37,6 +37,14 @@ impl ReplayDetector {
         Self { headers: names.into_iter().collect(), status: None }
     }
 
+    /// Also recognises replays by the header `name`.
+    pub fn marker(mut self, name: HeaderName) -> Self {
+        if !self.headers.contains(&name) {
+            self.headers.push(name);
+        }
+        self
+    }
+
     /// Never reports a replay.
     pub fn none() -> Self {
         Self { headers: Vec::new(), status: None }
@@ -44,7 +52,9 @@ impl ReplayDetector {
 
     /// Also treats `status` on a keyed request as a replay of the stored response, for servers
     /// that replay under a status of their own (django-idempotency-key: 409 with the original
-    /// body; it signals "still running" with 423, so its 409 is never ambiguous).
+    /// body and no marker). Such a server's 409 means only that: it has no "still running"
+    /// answer (django runs a request that arrives during the first one again; its 423 means its
+    /// store lookup timed out).
     ///
     /// ```
     /// use http::{HeaderMap, StatusCode};

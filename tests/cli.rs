@@ -630,3 +630,144 @@ async fn ensure_count_ends_at_its_deadline_against_failing_creates() {
     assert_eq!(report["converged"], false, "the report is printed: {report}");
     assert!(proxy.requests() < 100, "{} requests in 4 s", proxy.requests());
 }
+
+/// Defect: URL credentials and query values were journaled and printed by `journal list`, a
+/// malformed `-H 'Authorization: …'` echoed the token, `-H 'Idempotency-Key: mine'` was
+/// replaced by a minted key, `journal list` on a mistyped path created directories and an empty
+/// journal, and a journal corrupted mid-post was reported as "journal error" alone.
+#[tokio::test]
+async fn secrets_stay_out_and_what_the_user_says_holds() {
+    let scratch = Scratch::new("secrets");
+    let cloud = cloud(ServerProfile::stripe()).await;
+    let journal = scratch.journal();
+    let secret_url = cloud.uri().replace("http://", "http://user:s3cret@") + "/cvms?token=abc123";
+
+    let run = scratch.run(&["post", &secret_url, "--json", r#"{"name":"a"}"#, "--journal", &journal]).await;
+    assert_eq!(run.code(), 0, "{run:?}");
+    for output in ["text", "json"] {
+        let list = scratch.run(&["journal", "list", "--output", output, "--journal", &journal]).await;
+        assert_eq!(list.code(), 0, "{list:?}");
+        assert!(!list.stdout().contains("s3cret") && !list.stdout().contains("abc123"), "{output}: {list:?}");
+    }
+    let failing = scratch
+        .run(&[
+            "post",
+            &secret_url.replace(&cloud.uri()[7..], "127.0.0.1:1"),
+            "--json",
+            "{}",
+            "--max-attempts",
+            "1",
+            "--no-journal",
+        ])
+        .await;
+    assert!(!failing.stderr().contains("s3cret") && !failing.stderr().contains("abc123"), "{failing:?}");
+
+    let bad_header = scratch.run(&["post", &secret_url, "-H", "Authorization Bearer tok-9f8e7d", "--no-journal"]).await;
+    assert_eq!(bad_header.code(), 2, "{bad_header:?}");
+    assert!(!bad_header.stderr().contains("tok-9f8e7d"), "{bad_header:?}");
+    let bad_value =
+        scratch.run(&["post", &secret_url, "-H", "Authorization: Bearer tok-9f8e7d\u{1}", "--no-journal"]).await;
+    assert_eq!(bad_value.code(), 2, "{bad_value:?}");
+    assert!(!bad_value.stderr().contains("tok-9f8e7d"), "{bad_value:?}");
+
+    let url = format!("{}/cvms", cloud.uri());
+    let mine = scratch
+        .run(&["post", &url, "--json", r#"{"name":"b"}"#, "-H", "Idempotency-Key: mine-1", "--journal", &journal])
+        .await;
+    assert_eq!(mine.code(), 0, "{mine:?}");
+    assert_eq!(cloud.keys_seen().last().unwrap().as_deref(), Some("mine-1"), "the key the user gave is the key sent");
+    let both = scratch.run(&["post", &url, "--json", "{}", "-H", "Idempotency-Key: a", "--idempotency-key", "b"]).await;
+    assert_eq!(both.code(), 2, "two keys: {both:?}");
+
+    let typo = scratch.dir.join("typo/dir/j.sqlite3");
+    let list = scratch.run(&["journal", "list", "--journal", typo.to_str().unwrap()]).await;
+    assert_eq!(list.code(), 2, "{list:?}");
+    assert!(!scratch.dir.join("typo").exists(), "nothing created");
+}
+
+/// A journal whose operations table is damaged opens (its first page is fine) and fails when the
+/// post consults it: the message says what is wrong and where, not "journal error" alone.
+#[tokio::test]
+async fn a_journal_found_corrupt_mid_post_is_named() {
+    use std::io::{Seek, SeekFrom, Write};
+    let scratch = Scratch::new("corrupt-mid-post");
+    let cloud = cloud(ServerProfile::stripe()).await;
+    let journal = scratch.journal();
+    let url = format!("{}/cvms", cloud.uri());
+    for name in ["a", "b", "c"] {
+        let body = format!(r#"{{"name":"{name}"}}"#);
+        assert_eq!(scratch.run(&["post", &url, "--json", &body, "--journal", &journal]).await.code(), 0);
+    }
+    // Page 2 holds the operations table: overwrite it.
+    let mut file = std::fs::OpenOptions::new().write(true).open(&journal).unwrap();
+    file.seek(SeekFrom::Start(4096)).unwrap();
+    file.write_all(&[0xA5; 4096]).unwrap();
+    drop(file);
+
+    let run = scratch.run(&["post", &url, "--json", r#"{"name":"d"}"#, "--journal", &journal]).await;
+
+    assert_eq!(run.code(), 2, "{run:?}");
+    assert!(
+        run.stderr().contains("not a valid SQLite database") || run.stderr().contains("malformed"),
+        "says what: {run:?}"
+    );
+    assert!(run.stderr().contains(&journal), "and where: {run:?}");
+    assert_eq!(cloud.created(), 3, "nothing was sent");
+}
+
+/// Defect: a server's "key reused with another payload" refusal (417, 422) came out as
+/// `"outcome":"unknown"`, exit 3, with the body dropped and a note that re-running with the key
+/// was safe. It is a final refusal: exit 1, with its body.
+#[tokio::test]
+async fn a_key_reuse_refusal_is_a_refusal_with_its_body() {
+    for (profile, server, status) in [(ServerProfile::express(), "express", 417), (ServerProfile::ietf(), "ietf", 422)]
+    {
+        let scratch = Scratch::new(&format!("reuse-{server}"));
+        let cloud = cloud(profile).await;
+        let url = format!("{}/cvms", cloud.uri());
+        let post = |body: &'static str| {
+            let url = url.clone();
+            let scratch = &scratch;
+            async move {
+                let args =
+                    ["post", &url, "--json", body, "--idempotency-key", "k-1", "--server", server, "--no-journal"];
+                scratch.run(&[&args[..], &["--output", "json"]].concat()).await
+            }
+        };
+        assert_eq!(post(r#"{"name":"a"}"#).await.code(), 0);
+
+        let refused = post(r#"{"name":"b"}"#).await;
+
+        assert_eq!(refused.code(), 1, "{server}: {refused:?}");
+        let out = refused.json();
+        assert_eq!((out["outcome"].as_str(), out["status"].as_u64()), (Some("rejected"), Some(status)), "{server}");
+        assert!(!out["body"].is_null(), "{server}: the refusal's body: {out}");
+        assert!(refused.stderr().contains("another payload"), "{server}: {refused:?}");
+        assert!(!refused.stderr().contains("safe"), "{server}: {refused:?}");
+        assert_eq!(cloud.created(), 1);
+    }
+}
+
+/// Defect: `idem` had no way to be told how a server replays. django-idempotency-key replays the
+/// stored body under 409 with no marker, so after a lost response every retry met a 409 and the
+/// run ended "gave up … may have been applied". `--server django` (or `--replay-status 409`)
+/// recognises the replay.
+#[tokio::test]
+async fn a_django_replay_is_recognised_when_the_cli_is_told() {
+    let cloud = cloud(ServerProfile::django()).await;
+    for (flags, want) in [(&[][..], 3), (&["--server", "django"][..], 0), (&["--replay-status", "409"][..], 0)] {
+        let scratch = Scratch::new(&format!("django-{}", flags.len() + usize::from(flags.contains(&"django"))));
+        let proxy = ChaosProxy::start(cloud.address(), Schedule::script([Fault::Lose])).await;
+        let url = format!("{}/cvms", proxy.uri());
+        let name = format!(r#"{{"name":"web-{}"}}"#, flags.join("-"));
+        let args = [&["post", &url, "--json", &name, "--max-attempts", "3", "--no-journal"][..], flags].concat();
+
+        let run = scratch.run(&args).await;
+
+        assert_eq!(run.code(), want, "{flags:?}: {run:?}");
+        if want == 0 {
+            assert!(run.stderr().contains("replayed"), "{flags:?}: {run:?}");
+        }
+    }
+    assert_eq!(cloud.duplicates(), 0);
+}

@@ -5,6 +5,7 @@ use std::time::Duration;
 use http::{HeaderName, StatusCode};
 
 use crate::carrier::KeyCarrier;
+use crate::convention::ServerConvention;
 use crate::middleware::IdempotentRetryBuilder;
 use crate::replay::ReplayDetector;
 
@@ -93,7 +94,7 @@ pub enum Mismatch {
 pub enum InFlight {
     /// 409 Conflict, "a request with this key is in progress".
     Status409,
-    /// 423 Locked (django-idempotency-key on lock timeout).
+    /// 423 Locked (django-idempotency-key when its store lookup's lock timed out).
     Status423,
     /// 429 Too Many Requests with lock text (brandur's alternative).
     Status429,
@@ -251,8 +252,11 @@ impl ServerProfile {
     }
 
     /// django-idempotency-key: bare header; stored body with status rewritten to 409; the body is
-    /// hashed into the key (another payload is another request); 423 on lock timeout; scope is
-    /// key, path, method, body and `Authorization`; cache timeout (24 h here); 2xx cached only.
+    /// hashed into the key (another payload is another request); **no in-flight guard**: its lock
+    /// covers only the store lookup, so a request that arrives while the first is still running
+    /// runs the handler again (set `in_flight` to [`InFlight::Status423`] for the answer it gives
+    /// when that lookup's lock times out); scope is key, path, method, body and `Authorization`;
+    /// cache timeout (24 h here); 2xx cached only.
     pub fn django() -> Self {
         Self {
             name: "django",
@@ -261,7 +265,7 @@ impl ServerProfile {
             require_key: false,
             replay: Replay::StoredAs409,
             mismatch: Mismatch::NotChecked,
-            in_flight: InFlight::Status423,
+            in_flight: InFlight::RunsAgain,
             processing: Duration::ZERO,
             retention: Some(DAY),
             scope: Scope { authorization: true, request: true, body: true },
@@ -398,17 +402,23 @@ impl ServerProfile {
         }
     }
 
-    /// Configures a client layer for this server: carrier, maximum key length, replay detection.
+    /// What a client must know about this server: the [`ServerConvention`] it follows.
+    pub fn convention(&self) -> ServerConvention {
+        let mut convention = ServerConvention::no_keys();
+        convention.name = self.name;
+        convention.carrier = self.carrier();
+        convention.max_key_len = self.format.max_len;
+        convention.replay = self.replay_detector();
+        convention
+    }
+
+    /// Configures a client layer for this server ([`ServerConvention::configure`]).
     ///
     /// For a server that takes no key no method gets one: a key the server ignores protects
     /// nothing, and a client that believes its writes are keyed would resend them after a lost
     /// response and create duplicates. Keyless, a write that may have been applied is never
     /// resent; the caller gets an unknown outcome to settle by reading back.
     pub fn configure(&self, builder: IdempotentRetryBuilder) -> IdempotentRetryBuilder {
-        let builder = builder.replay_detector(self.replay_detector()).max_key_len(self.format.max_len);
-        match self.carrier() {
-            Some(carrier) => builder.carrier(carrier),
-            None => builder.keyed_methods([]),
-        }
+        self.convention().configure(builder)
     }
 }

@@ -325,3 +325,47 @@ async fn a_succeeded_fixed_key_past_retention_is_not_resent() {
     assert_eq!((fresh.outcome, &fresh.identity["id"]), (Outcome::Recovered, &first.identity["id"]));
     assert_eq!(rig.cloud.created(), 1);
 }
+
+/// A store whose `finish` fails: the journal broke after the request went out.
+#[derive(Debug, Default)]
+struct FinishFails(MemoryStore);
+
+impl idempotent_retry::KeyStore for FinishFails {
+    fn begin(
+        &self,
+        intent: &idempotent_retry::Intent<'_>,
+    ) -> Result<idempotent_retry::Begun, idempotent_retry::JournalError> {
+        self.0.begin(intent)
+    }
+    fn finish(&self, _: &str, _: &idempotent_retry::Finish) -> Result<bool, idempotent_retry::JournalError> {
+        Err(idempotent_retry::JournalError::Corrupt { path: "/tmp/broken.sqlite3".into() })
+    }
+    fn get(&self, operation: &str) -> Result<Option<idempotent_retry::Record>, idempotent_retry::JournalError> {
+        self.0.get(operation)
+    }
+    fn list(&self) -> Result<Vec<idempotent_retry::Record>, idempotent_retry::JournalError> {
+        self.0.list()
+    }
+    fn forget(&self, operation: &str) -> Result<bool, idempotent_retry::JournalError> {
+        self.0.forget(operation)
+    }
+}
+
+/// When the journal fails after the send, the error says the request went out (it may have
+/// been applied) and what the journal said: never "nothing was sent".
+#[tokio::test]
+async fn a_journal_failing_after_the_send_says_it_was_sent() {
+    let rig = Rig::new(ServerProfile::stripe(), Schedule::pass()).await;
+    let ops = Operations::new(rig.client.clone(), FinishFails::default()).clock(rig.time.clock.clone());
+
+    let err =
+        ops.operation("create-cvm/web-1").post(rig.cvms()).json(&json!({"name": "web-1"})).send().await.unwrap_err();
+
+    assert!(matches!(err, OperationError::Unrecorded { .. }), "{err}");
+    assert!(err.may_have_been_applied());
+    assert!(err.idempotency_key().is_some());
+    let message = err.to_string();
+    assert!(message.contains("was sent") && message.contains("/tmp/broken.sqlite3"), "{message}");
+    assert!(!message.contains("nothing was sent"), "{message}");
+    assert_eq!(rig.cloud.created(), 1);
+}

@@ -11,7 +11,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use http::Method;
-use idempotent_retry::testing::{ChaosProxy, FakeCloud, Fault, InFlight, RetryAfter, Schedule, ServerProfile};
+use idempotent_retry::testing::{ChaosProxy, FakeCloud, Fault, InFlight, Replay, RetryAfter, Schedule, ServerProfile};
 use idempotent_retry::{RequestOptions, RetryOutcome};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -59,10 +59,13 @@ fn kind() -> impl Strategy<Value = Kind> {
 }
 
 fn fault(kind: Kind, profile: &ServerProfile) -> Fault {
-    let in_flight_status = match profile.in_flight {
-        InFlight::Status423 => 423,
-        InFlight::Status429 => 429,
-        InFlight::Status503 => 503,
+    let in_flight_status = match (profile.in_flight, &profile.replay) {
+        (InFlight::Status423, _) => 423,
+        (InFlight::Status429, _) => 429,
+        (InFlight::Status503, _) => 503,
+        // django has no in-flight answer (its 409 is its replay); its lock-timeout 423 is the
+        // nearest thing it sends.
+        (InFlight::RunsAgain, Replay::StoredAs409) => 423,
         _ => 409,
     };
     match kind {

@@ -53,10 +53,17 @@ async fn s02_first_request_still_running() {
         p.in_flight = InFlight::Status503;
         p
     };
+    // django has no in-flight guard; its 423 is what it answers when its store lookup's lock
+    // times out, which this variant makes of every request during the first one.
+    let django_locked = {
+        let mut p = ServerProfile::django();
+        p.in_flight = InFlight::Status423;
+        p
+    };
     let profiles = [
         ServerProfile::ietf(),
         ServerProfile::stripe(),
-        ServerProfile::django(),
+        django_locked,
         ServerProfile::express(),
         brandur_429,
         bencher_busy,
@@ -92,6 +99,22 @@ async fn s02_first_request_still_running() {
         assert!(delays.windows(2).all(|w| w[1] > w[0]), "{name}: backoff grows: {delays:?}");
         assert!(rig.time.sleeper.total() >= processing, "{name}: waited the processing out");
     }
+}
+
+/// django-idempotency-key runs a request that arrives while the first one with its key is still
+/// running (its lock covers only the store lookup): a retry inside that window makes a second
+/// resource, whatever the client does. This pins the hazard the `django` presets document: its
+/// endpoints want attempt timeouts longer than they take.
+#[tokio::test]
+async fn s02_django_runs_a_retry_during_the_first_request_again() {
+    let profile = ServerProfile::django().with_processing(Duration::from_secs(1));
+    let rig = Rig::new(profile, Schedule::script([Fault::Lose])).await;
+
+    let response = rig.create("web-1").await.unwrap();
+
+    assert!(response.status().is_success(), "{}", response.status());
+    assert_eq!(rig.cloud.created_named("web-1"), 2, "the server ran the retry again");
+    rig.one_key_per_name();
 }
 
 /// 3. An endpoint that takes no key + a lost response: no blind resend; the outcome is unknown

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use idempotent_retry::{IdempotentRetry, KeyCarrier, KeyStore, MemoryStore, Operations, RetryPolicy, SqliteJournal};
+use idempotent_retry::{
+    IdempotentRetry, KeyCarrier, KeyStore, MemoryStore, Operations, RetryPolicy, ServerConvention, SqliteJournal,
+};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 /// The options `post` and `ensure-count` share.
 #[derive(Debug, Args)]
@@ -50,18 +53,84 @@ pub fn fail(exit: Exit, message: impl std::fmt::Display) -> Exit {
     exit
 }
 
-/// Where the key goes.
+/// Prints an error with its causes on one line, and returns the exit code.
+pub fn fail_with(exit: Exit, error: &dyn std::error::Error) -> Exit {
+    fail(exit, chain(error))
+}
+
+/// An error and its causes on one line, each cause once.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = e.source();
+    }
+    text
+}
+
+/// How the server takes keys.
 #[derive(Debug, Args)]
 pub struct CarrierArgs {
-    /// The header that carries the key.
-    #[arg(long, value_name = "NAME", default_value = "Idempotency-Key")]
-    pub key_header: String,
-    /// Put the key in this field of the JSON body instead of a header.
+    /// Follow a known server's convention for keys and replays: standard, ietf, stripe, brandur,
+    /// django, express, bencher, tower, no-keys. The options below change it.
     #[arg(long, value_name = "NAME")]
+    pub server: Option<String>,
+    /// The header that carries the key [default: Idempotency-Key].
+    #[arg(long, value_name = "NAME")]
+    pub key_header: Option<String>,
+    /// Put the key in this field of the JSON body instead of a header.
+    #[arg(long, value_name = "NAME", conflicts_with = "key_header")]
     pub key_field: Option<String>,
     /// Send the key as an IETF Structured-Field string (quoted).
     #[arg(long, conflicts_with = "key_field")]
     pub ietf_quote: bool,
+    /// A response header that marks a replay ("true", "1" or "?1"), besides Idempotent-Replayed
+    /// and Idempotency-Replayed. Repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub replay_header: Vec<String>,
+    /// The status under which the server replays a stored success (django-idempotency-key: 409).
+    #[arg(long, value_name = "CODE", value_parser = clap::value_parser!(u16).range(100..600))]
+    pub replay_status: Option<u16>,
+}
+
+impl CarrierArgs {
+    /// The convention the options describe: `--server`'s (or the standard one), changed by the
+    /// other options.
+    pub fn convention(&self) -> Result<ServerConvention, Exit> {
+        let mut convention = match &self.server {
+            Some(name) => ServerConvention::named(name).ok_or_else(|| {
+                let names: Vec<&str> = ServerConvention::all().iter().map(|c| c.name).collect();
+                fail(Exit::Usage, format!("--server {name:?}: not a known server; one of {}", names.join(", ")))
+            })?,
+            None => ServerConvention::standard(),
+        };
+        if let Some(field) = &self.key_field {
+            convention.carrier = Some(KeyCarrier::body_field(field.clone()));
+        } else if let Some(name) = &self.key_header {
+            let carrier = KeyCarrier::header(name)
+                .map_err(|_| fail(Exit::Usage, format!("--key-header {name:?} is not a valid header name")))?;
+            convention.carrier = Some(carrier);
+        }
+        if self.ietf_quote {
+            let carrier = convention.carrier.take().unwrap_or_else(KeyCarrier::standard);
+            convention.carrier = Some(carrier.structured_field(true));
+        }
+        for name in &self.replay_header {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| fail(Exit::Usage, format!("--replay-header {name:?} is not a valid header name")))?;
+            convention.replay = convention.replay.marker(name);
+        }
+        if let Some(code) = self.replay_status {
+            let status = http::StatusCode::from_u16(code).expect("checked by clap");
+            convention.replay = convention.replay.replay_status(status);
+        }
+        Ok(convention)
+    }
 }
 
 /// How persistently to retry.
@@ -80,6 +149,13 @@ pub struct RetryArgs {
     /// How long the server keeps keys, in seconds. An older pending key is not resent.
     #[arg(long, value_name = "SECS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
     pub retention: u64,
+}
+
+impl RetryArgs {
+    /// The deadline asked for, or `default` seconds.
+    pub fn deadline_or(&self, default: f64) -> Result<Duration, Exit> {
+        seconds(self.deadline.unwrap_or(default), "--deadline")
+    }
 }
 
 /// Where keys are kept.
@@ -113,13 +189,6 @@ pub struct OutputArgs {
     pub quiet: bool,
 }
 
-impl RetryArgs {
-    /// The deadline asked for, or `default` seconds.
-    pub fn deadline_or(&self, default: f64) -> Result<Duration, Exit> {
-        seconds(self.deadline.unwrap_or(default), "--deadline")
-    }
-}
-
 /// A time limit given in seconds: more than zero (with no time nothing could be sent) and no
 /// larger than a `Duration` holds.
 fn seconds(value: f64, flag: &str) -> Result<Duration, Exit> {
@@ -131,26 +200,18 @@ fn seconds(value: f64, flag: &str) -> Result<Duration, Exit> {
     })
 }
 
-/// The retry layer the options describe, each request within `deadline`.
+/// The retry layer for `convention`, each request within `deadline`.
 pub fn layer(
-    carrier: &CarrierArgs,
+    convention: &ServerConvention,
     retry: &RetryArgs,
     deadline: Duration,
     quiet: bool,
 ) -> Result<IdempotentRetry, Exit> {
-    let carrier = match &carrier.key_field {
-        Some(field) => KeyCarrier::body_field(field.clone()),
-        None => KeyCarrier::header(&carrier.key_header)
-            .map_err(|_| {
-                fail(Exit::Usage, format!("--key-header {:?} is not a valid header name", carrier.key_header))
-            })?
-            .structured_field(carrier.ietf_quote),
-    };
     let policy = RetryPolicy::standard()
         .max_attempts(retry.max_attempts)
         .deadline(deadline)
         .attempt_timeout(seconds(retry.attempt_timeout, "--attempt-timeout")?);
-    let mut builder = IdempotentRetry::builder().carrier(carrier).policy(policy);
+    let mut builder = IdempotentRetry::builder().convention(convention).policy(policy);
     if !quiet {
         builder = builder.on_retry(|e| {
             let key = e.key_fingerprint.as_deref().map(|k| format!(" [key sha256:{k}]")).unwrap_or_default();
@@ -165,7 +226,7 @@ pub fn layer(
     Ok(builder.build())
 }
 
-/// The journal the options describe, and a description of where it is.
+/// The journal the options describe, and where it is.
 pub fn store(journal: &JournalArgs) -> Result<(Arc<dyn KeyStore>, Option<PathBuf>), Exit> {
     if journal.no_journal {
         return Ok((Arc::new(MemoryStore::new()), None));
@@ -176,7 +237,8 @@ pub fn store(journal: &JournalArgs) -> Result<(Arc<dyn KeyStore>, Option<PathBuf
             fail(Exit::Usage, "no home directory for the journal; pass --journal PATH or --no-journal")
         })?,
     };
-    let store = SqliteJournal::open(&path).map_err(|e| fail(Exit::Usage, format!("{e}; nothing was sent")))?;
+    let store =
+        SqliteJournal::open(&path).map_err(|e| fail(Exit::Usage, format!("{}; nothing was sent", chain(&e))))?;
     Ok((Arc::new(store), Some(path)))
 }
 
@@ -186,7 +248,7 @@ pub fn operations(
     store: Arc<dyn KeyStore>,
     scope: &str,
     retention: u64,
-    headers: reqwest::header::HeaderMap,
+    headers: HeaderMap,
 ) -> Result<Operations, Exit> {
     let client = reqwest::Client::builder()
         .user_agent(concat!("idem/", env!("CARGO_PKG_VERSION")))
@@ -224,16 +286,22 @@ pub fn body_value(body: &[u8]) -> serde_json::Value {
         .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(body).into_owned()))
 }
 
-/// `-H 'Name: value'` options as headers.
-pub fn headers(values: &[String]) -> Result<reqwest::header::HeaderMap, Exit> {
-    let mut headers = reqwest::header::HeaderMap::new();
-    for header in values {
-        let parsed = header.split_once(':').and_then(|(name, value)| {
-            let name = reqwest::header::HeaderName::from_bytes(name.trim().as_bytes()).ok()?;
-            Some((name, reqwest::header::HeaderValue::from_str(value.trim()).ok()?))
-        });
-        let (name, value) =
-            parsed.ok_or_else(|| fail(Exit::Usage, format!("-H {header:?}: expected 'Name: value'")))?;
+/// `-H 'Name: value'` options as headers. An error names the header, never its value (it may
+/// be a token).
+pub fn headers(values: &[String]) -> Result<HeaderMap, Exit> {
+    let mut headers = HeaderMap::new();
+    for (n, header) in values.iter().enumerate() {
+        let Some((name, value)) = header.split_once(':') else {
+            return Err(fail(
+                Exit::Usage,
+                format!("-H option {}: expected 'Name: value' (its text is not shown)", n + 1),
+            ));
+        };
+        let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| {
+            fail(Exit::Usage, format!("-H option {}: {:?} is not a valid header name", n + 1, name.trim()))
+        })?;
+        let value = HeaderValue::from_str(value.trim())
+            .map_err(|_| fail(Exit::Usage, format!("-H {name}: the value is not a valid header value (not shown)")))?;
         headers.append(name, value);
     }
     Ok(headers)
@@ -243,4 +311,10 @@ pub fn headers(values: &[String]) -> Result<reqwest::header::HeaderMap, Exit> {
 /// its journal [`fingerprint`](idempotent_retry::fingerprint).
 pub fn short_hash(method: &str, url: &str, body: &[u8]) -> String {
     idempotent_retry::fingerprint(method, url, body)[..12].to_owned()
+}
+
+/// The default name of an operation on `url`: the method, the URL without its secrets, and a
+/// hash of the whole request.
+pub fn operation_name(method: &str, url: &str, body: &[u8]) -> String {
+    format!("{method} {} #{}", idempotent_retry::redact_url(url), short_hash(method, url, body))
 }

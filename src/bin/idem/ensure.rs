@@ -91,19 +91,23 @@ async fn ensure(args: EnsureArgs) -> Result<Exit, Exit> {
         expect.push((field.to_owned(), value));
     }
     let headers = common::headers(&args.headers)?;
+    let convention = args.shared.carrier.convention()?;
+    if let Some(name) = convention.carrier.as_ref().and_then(|c| c.header_name()).filter(|n| headers.contains_key(*n)) {
+        return Err(fail(
+            Exit::Usage,
+            format!("-H {name}: ensure-count derives a key for each item it creates; it cannot send one of yours"),
+        ));
+    }
+    let keyless = args.no_idempotency_key || convention.carrier.is_none();
 
     // The run's deadline bounds every request in it; one request alone has the usual minute.
     let deadline = args.shared.retry.deadline_or(600.0)?;
     let request_deadline = deadline.min(std::time::Duration::from_secs(60));
-    let layer = common::layer(&args.shared.carrier, &args.shared.retry, request_deadline, args.shared.output.quiet)?;
+    let layer = common::layer(&convention, &args.shared.retry, request_deadline, args.shared.output.quiet)?;
     let (store, _) = common::store(&args.shared.journal)?;
     let ops = common::operations(layer, store, &args.shared.scope, args.shared.retry.retention, headers)?;
     let operation = args.operation.clone().unwrap_or_else(|| {
-        format!(
-            "ensure-count {} #{}",
-            args.collection_url,
-            common::short_hash("POST", &args.collection_url, &body_bytes)
-        )
+        format!("ensure-count {}", common::operation_name("POST", &args.collection_url, &body_bytes))
     });
     let mut reconciler = Reconciler::new(ops, &args.collection_url, operation)
         .generation(args.generation)
@@ -118,7 +122,7 @@ async fn ensure(args: EnsureArgs) -> Result<Exit, Exit> {
     for (field, value) in expect {
         reconciler = reconciler.expect_field(field, value);
     }
-    if args.no_idempotency_key {
+    if keyless {
         reconciler = reconciler.keyless();
     }
     let bar = (!args.shared.output.quiet && std::io::stderr().is_terminal()).then(|| {
@@ -166,7 +170,7 @@ async fn ensure(args: EnsureArgs) -> Result<Exit, Exit> {
             (report, Exit::Refused)
         }
         Err(e) => {
-            eprintln!("idem: {e}");
+            eprintln!("idem: {}", common::chain(&e));
             let exit = match e.failure {
                 ReconcileFailure::Identity(_)
                 | ReconcileFailure::BadId { .. }

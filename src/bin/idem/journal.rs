@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use idempotent_retry::{SqliteJournal, rfc3339};
 
-use crate::common::{Exit, Format, fail};
+use crate::common::{Exit, Format, fail, fail_with};
 
 pub const EXAMPLES: &str = "\
 Examples:
@@ -62,7 +62,7 @@ fn open(at: &Where) -> Result<SqliteJournal, Exit> {
             SqliteJournal::default_path().ok_or_else(|| fail(Exit::Usage, "no home directory; pass --journal PATH"))?
         }
     };
-    SqliteJournal::open(&path).map_err(|e| fail(Exit::Usage, e))
+    SqliteJournal::open_existing(&path).map_err(|e| fail_with(Exit::Usage, &e))
 }
 
 pub fn run(command: JournalCommand) -> Exit {
@@ -75,7 +75,7 @@ pub fn run(command: JournalCommand) -> Exit {
             };
             let records = match journal.list() {
                 Ok(records) => records,
-                Err(e) => return fail(Exit::Usage, e),
+                Err(e) => return fail_with(Exit::Usage, &e),
             };
             let records: Vec<_> = records.into_iter().filter(|r| !args.pending || r.state.is_unsettled()).collect();
             match args.output {
@@ -113,7 +113,7 @@ pub fn run(command: JournalCommand) -> Exit {
                     Exit::Refused,
                     format!("no operation named {:?} in {}", args.operation, journal.path().display()),
                 ),
-                Err(e) => fail(Exit::Usage, e),
+                Err(e) => fail_with(Exit::Usage, &e),
             }
         }
     }

@@ -49,4 +49,4 @@ pub use cloud::{FakeCloud, FakeCloudBuilder, Resource, SeenRequest, replicas};
 pub use fault::{Fault, FaultMix, RetryAfter, Schedule};
 pub use key_store::check_key_store;
 pub use profile::{CacheErrors, InFlight, KeyFormat, KeyLocation, Mismatch, Replay, Scope, ServerProfile};
-pub use proxy::{ChaosProxy, ChaosProxyBuilder, ProxyRecord};
+pub use proxy::{ChaosProxy, ChaosProxyBuilder, Gate, ProxyRecord};

@@ -61,6 +61,87 @@ struct Shared {
     log: Mutex<Vec<ProxyRecord>>,
     /// Requests held or being forwarded right now.
     pending: AtomicUsize,
+    /// The gate, while one is closed.
+    gate: Mutex<Option<GateState>>,
+    /// Told whenever a request stops at the gate.
+    gate_news: tokio::sync::Notify,
+}
+
+struct GateState {
+    /// The method it stops (`None`: every request).
+    method: Option<Method>,
+    /// The requests stopped, oldest first.
+    held: std::collections::VecDeque<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// A gate in front of the server: matching requests stop at it, after they are recorded and
+/// before their fault, until the test lets them through. For tests about concurrency that must
+/// not depend on how tasks happen to interleave: wait until `n` requests are held, look, let
+/// them go.
+///
+/// ```
+/// # use idempotent_retry::testing::{ChaosProxy, FakeCloud, ServerProfile};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// # let cloud = FakeCloud::start(ServerProfile::stripe()).await;
+/// let proxy = ChaosProxy::builder(cloud.address()).start().await;
+/// let gate = proxy.gate(Some(http::Method::POST));
+/// let url = format!("{}/cvms", proxy.uri());
+/// let two = tokio::spawn(async move {
+///     let client = reqwest::Client::new();
+///     let (a, b) = tokio::join!(client.post(&url).body("{}").send(), client.post(&url).body("{}").send());
+///     (a.unwrap().status(), b.unwrap().status())
+/// });
+/// gate.until_held(2).await; // both are at the gate: neither reached the server
+/// assert_eq!(cloud.created(), 0);
+/// gate.release();
+/// assert_eq!(two.await.unwrap(), (http::StatusCode::CREATED, http::StatusCode::CREATED));
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Gate {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate").field("held", &self.held()).finish()
+    }
+}
+
+impl Gate {
+    /// Requests stopped at the gate now.
+    pub fn held(&self) -> usize {
+        lock(&self.shared.gate).as_ref().map_or(0, |g| g.held.len())
+    }
+
+    /// Waits until at least `n` requests are stopped at the gate.
+    pub async fn until_held(&self, n: usize) {
+        loop {
+            // Created before the look, so a request stopping in between is not missed.
+            let news = self.shared.gate_news.notified();
+            if self.held() >= n {
+                return;
+            }
+            news.await;
+        }
+    }
+
+    /// Lets the requests stopped now through; later ones stop as before. How many went.
+    pub fn release(&self) -> usize {
+        let held: Vec<_> = lock(&self.shared.gate).as_mut().map(|g| g.held.drain(..).collect()).unwrap_or_default();
+        let n = held.len();
+        for request in held {
+            let _ = request.send(());
+        }
+        n
+    }
+
+    /// Opens the gate for good: everything held goes, and nothing stops any more.
+    pub fn open(&self) {
+        self.release();
+        *lock(&self.shared.gate) = None;
+    }
 }
 
 /// A TCP proxy that injects faults, one decision per HTTP request.
@@ -152,6 +233,8 @@ impl ChaosProxyBuilder {
             travel: self.travel,
             log: Mutex::default(),
             pending: AtomicUsize::new(0),
+            gate: Mutex::new(None),
+            gate_news: tokio::sync::Notify::new(),
         });
         let accept = shared.clone();
         let task = tokio::spawn(async move {
@@ -199,6 +282,14 @@ impl ChaosProxy {
         lock(&self.shared.log).iter().filter(|r| r.fault.is_fault()).count()
     }
 
+    /// Closes a [`Gate`] in front of the server for requests with `method` (`None`: all).
+    pub fn gate(&self, method: Option<Method>) -> Gate {
+        let mut gate = lock(&self.shared.gate);
+        let held = gate.take().map(|g| g.held).unwrap_or_default();
+        *gate = Some(GateState { method, held });
+        Gate { shared: self.shared.clone() }
+    }
+
     /// Waits until no request is held or being forwarded: a [delayed](Fault::Delay) request whose
     /// client gave up still reaches the server, and a test should count resources after it has.
     pub async fn settle(&self) {
@@ -228,6 +319,19 @@ async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
             body: request.body.clone(),
             fault,
         });
+        let stopped = lock(&shared.gate).as_mut().and_then(|gate| {
+            gate.method.as_ref().is_none_or(|m| m.as_str() == request.method).then(|| {
+                let (go, wait) = tokio::sync::oneshot::channel();
+                gate.held.push_back(go);
+                wait
+            })
+        });
+        if let Some(wait) = stopped {
+            shared.gate_news.notify_waiters();
+            if wait.await.is_err() {
+                return;
+            }
+        }
         let keep_open = match fault {
             Fault::Pass => pass(&mut client, &shared, &request, Duration::ZERO).await,
             Fault::Delay(hold) => {

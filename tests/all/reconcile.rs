@@ -180,18 +180,28 @@ async fn s05_a_late_item_is_detected_and_pruned_only_when_allowed() {
 
 /// 10. Two appliers with different keys and the same desired state: the overshoot is detected and
 /// reported, and with foreign pruning (newest first, the same choice for both) they converge.
+/// The gate makes the interleaving the scenario is about: both list an empty collection, both
+/// create, and both look again only once all six exist.
 #[tokio::test]
 async fn s10_two_appliers_with_different_keys() {
     let rig = Rig::new(ServerProfile::stripe(), Schedule::pass()).await;
-    let mut a = reconciler(&rig, "tenant-a");
-    let mut b = reconciler(&rig, "tenant-b");
-
-    let (ra, rb) = tokio::join!(a.reconcile(&Desired::Count(3)), b.reconcile(&Desired::Count(3)));
+    let gate = rig.proxy.gate(Some(http::Method::GET));
+    let (mut a, mut b) = (reconciler(&rig, "tenant-a"), reconciler(&rig, "tenant-b"));
+    let both = tokio::spawn(async move {
+        let (ra, rb) = tokio::join!(a.reconcile(&Desired::Count(3)), b.reconcile(&Desired::Count(3)));
+        (a, b, ra, rb)
+    });
+    gate.until_held(2).await;
+    gate.release();
+    gate.until_held(2).await;
+    assert_eq!(rig.cloud.created(), 6, "both created: different keys");
+    gate.open();
+    let (a, b, ra, rb) = both.await.unwrap();
     let (ra, rb) = (ra.unwrap(), rb.unwrap());
 
-    assert_eq!(live(&rig), 6, "both created: different keys");
-    assert!(ra.overshoot == 3 || rb.overshoot == 3, "{ra}\n{rb}");
-    assert!(!ra.overshoot_ids.is_empty() || !rb.overshoot_ids.is_empty());
+    assert_eq!(live(&rig), 6);
+    assert_eq!((ra.overshoot, rb.overshoot), (3, 3), "{ra}\n{rb}");
+    assert_eq!(ra.overshoot_ids, rb.overshoot_ids, "the same three, newest first");
     assert!(ra.deleted.is_empty() && rb.deleted.is_empty(), "no pruning asked for");
 
     let mut a = a.prune(true).prune_foreign(true);
@@ -267,31 +277,44 @@ async fn prune_spares_foreign_members_unless_told() {
 
 #[tokio::test]
 async fn slow_start_doubles_batches_and_a_refusal_stops_the_run() {
-    let creates_in_first_round = |rig: &Rig| {
-        let seen = rig.cloud.requests();
-        seen.iter().skip(1).take_while(|r| r.method == "POST").count()
-    };
-
-    // Unhindered: one list, then batches of 1, 2, 4 and 1.
+    // Unhindered: one list, then batches of 1, 2, 4 and 1. The gate holds every create: each
+    // batch is all at the gate before any of it reaches the server.
     let rig = Rig::new(ServerProfile::stripe(), Schedule::pass()).await;
-    let report = reconciler(&rig, "tenant-1").reconcile(&Desired::Count(8)).await.unwrap();
-    assert!(report.converged);
-    assert_eq!(creates_in_first_round(&rig), 8);
+    let gate = rig.proxy.gate(Some(http::Method::POST));
+    let mut r = reconciler(&rig, "tenant-1");
+    let run = tokio::spawn(async move { r.reconcile(&Desired::Count(8)).await });
+    for (round, batch) in [1, 2, 4, 1].into_iter().enumerate() {
+        gate.until_held(batch).await;
+        // A wrong batch would have more on the way; give them a moment to show (this can only
+        // catch a bug, never fail a right batch).
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(gate.held(), batch, "batch {round}");
+        assert_eq!(rig.cloud.created(), [0, 1, 3, 7][round], "batch {round} waited for the one before");
+        gate.release();
+    }
+    let report = run.await.unwrap().unwrap();
+    assert!(report.converged, "{report}");
+    assert_eq!(rig.cloud.created(), 8);
+    assert_eq!(gate.held(), 0);
 
     // The second create is refused: the batch of two is the last; the run stops with the reason.
     let rig = Rig::new(ServerProfile::stripe(), Schedule::pass()).await;
+    let gate = rig.proxy.gate(Some(http::Method::POST));
     let mut r = reconciler(&rig, "tenant-1");
-    let refuse_the_second = async {
-        while rig.cloud.handler_runs() < 1 {
-            tokio::task::yield_now().await;
-        }
-        rig.cloud.fail_next_creates(1, http::StatusCode::FORBIDDEN);
-    };
-    let (result, ()) = tokio::join!(r.reconcile(&Desired::Count(8)), refuse_the_second);
+    let run = tokio::spawn(async move {
+        let result = r.reconcile(&Desired::Count(8)).await;
+        (r, result)
+    });
+    gate.until_held(1).await;
+    gate.release();
+    gate.until_held(2).await;
+    rig.cloud.fail_next_creates(1, http::StatusCode::FORBIDDEN);
+    gate.open();
+    let (mut r, result) = run.await.unwrap();
 
     let err = result.unwrap_err();
     assert!(matches!(&err.failure, ReconcileFailure::Rejected { status, .. } if *status == 403), "{err}");
-    assert_eq!(creates_in_first_round(&rig), 3, "batch of 1, batch of 2 with the refusal, nothing more");
+    assert_eq!(rig.attempts(), 3, "batch of 1, batch of 2 with the refusal, nothing more");
     assert_eq!(err.report.created.len(), 2);
 
     // Fixed: the next run converges; the refused slot is retired, not replayed.
@@ -425,24 +448,26 @@ async fn a_met_count_creates_nothing_after_a_killed_run() {
 }
 
 /// The same with a foreign item appearing while a create's outcome is unknown: desired 2, one
-/// created, one unknown, a foreign one appears: 2 present, so nothing more is created.
+/// created, one unknown, a foreign one appears before the next list: 2 present, so nothing more
+/// is created.
 #[tokio::test]
 async fn a_foreign_item_meeting_the_count_stops_creates() {
     let faults = Schedule::script([Fault::Pass, Fault::Reset, Fault::Reset]);
     let rig = rig_for_creates(ServerProfile::stripe(), faults, 0, fast_policy().max_attempts(1)).await;
+    let gate = rig.proxy.gate(Some(http::Method::GET));
     let mut r = reconciler(&rig, "tenant-1");
-    let appear = async {
-        while rig.attempts() < 2 {
-            tokio::task::yield_now().await;
-        }
-        foreign_item(&rig, "foreign").await;
-    };
+    let run = tokio::spawn(async move { r.reconcile(&Desired::Count(2)).await });
+    gate.until_held(1).await;
+    gate.release(); // the first list: empty
+    gate.until_held(1).await; // the second list waits: one created, one unknown
+    assert_eq!((live(&rig), rig.attempts()), (1, 2));
+    foreign_item(&rig, "foreign").await;
+    gate.open();
 
-    let (report, ()) = tokio::join!(r.reconcile(&Desired::Count(2)), appear);
-    let report = report.unwrap();
+    let report = run.await.unwrap().unwrap();
 
     assert_eq!(live(&rig), 2, "{report}");
-    assert!(report.max_observed <= 2, "{report}");
+    assert!(report.converged && report.max_observed <= 2, "{report}");
     assert_eq!(rig.cloud.created(), 2, "ours and the foreign one: {report}");
 }
 

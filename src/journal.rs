@@ -94,6 +94,11 @@ pub struct Record {
     pub status: Option<u16>,
     /// The identity the server returned (e.g. `{"id": "…"}`), once known.
     pub identity: Option<serde_json::Value>,
+    /// The key was the caller's (explicit, derived, from git) rather than minted: it may be sent
+    /// again, so the journal remembers how it ended after later runs of the operation with
+    /// other keys.
+    #[serde(default)]
+    pub fixed_key: bool,
 }
 
 /// The payload fingerprint: SHA-256 of method, URL and body, in hex.
@@ -158,6 +163,19 @@ impl Record {
     pub fn is_claimed_by(&self, claim: &Claim) -> bool {
         self.key == claim.key && to_millis(self.created_at) == to_millis(claim.created_at)
     }
+}
+
+/// What [`Intent::plan`] decided, for a store to carry out in one atomic step.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Planned {
+    /// The operation's new record (pending), if this run sends.
+    pub write: Option<Record>,
+    /// The record it replaces, to keep among the operation's retired records: a settled run
+    /// with a fixed key, which a later run may name again.
+    pub retire: Option<Record>,
+    /// The answer to give.
+    pub begun: Begun,
 }
 
 /// What [`KeyStore::begin`] decided.
@@ -264,11 +282,12 @@ pub enum JournalError {
 
 impl Intent<'_> {
     /// Applies the journal's rules (the table on [`KeyStore`]) to what a store holds:
-    /// `existing`, this operation's record, and `conflict`, another operation's record that holds
-    /// the fixed key with another payload, if any. Returns the record to write (pending), if
-    /// any, and the decision.
+    /// `existing`, this operation's record; `earlier`, this operation's retired record with the
+    /// fixed key, when `existing` holds another key; `conflict`, another operation's record
+    /// (current or retired) that holds the fixed key with another payload.
     ///
-    /// Stores call this inside their own atomic section; a custom [`KeyStore`] should too.
+    /// Stores call this inside their own atomic section and carry out what it returns; a custom
+    /// [`KeyStore`] should too.
     ///
     /// # Errors
     ///
@@ -276,17 +295,25 @@ impl Intent<'_> {
     pub fn plan(
         &self,
         existing: Option<&Record>,
+        earlier: Option<&Record>,
         conflict: Option<&Record>,
-    ) -> Result<(Option<Record>, Begun), Box<PayloadMismatch>> {
+    ) -> Result<Planned, Box<PayloadMismatch>> {
         let mismatch =
             |r: &Record, key: Option<&IdempotencyKey>| Box::new(PayloadMismatch::new(self.operation, r, key));
         if let (KeyPlan::Fixed(key), Some(other)) = (&self.key, conflict) {
             return Err(mismatch(other, Some(key)));
         }
+        let fixed = matches!(self.key, KeyPlan::Fixed(_));
         let send = |key: Option<IdempotencyKey>, created_at: SystemTime, resumed: bool| {
             let claim = Claim { key, created_at };
-            (Some(self.pending(&claim)), Begun::Send { claim, resumed })
+            let write = self.pending(&claim, fixed);
+            // A settled run whose fixed key this run does not reuse is remembered.
+            let retire = existing
+                .filter(|r| r.fixed_key && r.key.is_some() && r.key != claim.key && !r.state.is_unsettled())
+                .cloned();
+            Planned { write: Some(write), retire, begun: Begun::Send { claim, resumed } }
         };
+        let nothing = |begun: Begun| Planned { write: None, retire: None, begun };
         let Some(r) = existing else {
             let key = match &self.key {
                 KeyPlan::Random => Some(IdempotencyKey::random()),
@@ -295,28 +322,30 @@ impl Intent<'_> {
             };
             return Ok(send(key, self.now, false));
         };
-        let same_payload = r.fingerprint == self.fingerprint;
-        let same_key = matches!((&self.key, &r.key), (KeyPlan::Fixed(k), Some(held)) if k == held);
+        let holds = |record: &Record| matches!((&self.key, &record.key), (KeyPlan::Fixed(k), Some(held)) if k == held);
+        // The record that used the fixed key: the current one, or a retired one.
+        let same_key = if holds(r) { Some(r) } else { earlier.filter(|e| holds(e)) };
         Ok(match &self.key {
             // The previous run is unsettled: resume its key, or touch nothing.
             _ if r.state.is_unsettled() => match &r.key {
-                Some(key) if same_key || self.key == KeyPlan::Random => {
-                    if !same_payload {
+                Some(key) if holds(r) || self.key == KeyPlan::Random => {
+                    if r.fingerprint != self.fingerprint {
                         return Err(mismatch(r, Some(key)));
                     }
                     send(Some(key.clone()), r.created_at, true)
                 }
-                _ => (None, Begun::Unsettled(r.clone())),
+                _ => nothing(Begun::Unsettled(r.clone())),
             },
-            // The same fixed key again: pinned to its payload; done if it succeeded.
-            KeyPlan::Fixed(key) if same_key => {
-                if !same_payload {
-                    return Err(mismatch(r, Some(key)));
+            // A fixed key this operation used before: pinned to its payload; done if it succeeded.
+            KeyPlan::Fixed(key) if same_key.is_some() => {
+                let used = same_key.expect("checked");
+                if used.fingerprint != self.fingerprint {
+                    return Err(mismatch(used, Some(key)));
                 }
-                if r.state == OpState::Succeeded {
-                    (None, Begun::Succeeded(r.clone()))
+                if used.state == OpState::Succeeded {
+                    nothing(Begun::Succeeded(used.clone()))
                 } else {
-                    send(Some(key.clone()), r.created_at, false)
+                    send(Some(key.clone()), used.created_at, false)
                 }
             }
             // A settled operation run again with a new key, or none: a new run.
@@ -335,7 +364,7 @@ impl Intent<'_> {
     }
 
     /// The pending record of a run with `claim`.
-    fn pending(&self, claim: &Claim) -> Record {
+    fn pending(&self, claim: &Claim, fixed_key: bool) -> Record {
         Record {
             operation: self.operation.to_owned(),
             key: claim.key.clone(),
@@ -347,6 +376,7 @@ impl Intent<'_> {
             updated_at: self.now,
             status: None,
             identity: None,
+            fixed_key,
         }
     }
 }
@@ -409,13 +439,15 @@ impl Finish {
 /// | pending or unknown, with a key, same payload | **resume its key** | resume it if it is the fixed key, else *unsettled* | *unsettled* |
 /// | pending or unknown, with a key, other payload | refused | refused if it is the fixed key, else *unsettled* | *unsettled* |
 /// | pending or unknown, without a key | *unsettled* | *unsettled* | *unsettled* |
-/// | succeeded | mint a new key (a new run) | the same key: *succeeded*; another key: a new run | a new run |
-/// | failed | mint a new key | the fixed key (same payload only, if it is the same key) | a new run |
+/// | succeeded | mint a new key (a new run) | a key this operation used: *succeeded* (or, if that run failed, the key again, same payload only); another key: a new run | a new run |
+/// | failed | mint a new key | as for succeeded | a new run |
 ///
 /// *Unsettled* and *succeeded* write nothing: a record that may have taken effect survives any
 /// re-run, whatever key source it names, until a read-back settles it (then
 /// [`finish`](Self::finish) it) or it is [forgotten](Self::forget); a succeeded key is not sent
-/// again blindly once the server may have forgotten it. For any fixed key, another operation
+/// again blindly once the server may have forgotten it. "A key this operation used" includes
+/// its *retired* records: a settled run with a fixed key that a later run with another key
+/// replaced is kept (and still pins its key), so that key is never mistaken for a new one. For any fixed key, another operation
 /// that used the key with another payload means the request is refused before sending, with an
 /// error that names both.
 ///
@@ -500,8 +532,11 @@ pub struct MemoryStore {
 struct Memory {
     /// Records by operation name.
     records: HashMap<String, Record>,
-    /// The operations holding each key, for the pinning check. Several operations may hold a
-    /// key (with the same payload); each keeps it until its own record moves on.
+    /// Retired records (settled runs with fixed keys that later runs replaced), by operation and
+    /// key.
+    retired: HashMap<(String, IdempotencyKey), Record>,
+    /// The operations holding each key, current or retired, for the pinning check. Several
+    /// operations may hold a key (with the same payload); each keeps it until it lets go.
     by_key: HashMap<IdempotencyKey, BTreeSet<String>>,
 }
 
@@ -513,42 +548,65 @@ impl MemoryStore {
 }
 
 impl Memory {
-    fn unindex(&mut self, record: &Record) {
-        if let Some(key) = &record.key
+    /// Whether `operation` still holds `key`, in its current record or a retired one.
+    fn holds(&self, operation: &str, key: &IdempotencyKey) -> bool {
+        self.records.get(operation).is_some_and(|r| r.key.as_ref() == Some(key))
+            || self.retired.contains_key(&(operation.to_owned(), key.clone()))
+    }
+
+    fn index(&mut self, operation: &str, key: Option<&IdempotencyKey>) {
+        if let Some(key) = key {
+            self.by_key.entry(key.clone()).or_default().insert(operation.to_owned());
+        }
+    }
+
+    fn unindex(&mut self, operation: &str, key: Option<&IdempotencyKey>) {
+        if let Some(key) = key
+            && !self.holds(operation, key)
             && let Some(holders) = self.by_key.get_mut(key)
         {
-            holders.remove(&record.operation);
+            holders.remove(operation);
             if holders.is_empty() {
                 self.by_key.remove(key);
             }
         }
+    }
+
+    /// Another operation's record, current or retired, holding `key` with another payload.
+    fn conflict(&self, intent: &Intent<'_>, key: &IdempotencyKey) -> Option<&Record> {
+        let holders = self.by_key.get(key)?;
+        holders.iter().filter(|op| op.as_str() != intent.operation).find_map(|op| {
+            let current = self.records.get(op).filter(|r| r.key.as_ref() == Some(key));
+            let retired = self.retired.get(&(op.clone(), key.clone()));
+            current.into_iter().chain(retired).find(|r| r.fingerprint != intent.fingerprint)
+        })
     }
 }
 
 impl KeyStore for MemoryStore {
     fn begin(&self, intent: &Intent<'_>) -> Result<Begun, JournalError> {
         let mut memory = lock(&self.inner);
-        let conflict = match &intent.key {
-            KeyPlan::Fixed(key) => memory.by_key.get(key).into_iter().flatten().find_map(|op| {
-                memory
-                    .records
-                    .get(op)
-                    .filter(|r| r.operation != intent.operation && r.fingerprint != intent.fingerprint)
-            }),
-            _ => None,
+        let (conflict, earlier) = match &intent.key {
+            KeyPlan::Fixed(key) => {
+                (memory.conflict(intent, key), memory.retired.get(&(intent.operation.to_owned(), key.clone())))
+            }
+            _ => (None, None),
         };
-        let (record, begun) =
-            intent.plan(memory.records.get(intent.operation), conflict).map_err(JournalError::PayloadMismatch)?;
-        if let Some(record) = record {
-            if let Some(old) = memory.records.remove(intent.operation) {
-                memory.unindex(&old);
+        let planned = intent
+            .plan(memory.records.get(intent.operation), earlier, conflict)
+            .map_err(JournalError::PayloadMismatch)?;
+        if let Some(record) = planned.write {
+            if let Some(retired) = planned.retire {
+                let key = retired.key.clone().expect("only keyed records retire");
+                memory.retired.insert((retired.operation.clone(), key), retired);
             }
-            if let Some(key) = &record.key {
-                memory.by_key.entry(key.clone()).or_default().insert(record.operation.clone());
+            let old = memory.records.insert(record.operation.clone(), record.clone());
+            memory.index(&record.operation, record.key.as_ref());
+            if let Some(old) = old {
+                memory.unindex(&old.operation, old.key.as_ref());
             }
-            memory.records.insert(record.operation.clone(), record);
         }
-        Ok(begun)
+        Ok(planned.begun)
     }
 
     fn finish(&self, operation: &str, finish: &Finish) -> Result<bool, JournalError> {
@@ -571,9 +629,17 @@ impl KeyStore for MemoryStore {
 
     fn forget(&self, operation: &str) -> Result<bool, JournalError> {
         let mut memory = lock(&self.inner);
-        let Some(record) = memory.records.remove(operation) else { return Ok(false) };
-        memory.unindex(&record);
-        Ok(true)
+        let retired: Vec<(String, IdempotencyKey)> =
+            memory.retired.keys().filter(|(op, _)| op == operation).cloned().collect();
+        for id in &retired {
+            memory.retired.remove(id);
+        }
+        let record = memory.records.remove(operation);
+        let keys = retired.into_iter().map(|(_, key)| Some(key)).chain(record.as_ref().map(|r| r.key.clone()));
+        for key in keys.collect::<Vec<_>>() {
+            memory.unindex(operation, key.as_ref());
+        }
+        Ok(record.is_some())
     }
 }
 

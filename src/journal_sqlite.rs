@@ -10,7 +10,12 @@ use crate::journal::{Begun, Finish, Intent, JournalError, KeyPlan, KeyStore, OpS
 use crate::key::IdempotencyKey;
 use crate::time::lock;
 
-const SCHEMA: &str = "
+/// The schema's version, in `PRAGMA user_version`. 0 is a journal from before versions (1 in
+/// all but name); 2 added `fixed_key` and the retired records.
+const SCHEMA_VERSION: i64 = 2;
+
+/// Version 1: the operations' current records.
+const SCHEMA_1: &str = "
 CREATE TABLE IF NOT EXISTS operations (
     operation   TEXT PRIMARY KEY NOT NULL,
     key         TEXT,
@@ -26,7 +31,29 @@ CREATE TABLE IF NOT EXISTS operations (
 CREATE INDEX IF NOT EXISTS operations_by_key ON operations (key);
 ";
 
-const COLUMNS: &str = "operation, key, method, url, fingerprint, state, created_at, updated_at, status, identity";
+/// Version 2: whether a key was the caller's (records from before say yes: the careful
+/// answer), and the settled runs with such keys that later runs replaced.
+const SCHEMA_2: &str = "
+ALTER TABLE operations ADD COLUMN fixed_key INTEGER NOT NULL DEFAULT 1;
+CREATE TABLE IF NOT EXISTS retired (
+    operation   TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    method      TEXT NOT NULL,
+    url         TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL,
+    status      INTEGER,
+    identity    TEXT,
+    fixed_key   INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (operation, key)
+);
+CREATE INDEX IF NOT EXISTS retired_by_key ON retired (key);
+";
+
+const COLUMNS: &str =
+    "operation, key, method, url, fingerprint, state, created_at, updated_at, status, identity, fixed_key";
 
 /// A journal in a SQLite file.
 ///
@@ -141,7 +168,26 @@ impl SqliteJournal {
         // The schema under the write lock from the start: a read that upgrades to a write after
         // another connection wrote fails at once (SQLITE_BUSY_SNAPSHOT), where IMMEDIATE waits.
         let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(fail)?;
-        tx.execute_batch(SCHEMA).map_err(fail)?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(fail)?;
+        if version > SCHEMA_VERSION {
+            return Err(JournalError::Other {
+                path: shown,
+                reason: format!("its schema (version {version}) is newer than this program knows ({SCHEMA_VERSION})"),
+            });
+        }
+        if version < SCHEMA_VERSION {
+            tx.execute_batch(SCHEMA_1).map_err(fail)?;
+            let has_fixed_key: bool = tx
+                .query_row("SELECT COUNT(*) FROM pragma_table_info('operations') WHERE name = 'fixed_key'", [], |row| {
+                    row.get::<_, i64>(0)
+                })
+                .map(|n| n > 0)
+                .map_err(fail)?;
+            if !has_fixed_key {
+                tx.execute_batch(SCHEMA_2).map_err(fail)?;
+            }
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(fail)?;
+        }
         tx.commit().map_err(fail)?;
         Ok(Self { path, lock_timeout, connection: Mutex::new(connection) })
     }
@@ -210,6 +256,7 @@ fn record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
         updated_at: from_millis(row.get(7)?),
         status: row.get::<_, Option<i64>>(8)?.map(|s| s as u16),
         identity: identity.map(|s| serde_json::from_str(&s)).transpose().map_err(|_| bad("identity"))?,
+        fixed_key: row.get::<_, i64>(10)? != 0,
     })
 }
 
@@ -219,47 +266,63 @@ impl KeyStore for SqliteJournal {
         // IMMEDIATE takes the write lock now: a second process running the same operation waits
         // here, then sees this one's pending record.
         let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.fail(e))?;
-        let (planned, begun) = {
-            let mut by_operation = tx
-                .prepare_cached(&format!("SELECT {COLUMNS} FROM operations WHERE operation = ?1"))
-                .map_err(|e| self.fail(e))?;
-            let existing = by_operation.query_row([intent.operation], record).optional().map_err(|e| self.fail(e))?;
-            let conflict = match &intent.key {
-                KeyPlan::Fixed(key) => {
-                    let mut by_key = tx
-                        .prepare_cached(&format!(
-                            "SELECT {COLUMNS} FROM operations WHERE key = ?1 AND operation <> ?2 AND fingerprint <> ?3 LIMIT 1"
-                        ))
-                        .map_err(|e| self.fail(e))?;
-                    by_key
-                        .query_row(params![key.as_str(), intent.operation, intent.fingerprint], record)
-                        .optional()
-                        .map_err(|e| self.fail(e))?
-                }
-                _ => None,
+        let planned = {
+            let one = |sql: &str, args: &[&dyn rusqlite::ToSql]| {
+                tx.prepare_cached(sql).and_then(|mut select| select.query_row(args, record).optional())
             };
-            intent.plan(existing.as_ref(), conflict.as_ref()).map_err(JournalError::PayloadMismatch)?
+            let existing = one(&format!("SELECT {COLUMNS} FROM operations WHERE operation = ?1"), &[&intent.operation])
+                .map_err(|e| self.fail(e))?;
+            let (earlier, conflict) = match &intent.key {
+                KeyPlan::Fixed(key) => {
+                    let earlier = one(
+                        &format!("SELECT {COLUMNS} FROM retired WHERE operation = ?1 AND key = ?2"),
+                        &[&intent.operation, &key.as_str()],
+                    )
+                    .map_err(|e| self.fail(e))?;
+                    let conflict = one(
+                        &format!(
+                            "SELECT {COLUMNS} FROM operations WHERE key = ?1 AND operation <> ?2 AND fingerprint <> ?3 \
+                             UNION ALL SELECT {COLUMNS} FROM retired WHERE key = ?1 AND operation <> ?2 AND fingerprint <> ?3 \
+                             LIMIT 1"
+                        ),
+                        &[&key.as_str(), &intent.operation, &intent.fingerprint],
+                    )
+                    .map_err(|e| self.fail(e))?;
+                    (earlier, conflict)
+                }
+                _ => (None, None),
+            };
+            intent
+                .plan(existing.as_ref(), earlier.as_ref(), conflict.as_ref())
+                .map_err(JournalError::PayloadMismatch)?
         };
-        if let Some(planned) = planned {
+        let Some(write) = planned.write else { return Ok(planned.begun) };
+        let insert = |table: &str, r: &Record| {
             tx.prepare_cached(&format!(
-                "INSERT OR REPLACE INTO operations ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, NULL)"
+                "INSERT OR REPLACE INTO {table} ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
             ))
             .and_then(|mut insert| {
                 insert.execute(params![
-                    planned.operation,
-                    planned.key.as_ref().map(IdempotencyKey::as_str),
-                    planned.method,
-                    planned.url,
-                    planned.fingerprint,
-                    planned.state.as_str(),
-                    to_millis(planned.created_at),
-                    to_millis(planned.updated_at),
+                    r.operation,
+                    r.key.as_ref().map(IdempotencyKey::as_str),
+                    r.method,
+                    r.url,
+                    r.fingerprint,
+                    r.state.as_str(),
+                    to_millis(r.created_at),
+                    to_millis(r.updated_at),
+                    r.status.map(i64::from),
+                    r.identity.as_ref().map(serde_json::Value::to_string),
+                    i64::from(r.fixed_key),
                 ])
             })
-            .map_err(|e| self.fail(e))?;
-            tx.commit().map_err(|e| self.fail(e))?;
+        };
+        if let Some(retired) = &planned.retire {
+            insert("retired", retired).map_err(|e| self.fail(e))?;
         }
-        Ok(begun)
+        insert("operations", &write).map_err(|e| self.fail(e))?;
+        tx.commit().map_err(|e| self.fail(e))?;
+        Ok(planned.begun)
     }
 
     fn finish(&self, operation: &str, finish: &Finish) -> Result<bool, JournalError> {
@@ -311,11 +374,13 @@ impl KeyStore for SqliteJournal {
     }
 
     fn forget(&self, operation: &str) -> Result<bool, JournalError> {
-        let connection = lock(&self.connection);
-        connection
-            .execute("DELETE FROM operations WHERE operation = ?1", [operation])
-            .map(|n| n > 0)
-            .map_err(|e| self.fail(e))
+        let mut connection = lock(&self.connection);
+        let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.fail(e))?;
+        tx.execute("DELETE FROM retired WHERE operation = ?1", [operation]).map_err(|e| self.fail(e))?;
+        let forgot =
+            tx.execute("DELETE FROM operations WHERE operation = ?1", [operation]).map_err(|e| self.fail(e))?;
+        tx.commit().map_err(|e| self.fail(e))?;
+        Ok(forgot > 0)
     }
 }
 
@@ -359,6 +424,32 @@ mod tests {
         assert_eq!(record.identity, Some(serde_json::json!({"id": "x"})));
         assert!(journal.forget("op").unwrap());
         assert!(journal.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_journal_from_before_schema_versions_is_upgraded() {
+        let path = temp("upgrade");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(SCHEMA_1).unwrap();
+        old.execute(
+            "INSERT INTO operations VALUES ('deploy', 'k-1', 'POST', 'u', 'fp', 'succeeded', 0, 0, 201, '{\"id\":\"d1\"}')",
+            [],
+        )
+        .unwrap();
+        drop(old);
+
+        let journal = SqliteJournal::open(&path).unwrap();
+
+        let record = journal.get("deploy").unwrap().unwrap();
+        assert_eq!((record.state, record.fixed_key), (OpState::Succeeded, true), "kept, and taken for a fixed key");
+        let version: i64 = lock(&journal.connection).query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        drop(journal);
+        assert!(SqliteJournal::open(&path).is_ok(), "opening it again changes nothing");
+        Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
+        let err = SqliteJournal::open(&path).unwrap_err();
+        assert!(err.to_string().contains("newer"), "{err}");
     }
 
     #[test]

@@ -30,7 +30,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
@@ -48,7 +48,7 @@ use crate::key::IdempotencyKey;
 use crate::options::RequestOptions;
 use crate::outcome::RetryOutcome;
 use crate::policy::RetryPolicy;
-use crate::time::{Clock, SystemClock};
+use crate::time::{Clock, Sleeper, SystemClock, TokioSleeper};
 
 /// An error from a read-back lookup.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -384,6 +384,8 @@ pub struct Operations {
     retention: Duration,
     margin: Option<Duration>,
     clock: Arc<dyn Clock>,
+    sleeper: Arc<dyn Sleeper>,
+    in_flight_window: Duration,
 }
 
 impl std::fmt::Debug for Operations {
@@ -397,6 +399,10 @@ impl std::fmt::Debug for Operations {
 }
 
 impl Operations {
+    /// How long a request may still be on its way after its client gave up on it, unless told
+    /// otherwise: 60 seconds (the usual proxy and load-balancer timeout).
+    pub const DEFAULT_IN_FLIGHT_WINDOW: Duration = Duration::from_secs(60);
+
     /// A server's key retention unless told otherwise: 24 hours (Stripe's minimum; the IETF
     /// draft asks servers to publish theirs).
     pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
@@ -417,6 +423,8 @@ impl Operations {
             retention: Self::DEFAULT_RETENTION,
             margin: None,
             clock: Arc::new(SystemClock),
+            sleeper: Arc::new(TokioSleeper),
+            in_flight_window: Self::DEFAULT_IN_FLIGHT_WINDOW,
         }
     }
 
@@ -455,6 +463,24 @@ impl Operations {
     /// The clock for journal times and key ages (default the system clock).
     pub fn clock(mut self, clock: impl Clock + 'static) -> Self {
         self.clock = Arc::new(clock);
+        self
+    }
+
+    /// The sleeper for waiting out the in-flight window (default tokio's timer).
+    pub fn sleeper(mut self, sleeper: impl Sleeper + 'static) -> Self {
+        self.sleeper = Arc::new(sleeper);
+        self
+    }
+
+    /// How long a request may still be on its way after its client gave up on it: queued at a
+    /// proxy, retried by a load balancer (default
+    /// [`DEFAULT_IN_FLIGHT_WINDOW`](Self::DEFAULT_IN_FLIGHT_WINDOW), 60 s).
+    ///
+    /// A read-back that finds nothing proves nothing while the request may still arrive: before
+    /// one whose "not found" would lead to sending again (a keyless write), the operation waits
+    /// until this long after the last send.
+    pub fn in_flight_window(mut self, window: Duration) -> Self {
+        self.in_flight_window = window;
         self
     }
 
@@ -761,8 +787,10 @@ impl<'a> OperationBuilder<'a> {
                 }
                 Begun::Succeeded(record) => {
                     let claim = record.claim();
-                    if !self.past_retention(&claim) {
-                        // The server still holds the key: it replays.
+                    // A success the server answered under this key, which it still holds: it
+                    // replays. One found by reading back (no status) may never have reached the
+                    // server under this key: never sent blind.
+                    if record.status.is_some() && !self.past_retention(&claim) {
                         return Ok(Start::Send(Run { claim, resumed: false, resending_success: true }));
                     }
                     return self.succeeded_earlier(record, no_key_reason).await.map(Start::done);
@@ -780,8 +808,16 @@ impl<'a> OperationBuilder<'a> {
                             ),
                         ));
                     };
+                    // The previous run's request may still be on its way.
+                    self.wait_in_flight(previous.updated_at).await;
                     if let Some(found) = self.lookup(read_back).await? {
-                        return self.recovered(found, &claim, no_key_reason).await.map(Start::done);
+                        let done = self.recovered(found, &claim, no_key_reason).await?;
+                        // The previous run did this run's work: a fixed key remembers it, as a
+                        // success it never sent (so it is never sent blind after).
+                        if let KeyPlan::Fixed(_) = plan {
+                            self.bind_recovery(url, fp, plan, &done).await?;
+                        }
+                        return Ok(Start::done(done));
                     }
                     // Not there: the previous run did not take effect. Settle it, then plan again.
                     self.settle_as_failed(&claim).await?;
@@ -790,6 +826,25 @@ impl<'a> OperationBuilder<'a> {
         }
         Err(self
             .unknown(None, "the journal's record kept changing under this run (another process is running it?)".into()))
+    }
+
+    /// Records `done` (found by reading back, for a previous run) as the outcome of this run's
+    /// fixed key, without a status: the key itself was never sent.
+    ///
+    /// A key pinned to another payload stays as it is (it is refused for this payload anyway):
+    /// the previous run's outcome, found and recorded, is this run's answer either way.
+    async fn bind_recovery(&self, url: &str, fp: &str, plan: &KeyPlan, done: &Completed) -> Result<(), OperationError> {
+        let claim = match self.begin(url, fp, plan.clone()).await {
+            Ok(Begun::Send { claim, .. }) => claim,
+            Ok(_) | Err(OperationError::PayloadMismatch(_)) => return Ok(()),
+            Err(OperationError::Journal(source)) => {
+                return Err(OperationError::Unrecorded { operation: self.name.clone(), key: done.key.clone(), source });
+            }
+            Err(other) => return Err(other),
+        };
+        let identity = Some(self.identity_record(&done.resource));
+        let finish = Finish::new(claim.clone(), OpState::Succeeded, self.ops.clock.now()).identity(identity);
+        self.record(finish).await.map_err(OperationError::journal)
     }
 
     /// Sends; if the outcome is unknown, reads back; if not found, sends once more.
@@ -827,15 +882,31 @@ impl<'a> OperationBuilder<'a> {
                 .await?;
                 return Err(self.failed(error, &run.claim, false));
             }
+            let failed_at = self.ops.clock.now();
             let Some(read_back) = self.read_back.as_ref().filter(|_| !read_back_done) else {
-                self.finish(&run.claim, Finish::new(run.claim.clone(), OpState::Unknown, self.ops.clock.now())).await?;
+                self.finish(&run.claim, Finish::new(run.claim.clone(), OpState::Unknown, failed_at)).await?;
                 return Err(self.failed(error, &run.claim, true));
             };
+            if run.claim.key.is_none() {
+                // Without a key, "not found" must also mean "not on its way": wait that out.
+                self.wait_in_flight(failed_at).await;
+            }
             if let Some(found) = self.lookup(read_back).await? {
                 return self.recovered(found, &run.claim, no_key_reason).await;
             }
             read_back_done = true;
             tracing::info!(operation = %self.name, "not found by reading back: sending again");
+        }
+    }
+
+    /// Waits until the in-flight window since `sent` has passed.
+    async fn wait_in_flight(&self, sent: SystemTime) {
+        let until = sent + self.ops.in_flight_window;
+        if let Ok(left) = until.duration_since(self.ops.clock.now())
+            && !left.is_zero()
+        {
+            tracing::info!(operation = %self.name, "waiting {left:?} for a request that may still be on its way before reading back");
+            self.ops.sleeper.sleep(left).await;
         }
     }
 

@@ -9,10 +9,6 @@ use serde_json::Value;
 use super::plan::Slot;
 use crate::journal::{Claim, Record};
 
-/// How far the server's clock may be behind the client's when an item's `created_at` is
-/// compared with the time a create was sent (only for expectations a previous process left).
-pub(crate) const CLOCK_SKEW: Duration = Duration::from_secs(30);
-
 /// The identity field that marks an item as taken for a lost keyless create's, from its
 /// appearance alone: it is never pruned as ours.
 pub(crate) const PRESUMED: &str = "presumed";
@@ -93,9 +89,10 @@ pub(crate) struct Settled {
 /// expectations are met or expired.
 ///
 /// A lost create is matched only to an item that was not there before it was sent: one no list
-/// of this process showed before the send, and, for a create a previous process sent, whose
-/// `created_at` is not older than the send (less [`CLOCK_SKEW`]). An item without `created_at`
-/// is never matched to a previous process's create.
+/// of this process showed before the send, and, for a create a previous process sent, one the
+/// server says it made after the send (`created_at` strictly later). Where the clocks cannot
+/// tell (the same second, no `created_at`), nothing is matched: an unmatched item of ours is
+/// only left unclaimed, while a foreign one taken for ours would be wrong.
 pub(crate) fn settle(round: &Round<'_>) -> Settled {
     let mut settled = Settled::default();
     for (_, _, record) in round.ledger {
@@ -140,7 +137,7 @@ pub(crate) fn settle(round: &Round<'_>) -> Settled {
 fn is_after(item: &Listed, create: &ExpectedCreate, round: &Round<'_>) -> bool {
     match create.sent {
         Sent::AfterList(list) => round.first_seen.get(&item.id).is_none_or(|seen| *seen > list),
-        Sent::Earlier => item.created_at.is_some_and(|at| at + CLOCK_SKEW >= create.since),
+        Sent::Earlier => item.created_at.is_some_and(|at| at > create.since),
     }
 }
 
@@ -175,6 +172,7 @@ mod tests {
             updated_at: T0,
             status: None,
             identity,
+            fixed_key: true,
         };
         (1, Slot::Index(slot), record)
     }
@@ -247,8 +245,9 @@ mod tests {
         };
         assert!(run(&facts(Some(0))).attributed.is_empty(), "a year older");
         assert!(run(&facts(None)).attributed.is_empty(), "no created_at: cannot tell");
+        assert!(run(&facts(Some(year))).attributed.is_empty(), "the same instant: cannot tell");
+        assert!(run(&facts(Some(year - 10))).attributed.is_empty(), "before the send");
         assert_eq!(run(&facts(Some(year + 5))).attributed.len(), 1, "created after the send");
-        assert_eq!(run(&facts(Some(year - 10))).attributed.len(), 1, "within the clock skew");
     }
 
     #[test]

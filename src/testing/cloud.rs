@@ -47,6 +47,7 @@ pub struct SeenRequest {
     pub body: Bytes,
     /// The status answered.
     pub status: u16,
+    decoded_last: Option<String>,
 }
 
 impl SeenRequest {
@@ -58,6 +59,11 @@ impl SeenRequest {
     /// Whether it was a create (`POST` to a collection).
     pub fn is_create(&self) -> bool {
         self.method == "POST"
+    }
+
+    /// The last path segment, percent-decoded: the item an item route names.
+    pub fn path_id(&self) -> Option<&str> {
+        self.decoded_last.as_deref()
     }
 }
 
@@ -74,6 +80,31 @@ struct Item {
     /// Lists of the collection this item is still hidden from.
     hidden_for: u32,
     deleted: bool,
+    /// Put there by [`FakeCloud::add_foreign`], not created through the API.
+    foreign: bool,
+}
+
+/// How a fake cloud makes and answers creates.
+#[derive(Clone)]
+struct Shape {
+    list_lag: u32,
+    unique_names: bool,
+    /// Ids from the number of the item (1, 2, …) instead of UUIDs.
+    ids: Option<Arc<dyn Fn(u64) -> String + Send + Sync>>,
+    answer: CreateAnswer,
+}
+
+/// What a create's successful answer carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum CreateAnswer {
+    /// The resource, as JSON (the default).
+    #[default]
+    Json,
+    /// `Created`, as `text/plain`: no id to read.
+    PlainText,
+    /// Nothing.
+    Empty,
 }
 
 struct State {
@@ -82,8 +113,7 @@ struct State {
     requests: Vec<SeenRequest>,
     handler_runs: usize,
     fail_next: VecDeque<StatusCode>,
-    list_lag: u32,
-    unique_names: bool,
+    shape: Shape,
     /// compose_hash → (name, app_id) of provisioned, not yet committed CVMs.
     provisions: std::collections::HashMap<String, (String, String)>,
 }
@@ -137,8 +167,7 @@ pub struct FakeCloud {
 pub struct FakeCloudBuilder {
     profile: ServerProfile,
     clock: Option<Arc<dyn Clock>>,
-    list_lag: u32,
-    unique_names: bool,
+    shape: Shape,
 }
 
 impl FakeCloudBuilder {
@@ -153,13 +182,27 @@ impl FakeCloudBuilder {
 
     /// Hides each new item from the next `lists` lists of its collection (default 0).
     pub fn list_lag(mut self, lists: u32) -> Self {
-        self.list_lag = lists;
+        self.shape.list_lag = lists;
         self
     }
 
     /// Refuses a second live item with the same name in a collection: 409 "already exists".
     pub fn unique_names(mut self, on: bool) -> Self {
-        self.unique_names = on;
+        self.shape.unique_names = on;
+        self
+    }
+
+    /// Gives the `n`th item (1, 2, …) the id `ids(n)` instead of a UUID: e.g. hostile ids such
+    /// as `../../admin/users/{n}` or `x?force=true&n={n}`, to check that a client treats an id
+    /// as one path segment. Routes take path segments percent-decoded.
+    pub fn ids(mut self, ids: impl Fn(u64) -> String + Send + Sync + 'static) -> Self {
+        self.shape.ids = Some(Arc::new(ids));
+        self
+    }
+
+    /// What a successful create answers with (default the resource as JSON).
+    pub fn create_answer(mut self, answer: CreateAnswer) -> Self {
+        self.shape.answer = answer;
         self
     }
 
@@ -176,8 +219,7 @@ impl FakeCloudBuilder {
                 requests: Vec::new(),
                 handler_runs: 0,
                 fail_next: VecDeque::new(),
-                list_lag: self.list_lag,
-                unique_names: self.unique_names,
+                shape: self.shape,
                 provisions: std::collections::HashMap::new(),
             }),
         });
@@ -195,7 +237,8 @@ impl FakeCloud {
 
     /// A builder for a fake cloud with `profile`.
     pub fn builder(profile: ServerProfile) -> FakeCloudBuilder {
-        FakeCloudBuilder { profile, clock: None, list_lag: 0, unique_names: false }
+        let shape = Shape { list_lag: 0, unique_names: false, ids: None, answer: CreateAnswer::Json };
+        FakeCloudBuilder { profile, clock: None, shape }
     }
 
     /// `http://127.0.0.1:port`.
@@ -227,7 +270,63 @@ impl FakeCloud {
 
     /// Changes the list lag for items created from now on.
     pub fn set_list_lag(&self, lists: u32) {
-        lock(&self.shared.state).list_lag = lists;
+        lock(&self.shared.state).shape.list_lag = lists;
+    }
+
+    /// Puts an item in a collection the way another client would (not through this fake's API,
+    /// so counters such as [`created`](Self::created) leave it out): a pre-existing or concurrent
+    /// foreign item, created at `created_at` by the server's clock.
+    pub fn add_foreign(&self, collection: &str, name: &str, created_at: SystemTime) -> Resource {
+        let mut state = lock(&self.shared.state);
+        let n = state.items.len() as u64 + 1;
+        let id = state.shape.ids.as_ref().map_or_else(|| uuid::Uuid::new_v4().to_string(), |ids| ids(n));
+        let resource = Resource {
+            id,
+            app_id: "app-foreign".into(),
+            vm_uuid: uuid::Uuid::new_v4().to_string(),
+            name: name.to_owned(),
+            created_at: rfc3339(created_at),
+            status: "running".into(),
+        };
+        state.items.push(Item {
+            collection: collection.to_owned(),
+            resource: resource.clone(),
+            hidden_for: 0,
+            deleted: false,
+            foreign: true,
+        });
+        resource
+    }
+
+    /// Deletes an item the way another client would (not through this fake's API); whether it
+    /// was there.
+    pub fn remove(&self, collection: &str, id: &str) -> bool {
+        let mut state = lock(&self.shared.state);
+        let found = state.items.iter_mut().find(|i| i.collection == collection && i.resource.id == id && !i.deleted);
+        found.map(|item| item.deleted = true).is_some()
+    }
+
+    /// The server forgets every idempotency key it holds (a restart of a server that keeps them
+    /// in memory, or its retention passing): a key sent again is new to it.
+    pub fn forget_keys(&self) {
+        lock(&self.shared.state).store = Store::default();
+    }
+
+    /// Whether `id` was deleted through the API ([`remove`](Self::remove) does not count).
+    pub fn deleted_through_api(&self, id: &str) -> bool {
+        let state = lock(&self.shared.state);
+        state.requests.iter().any(|r| r.method == "DELETE" && (200..300).contains(&r.status) && r.path_id() == Some(id))
+    }
+
+    /// Every resource ever in `collection` (deleted ones too, foreign ones too), with whether it
+    /// is foreign and whether it is live.
+    pub fn history(&self, collection: &str) -> Vec<(Resource, bool, bool)> {
+        lock(&self.shared.state)
+            .items
+            .iter()
+            .filter(|i| i.collection == collection)
+            .map(|i| (i.resource.clone(), i.foreign, !i.deleted))
+            .collect()
     }
 
     /// Every request received, in order.
@@ -245,21 +344,21 @@ impl FakeCloud {
         lock(&self.shared.state).handler_runs
     }
 
-    /// How many resources were ever created, deleted ones included.
+    /// How many resources were ever created through the API, deleted ones included.
     pub fn created(&self) -> usize {
-        lock(&self.shared.state).items.len()
+        lock(&self.shared.state).items.iter().filter(|i| !i.foreign).count()
     }
 
-    /// How many resources named `name` were ever created.
+    /// How many resources named `name` were ever created through the API.
     pub fn created_named(&self, name: &str) -> usize {
-        lock(&self.shared.state).items.iter().filter(|i| i.resource.name == name).count()
+        lock(&self.shared.state).items.iter().filter(|i| !i.foreign && i.resource.name == name).count()
     }
 
     /// Resources created beyond the first of each name in each collection: the duplicates.
     pub fn duplicates(&self) -> usize {
         let state = lock(&self.shared.state);
         let mut names = BTreeMap::<(&str, &str), usize>::new();
-        for item in &state.items {
+        for item in state.items.iter().filter(|i| !i.foreign) {
             *names.entry((&item.collection, &item.resource.name)).or_default() += 1;
         }
         names.values().map(|n| n - 1).sum()
@@ -309,7 +408,8 @@ enum Route {
 }
 
 fn route(method: &str, path: &str) -> Route {
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let decoded: Vec<String> = path.trim_matches('/').split('/').map(percent_decode).collect();
+    let parts: Vec<&str> = decoded.iter().map(String::as_str).collect();
     match (method, parts.as_slice()) {
         ("POST", ["cvms", "provision"]) => Route::Provision,
         ("POST", ["cvms"]) => Route::Create { collection: "cvms".into(), app_id: None, vm_uuid: None },
@@ -325,6 +425,27 @@ fn route(method: &str, path: &str) -> Route {
         }
         _ => Route::NotFound,
     }
+}
+
+/// A path segment with its `%XX` escapes decoded (invalid escapes kept as they are).
+fn percent_decode(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The collection name of a CVM's replicas.
@@ -349,8 +470,7 @@ impl Shared {
         let (status, body, headers, processing) = match route(method, path) {
             Route::Create { collection, app_id, vm_uuid } => {
                 let incoming = Incoming { method, path, headers: &request.headers, body: &request.body };
-                let State { store, items, handler_runs, fail_next, list_lag, unique_names, provisions, .. } =
-                    &mut *state;
+                let State { store, items, handler_runs, fail_next, shape, provisions, .. } = &mut *state;
                 // The store calls one or the other, never both at once.
                 let items = std::cell::RefCell::new(items);
                 let mut run = || {
@@ -373,7 +493,7 @@ impl Shared {
                         vm_uuid: vm_uuid.as_deref(),
                         name: name.as_deref(),
                     };
-                    create(&mut items, fail_next, *list_lag, *unique_names, &spec, &request.body, now)
+                    create(&mut items, fail_next, shape, &spec, &request.body, now)
                 };
                 let render = |id: &str| {
                     items
@@ -438,12 +558,14 @@ impl Shared {
             key,
             body: Bytes::from(request.body.clone()),
             status: status.as_u16(),
+            decoded_last: path.trim_matches('/').rsplit('/').next().map(percent_decode),
         });
         drop(state);
 
         let mut template = ResponseTemplate::new(status.as_u16());
         if !body.is_empty() {
-            template = template.set_body_raw(body.to_vec(), "application/json");
+            let json = serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok();
+            template = template.set_body_raw(body.to_vec(), if json { "application/json" } else { "text/plain" });
         }
         for (name, value) in headers {
             template = template.insert_header(name, value);
@@ -467,8 +589,7 @@ struct CreateSpec<'a> {
 fn create(
     items: &mut Vec<Item>,
     fail_next: &mut VecDeque<StatusCode>,
-    list_lag: u32,
-    unique_names: bool,
+    shape: &Shape,
     spec: &CreateSpec<'_>,
     body: &[u8],
     now: SystemTime,
@@ -484,12 +605,13 @@ fn create(
         .map(str::to_owned)
         .or_else(|| json_field(body, "name"))
         .unwrap_or_else(|| format!("{kind}-{}", live_in_collection + 1));
-    if unique_names && items.iter().any(|i| i.collection == collection && !i.deleted && i.resource.name == name) {
+    if shape.unique_names && items.iter().any(|i| i.collection == collection && !i.deleted && i.resource.name == name) {
         let (status, body) =
             json_response(StatusCode::CONFLICT, &json!({"error": format!("a {kind} named {name} already exists")}));
         return Handled { status, body, created: None };
     }
-    let id = uuid::Uuid::new_v4().to_string();
+    let n = items.len() as u64 + 1;
+    let id = shape.ids.as_ref().map_or_else(|| uuid::Uuid::new_v4().to_string(), |ids| ids(n));
     let resource = Resource {
         app_id: app_id.map(str::to_owned).or_else(|| json_field(body, "app_id")).unwrap_or_else(|| "app-1".to_owned()),
         vm_uuid: vm_uuid.map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned),
@@ -498,14 +620,32 @@ fn create(
         created_at: rfc3339(now),
         status: "starting".to_owned(),
     };
-    let (status, body) = json_response(StatusCode::CREATED, &json!(resource));
-    items.push(Item { collection: collection.to_owned(), resource, hidden_for: list_lag, deleted: false });
-    Handled { status, body, created: Some(id) }
+    let answer = match shape.answer {
+        CreateAnswer::Json => Bytes::from(json!(resource).to_string()),
+        CreateAnswer::PlainText => Bytes::from_static(b"Created"),
+        CreateAnswer::Empty => Bytes::new(),
+    };
+    items.push(Item {
+        collection: collection.to_owned(),
+        resource,
+        hidden_for: shape.list_lag,
+        deleted: false,
+        foreign: false,
+    });
+    Handled { status: StatusCode::CREATED, body: answer, created: Some(id) }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn item_routes_take_one_decoded_segment() {
+        assert!(matches!(route("DELETE", "/cvms/..%2F..%2Fadmin"), Route::Delete { id, .. } if id == "../../admin"));
+        assert!(matches!(route("GET", "/cvms/x%3Fforce=true"), Route::Get { id, .. } if id == "x?force=true"));
+        assert!(matches!(route("DELETE", "/cvms/../admin"), Route::NotFound));
+        assert_eq!(percent_decode("a%2Fb%zz%4"), "a/b%zz%4");
+    }
 
     #[test]
     fn routes() {

@@ -40,6 +40,7 @@ pub fn check_key_store<S: KeyStore>(mut make: impl FnMut() -> S) {
         ("a late finish never overwrites a newer run", late_finish_is_refused),
         ("a fixed key that succeeded is reported, not rewritten", succeeded_fixed_key_is_reported),
         ("a failed fixed key is sent again, same payload only", failed_fixed_key_is_sent_again),
+        ("a fixed key's run is remembered after other runs of the operation", fixed_keys_are_remembered),
         ("keyless runs after a settled one get claims of their own", keyless_runs_get_distinct_claims),
         ("forgetting settles an unsettled record", forget_settles),
     ];
@@ -126,8 +127,10 @@ fn pinning_survives_another_holder_moving_on(store: &dyn KeyStore) {
     finish(store, "b", &b, OpState::Succeeded);
     send(store, "b", "{}", fixed("k2"), T0);
     assert!(is_mismatch(begin(store, "c", r#"{"other":1}"#, fixed("k"), T0)), "A still holds k");
-    // Forgotten, it is free.
+    // A forgotten, B still remembers it used k; both forgotten, k is free.
     store.forget("a").expect("the store works");
+    assert!(is_mismatch(begin(store, "c", r#"{"other":1}"#, fixed("k"), T0)), "B's settled run with k");
+    store.forget("b").expect("the store works");
     send(store, "c", r#"{"other":1}"#, fixed("k"), T0);
 }
 
@@ -191,6 +194,28 @@ fn failed_fixed_key_is_sent_again(store: &dyn KeyStore) {
     let later = T0 + Duration::from_secs(60);
     assert_eq!(send(store, "op", "{}", fixed("k"), later), (claim, false), "the key's age counts from its first use");
     assert!(is_mismatch(begin(store, "op", r#"{"a":1}"#, fixed("k"), later)));
+}
+
+fn fixed_keys_are_remembered(store: &dyn KeyStore) {
+    // A fixed key succeeds; later runs of the operation use other keys (random, none, another
+    // fixed one) and replace its record; the fixed key named again is still the run it was.
+    let (claim, _) = send(store, "op", "{}", fixed("k"), T0);
+    finish(store, "op", &claim, OpState::Succeeded);
+    for plan in [KeyPlan::Random, KeyPlan::None, fixed("k2")] {
+        let (other, _) = send(store, "op", "{}", plan, T0);
+        finish(store, "op", &other, OpState::Succeeded);
+    }
+    match begin(store, "op", "{}", fixed("k"), T0).expect("the store works") {
+        Begun::Succeeded(r) => assert_eq!((r.claim(), r.identity), (claim, Some(json!({"id": "op"})))),
+        other => panic!("expected the remembered success, got {other:?}"),
+    }
+    assert!(is_mismatch(begin(store, "op", r#"{"a":1}"#, fixed("k"), T0)), "still pinned to its payload");
+    assert!(is_mismatch(begin(store, "other", r#"{"a":1}"#, fixed("k"), T0)), "for other operations too");
+    // A random key is not remembered: it never comes back.
+    assert!(store.get("op").expect("the store works").is_some_and(|r| r.fixed_key));
+    // Forgetting lets all of it go.
+    store.forget("op").expect("the store works");
+    send(store, "other", r#"{"a":1}"#, fixed("k"), T0);
 }
 
 fn keyless_runs_get_distinct_claims(store: &dyn KeyStore) {

@@ -137,6 +137,19 @@ impl Gate {
         n
     }
 
+    /// Lets the oldest request stopped now through; whether there was one.
+    pub fn release_oldest(&self) -> bool {
+        let oldest = lock(&self.shared.gate).as_mut().and_then(|g| g.held.pop_front());
+        oldest.is_some_and(|request| request.send(()).is_ok())
+    }
+
+    /// Drops the requests stopped now without forwarding them: their clients see the connection
+    /// close, and the server never hears of them. Later ones stop as before. How many.
+    pub fn discard(&self) -> usize {
+        let held: Vec<_> = lock(&self.shared.gate).as_mut().map(|g| g.held.drain(..).collect()).unwrap_or_default();
+        held.len()
+    }
+
     /// Opens the gate for good: everything held goes, and nothing stops any more.
     pub fn open(&self) {
         self.release();
@@ -208,7 +221,10 @@ impl ChaosProxyBuilder {
     /// Time-travel mode: faults that take time ([`Delay`](Fault::Delay),
     /// [`HoldResponse`](Fault::HoldResponse), [`StallBody`](Fault::StallBody)) move `clock`
     /// forward by their duration instead of waiting in real time, and `Retry-After` dates are
-    /// computed from it.
+    /// computed from it. A delayed request is forwarded first and the clock moved after, so what
+    /// the server does happens before the client's limit fires (real forwarding cannot be
+    /// ordered against moves of a manual clock); to have a request land after its client moved
+    /// on, hold it at a [`gate`](ChaosProxy::gate).
     ///
     /// With a client whose sleeper is a [`RecordingSleeper::advancing`] the same clock, an
     /// attempt whose time limit such a fault passes times out at once, deterministically: no
@@ -329,11 +345,24 @@ async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
         if let Some(wait) = stopped {
             shared.gate_news.notify_waiters();
             if wait.await.is_err() {
+                // Discarded: the client's connection is reset, the server never hears of it.
+                reset(client);
                 return;
             }
         }
         let keep_open = match fault {
             Fault::Pass => pass(&mut client, &shared, &request, Duration::ZERO).await,
+            Fault::Delay(hold) if shared.travel.is_some() => {
+                // In time-travel mode the request lands, then the time passes: a client whose
+                // limit is shorter times out after the server acted, never racing it in real time.
+                match forward(&shared, &request).await {
+                    Ok(response) => {
+                        shared.pass_time(hold).await;
+                        client.write_all(&response.raw).await.is_ok() && !response.close && !request.close
+                    }
+                    Err(_) => false,
+                }
+            }
             Fault::Delay(hold) => {
                 shared.pass_time(hold).await;
                 pass(&mut client, &shared, &request, Duration::ZERO).await

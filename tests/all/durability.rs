@@ -217,9 +217,7 @@ async fn a_journal_locked_past_the_timeout_is_a_clear_error_and_nothing_is_sent(
     holder.execute_batch("ROLLBACK").unwrap();
 }
 
-#[path = "../common/git.rs"]
-mod git_support;
-use git_support::git;
+use crate::git_support::{self, git};
 
 #[tokio::test]
 async fn git_keys_clean_dirty_untracked_and_no_repo() {

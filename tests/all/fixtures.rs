@@ -92,3 +92,38 @@ async fn proxy_faults_as_a_plain_client_sees_them() {
     let forwarded = proxy.records().iter().filter(|r| r.fault.forwards()).count();
     assert_eq!(forwarded, cloud.requests().len(), "Fault::forwards says which faults reach the server");
 }
+
+/// The hostile server a user can ask of `FakeCloud`: ids that are not path segments, answers
+/// that are not JSON, items that were there before, a server that forgets its keys.
+#[tokio::test]
+async fn hostile_ids_plain_answers_foreign_items_and_forgetting() {
+    let cloud = FakeCloud::builder(ServerProfile::stripe())
+        .ids(|n| format!("../../admin/users/{n}"))
+        .create_answer(idempotent_retry::testing::CreateAnswer::PlainText)
+        .start()
+        .await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/cvms", cloud.uri());
+    let old = cloud.add_foreign("cvms", "theirs", std::time::SystemTime::UNIX_EPOCH);
+    assert_eq!(old.created_at, "1970-01-01T00:00:00Z");
+
+    let created = http.post(&url).header("idempotency-key", "k1").body(r#"{"name":"a"}"#).send().await.unwrap();
+    assert_eq!(created.status(), 201);
+    assert_eq!(created.headers()["content-type"], "text/plain");
+    assert_eq!(created.text().await.unwrap(), "Created");
+    assert_eq!((cloud.created(), cloud.resources("cvms").len()), (1, 2), "the foreign item is not counted as created");
+    let ours = cloud.resources("cvms").into_iter().find(|r| r.name == "a").unwrap();
+    assert_eq!(ours.id, "../../admin/users/2");
+
+    // The id as one encoded segment names the item; as raw text it leaves the collection.
+    let encoded = format!("{url}/{}", ours.id.replace('/', "%2F"));
+    assert_eq!(http.delete(&encoded).send().await.unwrap().status(), 204);
+    assert!(cloud.deleted_through_api(&ours.id));
+    assert_eq!(http.delete(format!("{url}/{}", old.id)).send().await.unwrap().status(), 404, "normalized away");
+    assert!(cloud.remove("cvms", &old.id) && !cloud.remove("cvms", &old.id));
+
+    // A key sent again after the server forgot it creates anew.
+    cloud.forget_keys();
+    http.post(&url).header("idempotency-key", "k1").body(r#"{"name":"a"}"#).send().await.unwrap();
+    assert_eq!(cloud.created_named("a"), 2);
+}

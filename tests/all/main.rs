@@ -5,8 +5,11 @@ mod chaos;
 mod durability;
 mod faults;
 mod fixtures;
+#[path = "../common/git.rs"]
+mod git_support;
 mod journal;
 mod keys;
+mod model;
 mod operations;
 mod properties;
 mod reconcile;

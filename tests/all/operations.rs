@@ -6,13 +6,16 @@ use std::time::Duration;
 
 use http::StatusCode;
 use idempotent_retry::testing::{Fault, Schedule, ServerProfile};
-use idempotent_retry::{IdempotencyKey, MemoryStore, OpState, OperationError, Operations, Outcome, ReadBack};
+use idempotent_retry::{Clock, IdempotencyKey, MemoryStore, OpState, OperationError, Operations, Outcome, ReadBack};
 use serde_json::json;
 
 use crate::support::*;
 
 fn ops(rig: &Rig) -> Operations {
-    Operations::new(rig.client.clone(), MemoryStore::new()).clock(rig.time.clock.clone()).scope("tenant-42")
+    Operations::new(rig.client.clone(), MemoryStore::new())
+        .clock(rig.time.clock.clone())
+        .sleeper(rig.time.sleeper.clone())
+        .scope("tenant-42")
 }
 
 fn find_cvm(rig: &Rig, name: &str) -> ReadBack {
@@ -226,6 +229,49 @@ async fn a_keyless_lost_response_not_found_is_created_once() {
 
     assert_eq!(done.outcome, Outcome::Created);
     assert_eq!((posts(&rig), rig.cloud.created()), (2, 1));
+    assert_eq!(rig.time.delays().last(), Some(&Operations::DEFAULT_IN_FLIGHT_WINDOW), "waited for stragglers first");
+}
+
+/// A keyless create that timed out may still be on its way (queued at a proxy): a read-back
+/// that finds nothing then proves nothing. The read-back that could lead to sending again waits
+/// until the in-flight window has passed since the send; the straggler lands before it, and is
+/// found instead of duplicated.
+#[tokio::test]
+async fn a_keyless_straggler_is_found_not_duplicated() {
+    let policy = fast_policy().attempt_timeout(Duration::from_secs(2));
+    let rig = Rig::with_policy(ServerProfile::no_keys(), Schedule::pass(), policy).await;
+    let ops = ops(&rig);
+    let gate = rig.proxy.gate(None);
+    let sent = rig.time.clock.now();
+    let run = {
+        let ops = ops.clone();
+        let url = rig.cvms();
+        let find = find_cvm(&rig, "web-1");
+        tokio::spawn(async move {
+            ops.operation("create-cvm/web-1")
+                .post(url)
+                .json(&json!({"name": "web-1"}))
+                .no_key()
+                .read_back(find)
+                .send()
+                .await
+        })
+    };
+    gate.until_held(1).await;
+    rig.time.clock.advance(Duration::from_secs(2)); // the attempt times out; the request is still on its way
+    gate.until_held(2).await; // the read-back
+    let read_back_at = rig.time.clock.now();
+    assert!(gate.release_oldest()); // the straggler lands first
+    while rig.cloud.created() == 0 {
+        tokio::task::yield_now().await;
+    }
+    gate.open();
+
+    let done = run.await.unwrap().unwrap();
+
+    assert!(read_back_at.duration_since(sent).unwrap() >= Operations::DEFAULT_IN_FLIGHT_WINDOW, "the read-back waited");
+    assert_eq!(done.outcome, Outcome::Recovered);
+    assert_eq!((posts(&rig), rig.cloud.created()), (1, 1));
 }
 
 #[tokio::test]

@@ -1,0 +1,602 @@
+//! The whole stack under sequences of actions across process lifetimes: `Operations`, the SQLite
+//! journal on disk and `Reconciler`, against `FakeCloud` behind `ChaosProxy`, on one manual
+//! clock.
+//!
+//! A case is a server profile and a sequence of actions. A process is a client, a journal
+//! opened on the case's file, and the reconcilers it made; `Restart` drops it and opens a new
+//! one on the same file; `Crash` runs an action until its first create is held at the proxy's
+//! gate, kills it there, and lets the held request reach the server or not. Other actions run
+//! an operation with any key source (random, derived, explicit, git, none), with or without a
+//! read-back, with another payload; change a reconcile's count, generation, keys and pruning; a
+//! foreign writer adds or deletes items; the clock jumps (past the servers' retention); the
+//! user forgets an operation; git's HEAD moves; the proxy's faults change.
+//!
+//! After every action (the promise, as the product states it):
+//! 1. per logical operation, at most one resource on the server;
+//! 2. no item a reconcile did not create is deleted unless it ran with `prune_foreign`;
+//! 3. a reconcile never leaves more than max(before, desired) of its own;
+//! 4. "not sent" means no request was made; "not applied" means nothing was created;
+//! 5. "created/replayed/recovered/recorded" returns an identity that is on the server;
+//! 6. the journal's record agrees with the server after a settled run (a record the server's
+//!    answer confirmed names an item it made; an item only *presumed* ours, matched to a lost
+//!    keyless create by its appearance, is a guess by design, and 2 keeps it from being pruned).
+//!
+//! A logical operation (what "one resource" counts against) is the model's: an operation name
+//! with an instance number. A run continues the current instance while it is unsettled (the
+//! last run failed or was killed); once a run succeeded, a random key or none starts a new
+//! instance (the documented meaning of running a random-key operation again), and a fixed key
+//! (derived, explicit, git) continues the instance it first served. `Forget` is the user saying
+//! they checked the server: the operation starts over, every key as new. The instance is in the resource's name, so the server's log tells which
+//! instance each resource was made for.
+//!
+//! 256 cases by default (`MODEL_CASES=N` for more; `MODEL_SEED=N` changes the seed).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use idempotent_retry::testing::{ChaosProxy, FakeCloud, FaultMix, RetryAfter, Schedule, ServerProfile, replicas};
+use idempotent_retry::{
+    Clock, Desired, ExponentialBackoff, GitKeyMode, IdempotencyKey, Jitter, KeyStore, OpState, OperationError,
+    Operations, ReadBack, Reconciler, RetryPolicy, SqliteJournal,
+};
+use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
+use serde_json::{Value, json};
+
+use crate::git_support;
+use crate::support::*;
+
+const POST_OPS: usize = 2;
+const COLLECTIONS: usize = 2;
+const HOUR: Duration = Duration::from_secs(3600);
+
+static RUNTIME: LazyLock<tokio::runtime::Runtime> =
+    LazyLock::new(|| tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap());
+
+/// The profiles whose servers keep their promise (a key seen within its retention is never run
+/// twice): those that run a request again while the first is in flight are left out, as they
+/// duplicate whatever the client does (scenario 2 pins that).
+fn profiles() -> Vec<ServerProfile> {
+    vec![ServerProfile::stripe(), ServerProfile::ietf(), ServerProfile::brandur(), ServerProfile::express()]
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Source {
+    Random,
+    Derived(u64),
+    Explicit(u8),
+    Git,
+    None,
+}
+
+#[derive(Debug, Clone)]
+enum Action {
+    Post { op: usize, source: Source, payload: u8, read_back: bool },
+    Reconcile { coll: usize, count: usize, generation: u64, prune: bool, prune_foreign: bool, keyless: bool },
+    Crash { action: Box<Action>, at: usize, deliver: bool },
+    Restart,
+    Foreign { coll: usize, add: bool },
+    Advance { hours: u64 },
+    Forget { op: usize },
+    Commit,
+    Faults { seed: u64, percent: u8 },
+}
+
+fn source() -> impl Strategy<Value = Source> {
+    prop_oneof![
+        3 => Just(Source::Random),
+        2 => (1u64..=2).prop_map(Source::Derived),
+        2 => (0u8..=1).prop_map(Source::Explicit),
+        1 => Just(Source::Git),
+        2 => Just(Source::None),
+    ]
+}
+
+fn post() -> impl Strategy<Value = Action> {
+    (0..POST_OPS, source(), 0u8..=1, any::<bool>()).prop_map(|(op, source, payload, read_back)| Action::Post {
+        op,
+        source,
+        payload,
+        read_back,
+    })
+}
+
+fn reconcile() -> impl Strategy<Value = Action> {
+    (0..COLLECTIONS, 0usize..=4, 1u64..=2, any::<bool>(), prop::bool::weighted(0.2), prop::bool::weighted(0.3))
+        .prop_map(|(coll, count, generation, prune, prune_foreign, keyless)| Action::Reconcile {
+            coll,
+            count,
+            generation,
+            prune,
+            prune_foreign: prune && prune_foreign,
+            keyless,
+        })
+}
+
+fn action() -> impl Strategy<Value = Action> {
+    prop_oneof![
+        6 => post(),
+        5 => reconcile(),
+        2 => (prop_oneof![post(), reconcile()], 1usize..=4, any::<bool>())
+            .prop_map(|(action, at, deliver)| Action::Crash { action: Box::new(action), at, deliver }),
+        1 => Just(Action::Restart),
+        2 => (0..COLLECTIONS, prop::bool::weighted(0.7)).prop_map(|(coll, add)| Action::Foreign { coll, add }),
+        1 => prop_oneof![Just(1u64), Just(23), Just(49)].prop_map(|hours| Action::Advance { hours }),
+        1 => (0..POST_OPS).prop_map(|op| Action::Forget { op }),
+        1 => Just(Action::Commit),
+        2 => (any::<u64>(), prop_oneof![Just(0u8), Just(10), Just(30), Just(50)])
+            .prop_map(|(seed, percent)| Action::Faults { seed, percent }),
+    ]
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    profile: usize,
+    actions: Vec<Action>,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (0..profiles().len(), prop::collection::vec(action(), 1..24))
+        .prop_map(|(profile, actions)| Case { profile, actions })
+}
+
+/// The spec's memory of one operation name.
+#[derive(Debug, Default)]
+struct OpModel {
+    /// The current instance, and whether a run may still change its outcome.
+    instance: u32,
+    open: bool,
+    /// Instances fixed keys first served.
+    by_key: HashMap<String, u32>,
+}
+
+/// One process: a client, the journal opened on the case's file, its reconcilers.
+struct Process {
+    ops: Operations,
+    store: Arc<SqliteJournal>,
+    reconcilers: HashMap<(usize, u64, bool), Reconciler>,
+}
+
+struct World {
+    profile: ServerProfile,
+    time: Time,
+    cloud: FakeCloud,
+    proxy: ChaosProxy,
+    journal: PathBuf,
+    repo: Option<PathBuf>,
+    process: Process,
+    ops: Vec<OpModel>,
+    next_instance: u32,
+    /// Ids of items the foreign writer put in each collection.
+    foreign: Vec<BTreeSet<String>>,
+    log: Vec<String>,
+}
+
+fn policy() -> RetryPolicy {
+    RetryPolicy::standard()
+        .max_attempts(4)
+        .attempt_timeout(Duration::from_secs(2))
+        .backoff(ExponentialBackoff::new(Duration::from_millis(100), Duration::from_secs(2)).jitter(Jitter::None))
+}
+
+fn collection(coll: usize) -> String {
+    replicas(&format!("app-{coll}"), "vm-1")
+}
+
+impl World {
+    async fn new(profile: ServerProfile, dir: &Path) -> Self {
+        let time = Time::new();
+        let cloud = FakeCloud::builder(profile.clone()).clock(time.clock.clone()).start().await;
+        let proxy = ChaosProxy::builder(cloud.address()).time_travel(time.clock.clone()).start().await;
+        let journal = dir.join("journal.sqlite3");
+        let repo = git_repo(dir);
+        let process = Self::process(&profile, &time, &journal);
+        Self {
+            profile,
+            time,
+            cloud,
+            proxy,
+            journal,
+            repo,
+            process,
+            ops: (0..POST_OPS).map(|_| OpModel::default()).collect(),
+            next_instance: 0,
+            foreign: vec![BTreeSet::new(); COLLECTIONS],
+            log: Vec::new(),
+        }
+    }
+
+    fn process(profile: &ServerProfile, time: &Time, journal: &Path) -> Process {
+        let client = client(profile.configure(time.layer().policy(policy())));
+        let store = Arc::new(SqliteJournal::open(journal).unwrap());
+        let ops = Operations::with_store(client, store.clone())
+            .clock(time.clock.clone())
+            .sleeper(time.sleeper.clone())
+            .scope("tenant");
+        Process { ops, store, reconcilers: HashMap::new() }
+    }
+
+    fn name(op: usize, instance: u32) -> String {
+        format!("op-{op}.{instance}")
+    }
+
+    /// The instance a post of `op` with `source` is for, and its fixed key's label.
+    fn instance_for(&mut self, op: usize, source: &Source) -> (u32, Option<String>) {
+        let label = match source {
+            Source::Derived(g) => Some(format!("derived-{g}")),
+            Source::Explicit(k) => Some(format!("explicit-{k}")),
+            Source::Git => self.repo.as_deref().map(|repo| format!("git-{}", git_head(repo))),
+            Source::Random | Source::None => None,
+        };
+        let model = &mut self.ops[op];
+        if model.open {
+            return (model.instance, label);
+        }
+        if let Some(instance) = label.as_ref().and_then(|l| model.by_key.get(l)) {
+            return (*instance, label);
+        }
+        self.next_instance += 1;
+        let model = &mut self.ops[op];
+        model.instance = self.next_instance;
+        model.open = true;
+        (model.instance, label)
+    }
+
+    /// Runs one action, then checks every invariant.
+    async fn step(&mut self, action: &Action) -> Result<(), TestCaseError> {
+        self.log.push(format!("{action:?}"));
+        match action {
+            Action::Post { .. } | Action::Reconcile { .. } => self.act(action, None).await,
+            Action::Crash { action, at, deliver } => self.act(action, Some((*at, *deliver))).await,
+            Action::Restart => {
+                self.process = Self::process(&self.profile, &self.time, &self.journal);
+                Ok(())
+            }
+            Action::Foreign { coll, add } => {
+                let collection = collection(*coll);
+                if *add {
+                    let item = self.cloud.add_foreign(&collection, "foreign", self.time.clock.now());
+                    self.foreign[*coll].insert(item.id);
+                } else if let Some(id) = self.foreign[*coll].iter().next().cloned() {
+                    self.cloud.remove(&collection, &id);
+                }
+                Ok(())
+            }
+            Action::Advance { hours } => {
+                self.time.clock.advance(HOUR * *hours as u32);
+                Ok(())
+            }
+            Action::Forget { op } => {
+                let name = format!("post/op-{op}");
+                let forgot = self.process.store.forget(&name).unwrap();
+                // Forgotten after checking the server (the user's part): the operation starts
+                // over, and a key it used is as new as any other.
+                self.ops[*op].open = false;
+                self.ops[*op].by_key.clear();
+                self.log.push(format!("  forgot: {forgot}"));
+                Ok(())
+            }
+            Action::Commit => {
+                if let Some(repo) = &self.repo {
+                    git_commit(repo);
+                }
+                Ok(())
+            }
+            Action::Faults { seed, percent } => {
+                let mix = FaultMix::chaos()
+                    .with_retry_after(Some(RetryAfter::Seconds(1)))
+                    .with_delay(0.1, Duration::from_secs(3))
+                    .scaled_to(f64::from(*percent) / 100.0);
+                self.proxy.set_schedule(if *percent == 0 { Schedule::pass() } else { Schedule::random(*seed, mix) });
+                Ok(())
+            }
+        }
+    }
+
+    /// A post or a reconcile, run to its end or killed at its first held create.
+    async fn act(&mut self, action: &Action, crash: Option<(usize, bool)>) -> Result<(), TestCaseError> {
+        match action {
+            Action::Post { op, source, payload, read_back } => {
+                self.post(*op, source, *payload, *read_back, crash).await
+            }
+            Action::Reconcile { coll, count, generation, prune, prune_foreign, keyless } => {
+                let settings = ReconcileSettings {
+                    coll: *coll,
+                    count: *count,
+                    generation: *generation,
+                    prune: *prune,
+                    prune_foreign: *prune_foreign,
+                    keyless: *keyless,
+                };
+                self.reconcile(settings, crash).await
+            }
+            other => panic!("not an operation: {other:?}"),
+        }
+    }
+
+    async fn post(
+        &mut self,
+        op: usize,
+        source: &Source,
+        payload: u8,
+        read_back: bool,
+        crash: Option<(usize, bool)>,
+    ) -> Result<(), TestCaseError> {
+        let (instance, label) = self.instance_for(op, source);
+        let name = Self::name(op, instance);
+        let posts_before = self.proxy.records().iter().filter(|r| r.method == "POST").count();
+        let made_before = self.cloud.created_named(&name);
+        let url = format!("{}/cvms", self.proxy.uri());
+        let ops = self.process.ops.clone();
+        let (source, repo) = (source.clone(), self.repo.clone());
+        let body = json!({"name": name, "v": payload});
+        let find = ReadBack::find_in_list(url.clone(), "name", name.clone());
+        let run = async move {
+            let mut builder = ops.operation(format!("post/op-{op}")).post(url).json(&body).identity(["id"]);
+            builder = match &source {
+                Source::Random => builder.random_key(),
+                Source::Derived(g) => builder.derived_key(*g),
+                Source::Explicit(k) => builder.key(IdempotencyKey::new(format!("explicit-{k}")).unwrap()),
+                Source::Git => match &repo {
+                    Some(repo) => builder.key_from_git(repo, GitKeyMode::CleanOnly),
+                    None => builder.no_key(),
+                },
+                Source::None => builder.no_key(),
+            };
+            if read_back {
+                builder = builder.read_back(find);
+            }
+            builder.send().await
+        };
+        let Some(result) = self.run_or_crash(run, crash).await else {
+            self.log.push("  killed".into());
+            return self.check_posts();
+        };
+        let posts = self.proxy.records().iter().filter(|r| r.method == "POST").count() - posts_before;
+        let made = self.cloud.created_named(&name) - made_before;
+        self.log.push(format!("  {}: {posts} POSTs, {made} made", describe(&result)));
+        match &result {
+            Ok(done) => {
+                // 5. Success names a resource that is on the server, made for this instance.
+                let id = done.identity.get("id").and_then(Value::as_str).unwrap_or_default().to_owned();
+                let ours = self.ids_named(&name);
+                prop_assert!(ours.contains(&id), "{:?} returned id {id:?}; {name} has {ours:?}", done.outcome);
+                // 6. The journal agrees: its record of this run, when this run's key is the
+                // operation's current one (a fixed key used before another run's is kept
+                // among the operation's retired records, as it was).
+                let record = self.process.store.get(&format!("post/op-{op}")).unwrap();
+                let record = record.ok_or_else(|| TestCaseError::fail("a success left no record"))?;
+                prop_assert_eq!(record.state, OpState::Succeeded);
+                let older_fixed_key = done.key.is_some() && record.key != done.key;
+                if !older_fixed_key {
+                    let recorded = record.identity.as_ref().and_then(|i| i.get("id")).and_then(Value::as_str);
+                    prop_assert_eq!(recorded, Some(id.as_str()), "{:?}", record);
+                }
+                let model = &mut self.ops[op];
+                model.open = false;
+                if let Some(label) = label {
+                    model.by_key.entry(label).or_insert(instance);
+                }
+            }
+            Err(e) => {
+                // 4. Nothing sent, nothing made; not applied, nothing made.
+                let never_sent = matches!(
+                    e,
+                    OperationError::InvalidOptions { .. }
+                        | OperationError::PayloadMismatch(_)
+                        | OperationError::Journal(_)
+                );
+                if never_sent {
+                    prop_assert_eq!(posts, 0, "{} said nothing was sent", e);
+                }
+                if !e.may_have_been_applied() {
+                    prop_assert_eq!(made, 0, "{} said it was not applied", e);
+                }
+            }
+        }
+        self.check_posts()
+    }
+
+    /// 1. At most one resource per logical operation.
+    fn check_posts(&self) -> Result<(), TestCaseError> {
+        let mut made: BTreeMap<String, usize> = BTreeMap::new();
+        for (resource, foreign, _) in self.cloud.history("cvms") {
+            if !foreign {
+                *made.entry(resource.name).or_default() += 1;
+            }
+        }
+        for (name, n) in made {
+            prop_assert!(n <= 1, "{name}: {n} resources for one logical operation");
+        }
+        Ok(())
+    }
+
+    fn ids_named(&self, name: &str) -> BTreeSet<String> {
+        self.cloud.history("cvms").into_iter().filter(|(r, f, _)| !f && r.name == name).map(|(r, _, _)| r.id).collect()
+    }
+
+    async fn reconcile(&mut self, s: ReconcileSettings, crash: Option<(usize, bool)>) -> Result<(), TestCaseError> {
+        let collection = collection(s.coll);
+        let history_before = self.cloud.history(&collection);
+        let ours_before = history_before.iter().filter(|(_, foreign, live)| !foreign && *live).count();
+        let key = (s.coll, s.generation, s.keyless);
+        let mut r = match self.process.reconcilers.remove(&key) {
+            Some(r) => r,
+            None => {
+                let url = format!("{}/{collection}", self.proxy.uri());
+                let r = Reconciler::new(self.process.ops.clone(), url, format!("rec-{}", s.coll))
+                    .generation(s.generation)
+                    .create_body(json!({"name": "ours"}))
+                    .clock(self.time.clock.clone())
+                    .sleeper(self.time.sleeper.clone())
+                    .rng(idempotent_retry::SeededRng::new(7))
+                    .deadline(Duration::from_secs(300));
+                if s.keyless { r.keyless() } else { r }
+            }
+        };
+        r = r.prune(s.prune).prune_foreign(s.prune_foreign);
+        let desired = Desired::Count(s.count);
+        let run = async move {
+            let result = r.reconcile(&desired).await;
+            (r, result)
+        };
+        let outcome = self.run_or_crash(run, crash).await;
+        let history = self.cloud.history(&collection);
+        let ours_after = history.iter().filter(|(_, foreign, live)| !foreign && *live).count();
+        match &outcome {
+            None => self.log.push(format!("  killed; ours {ours_before} -> {ours_after}")),
+            Some((_, Ok(report))) => self.log.push(format!("  {report}; ours {ours_before} -> {ours_after}")),
+            Some((_, Err(e))) => self.log.push(format!("  {e}; ours {ours_before} -> {ours_after}")),
+        }
+        // 2. Never delete what is not ours (unless told).
+        if !s.prune_foreign {
+            for (resource, foreign, _) in &history {
+                let deleted_now = self.cloud.deleted_through_api(&resource.id)
+                    && history_before.iter().any(|(r, _, live)| r.id == resource.id && *live);
+                prop_assert!(!(*foreign && deleted_now), "deleted foreign item {} without prune_foreign", resource.id);
+            }
+        }
+        // 3. Never more of ours than max(before, desired).
+        prop_assert!(
+            ours_after <= ours_before.max(s.count),
+            "{ours_after} of ours after a reconcile to {} from {ours_before}",
+            s.count
+        );
+        if let Some((r, result)) = outcome {
+            if let Ok(report) = &result {
+                let live = history.iter().filter(|(_, _, live)| *live).count();
+                if report.converged {
+                    prop_assert_eq!(live, s.count, "converged: {}", report);
+                }
+                // 6. The journal's slot records name items the server made in this collection.
+                let ever: BTreeSet<&str> =
+                    history.iter().filter(|(_, f, _)| !f).map(|(r, _, _)| r.id.as_str()).collect();
+                let prefix = format!("rec-{}/", s.coll);
+                for record in self.process.store.list().unwrap().iter().filter(|r| r.operation.starts_with(&prefix)) {
+                    let presumed = record.identity.as_ref().and_then(|i| i.get("presumed")).is_some();
+                    if let (OpState::Succeeded, Some(id), false) = (
+                        record.state,
+                        record.identity.as_ref().and_then(|i| i.get("id")).and_then(Value::as_str),
+                        presumed,
+                    ) {
+                        prop_assert!(
+                            ever.contains(id),
+                            "{} records {id}, which this collection never had",
+                            record.operation
+                        );
+                    }
+                }
+            }
+            self.process.reconcilers.insert(key, r);
+        }
+        Ok(())
+    }
+
+    /// Runs `run`; with `crash = (k, deliver)`, kills it while its `k`th request (of any kind:
+    /// a list, a read-back, a create) is held at the gate, then lets that request reach the
+    /// server (`deliver`) or drops it. `None` when killed.
+    async fn run_or_crash<F>(&self, run: F, crash: Option<(usize, bool)>) -> Option<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let Some((at, deliver)) = crash else {
+            let output = tokio::spawn(run).await.unwrap();
+            self.proxy.settle().await;
+            return Some(output);
+        };
+        let gate = self.proxy.gate(None);
+        let mut task = tokio::spawn(run);
+        for n in 1..=at {
+            tokio::select! {
+                output = &mut task => {
+                    gate.open();
+                    self.proxy.settle().await;
+                    return Some(output.unwrap());
+                }
+                () = gate.until_held(1) => {}
+            }
+            if n < at {
+                gate.release_oldest();
+            }
+        }
+        task.abort();
+        let _ = task.await;
+        if !deliver {
+            gate.discard();
+        }
+        gate.open();
+        self.proxy.settle().await;
+        None
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ReconcileSettings {
+    coll: usize,
+    count: usize,
+    generation: u64,
+    prune: bool,
+    prune_foreign: bool,
+    keyless: bool,
+}
+
+fn describe(result: &Result<idempotent_retry::Completed, OperationError>) -> String {
+    match result {
+        Ok(done) => format!("{:?} {:?}", done.outcome, done.identity.get("id")),
+        Err(e) => format!("error: {e}"),
+    }
+}
+
+/// A repository with one commit, if git can be run.
+fn git_repo(dir: &Path) -> Option<PathBuf> {
+    if !git_support::available() {
+        return None;
+    }
+    let repo = dir.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    git_support::git(&repo, &["init", "-q"]);
+    git_commit(&repo);
+    Some(repo)
+}
+
+fn git_commit(repo: &Path) {
+    git_support::git(repo, &["commit", "-q", "--allow-empty", "-m", "change"]);
+}
+
+fn git_head(repo: &Path) -> String {
+    git_support::head(repo)
+}
+
+async fn run_case(case: Case) -> Result<(), TestCaseError> {
+    static CASE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = CASE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("idem-model-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut world = World::new(profiles()[case.profile].clone(), &dir).await;
+    let mut result = Ok(());
+    for action in &case.actions {
+        result = world.step(action).await;
+        if result.is_err() {
+            break;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    result.map_err(|e| TestCaseError::fail(format!("{e}\n{}: {}", world.profile.name, world.log.join("\n"))))
+}
+
+fn cases() -> u32 {
+    std::env::var("MODEL_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_promise_holds_across_processes_and_hostile_sequences(case in case()) {
+        RUNTIME.block_on(run_case(case))?;
+    }
+}

@@ -415,3 +415,47 @@ async fn a_journal_failing_after_the_send_says_it_was_sent() {
     assert!(!message.contains("nothing was sent"), "{message}");
     assert_eq!(rig.cloud.created(), 1);
 }
+
+/// Found by the model test: a derived-key run that settled an earlier run by reading back left
+/// nothing under its own key, and the next run with that key created a second resource. The
+/// recovery is recorded under the key as never sent: the next run sends nothing.
+#[tokio::test]
+async fn a_recovery_is_remembered_under_the_fixed_key_of_the_run_that_found_it() {
+    let rig =
+        Rig::with_policy(ServerProfile::stripe(), Schedule::script([Fault::Lose]), fast_policy().max_attempts(1)).await;
+    let ops = ops(&rig);
+    let create = || ops.operation("create-cvm/web-1").post(rig.cvms()).json(&json!({"name": "web-1"}));
+    let lost = create().random_key().send().await.unwrap_err();
+    assert!(lost.may_have_been_applied(), "{lost}");
+
+    let found = create().derived_key(1).read_back(find_cvm(&rig, "web-1")).send().await.unwrap();
+    assert_eq!(found.outcome, Outcome::Recovered);
+    let sent = posts(&rig);
+    let again = create().derived_key(1).send().await.unwrap();
+
+    assert_eq!(again.outcome, Outcome::Recorded, "{again:?}");
+    assert_eq!(again.identity["id"], found.identity["id"]);
+    assert_eq!((posts(&rig), rig.cloud.created()), (sent, 1), "nothing sent, one CVM");
+}
+
+/// Found by the model test: when the run's own key is pinned to another payload, the recovery
+/// still stands (it used to be reported as a payload mismatch, "nothing was sent").
+#[tokio::test]
+async fn a_recovery_stands_when_the_runs_key_is_pinned_elsewhere() {
+    let rig = Rig::with_policy(
+        ServerProfile::stripe(),
+        Schedule::script([Fault::Pass, Fault::Lose]),
+        fast_policy().max_attempts(1),
+    )
+    .await;
+    let ops = ops(&rig);
+    let key = IdempotencyKey::new("deploy-1").unwrap();
+    let send = |name: &str| ops.operation("deploy/api").post(rig.cvms()).json(&json!({"name": name}));
+    send("v1").key(key.clone()).send().await.unwrap();
+    assert!(send("v2").random_key().send().await.unwrap_err().may_have_been_applied());
+
+    let done = send("v2").key(key).read_back(find_cvm(&rig, "v2")).send().await.unwrap();
+
+    assert_eq!(done.outcome, Outcome::Recovered);
+    assert_eq!((rig.cloud.created_named("v1"), rig.cloud.created_named("v2")), (1, 1));
+}

@@ -9,6 +9,9 @@
 //! Prints a Markdown table (the README's), writes `target/figures.json`, and draws
 //! `docs/attempts-per-operation.svg`.
 
+// A benchmark measures wall time, and its servers run on the real clock (see `clippy.toml`).
+#![allow(clippy::disallowed_methods)]
+
 #[path = "common/mod.rs"]
 mod common;
 
@@ -21,8 +24,11 @@ use idempotent_retry::testing::{
     ChaosProxy, FakeCloud, Fault, FaultMix, RetryAfter, Schedule, ServerProfile, replicas,
 };
 use idempotent_retry::{
-    Desired, ExponentialBackoff, IdempotentRetry, ManualClock, MemoryStore, Operations, Reconciler, RecordingSleeper,
-    RetryPolicy,
+    IdempotentRetry, Operations, Reconciler, RetryPolicy,
+    backoff::ExponentialBackoff,
+    journal::MemoryStore,
+    reconcile::Desired,
+    time::{ManualClock, RecordingSleeper},
 };
 use reqwest::{Request, Response};
 use reqwest_middleware::{ClientBuilder, ClientWithMiddleware, Middleware, Next};
@@ -39,7 +45,7 @@ fn ours_fast(budget: bool, delays: Option<Delays>) -> ClientWithMiddleware {
     let mut layer = IdempotentRetry::builder()
         .clock(clock.clone())
         .sleeper(RecordingSleeper::advancing(&clock))
-        .policy(RetryPolicy::standard().no_deadline());
+        .policy(RetryPolicy::standard().without_deadline());
     if !budget {
         layer = layer.no_budget();
     }
@@ -205,8 +211,8 @@ async fn reconcile_scale() -> Value {
     let mix = FaultMix::chaos().with_retry_after(Some(RetryAfter::Seconds(0))).scaled_to(p);
     let proxy = ChaosProxy::start(cloud.address(), Schedule::random(42, mix)).await;
     let policy = RetryPolicy::standard()
-        .max_attempts(8)
-        .backoff(ExponentialBackoff::new(Duration::from_millis(10), Duration::from_millis(500)));
+        .with_max_attempts(8)
+        .with_backoff(ExponentialBackoff::new(Duration::from_millis(10), Duration::from_millis(500)));
     let ops =
         Operations::with_layer(common::raw(), IdempotentRetry::builder().policy(policy).build(), MemoryStore::new());
     let mut reconciler =

@@ -13,13 +13,16 @@
 //! After criterion's report it prints each median and the ratios c/a and c/b, and writes them
 //! to `target/criterion/overhead-summary.json`.
 
+// A benchmark measures wall time (see `clippy.toml`).
+#![allow(clippy::disallowed_methods)]
+
 #[path = "common/mod.rs"]
 mod common;
 
 use std::time::Duration;
 
 use criterion::Criterion;
-use idempotent_retry::{Operations, SqliteJournal};
+use idempotent_retry::{Operations, journal::SqliteJournal};
 
 fn bench(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -59,7 +62,7 @@ fn bench(c: &mut Criterion) {
         })
     });
 
-    let in_memory = Operations::new(common::ours(), idempotent_retry::MemoryStore::new());
+    let in_memory = Operations::new(common::ours(), idempotent_retry::journal::MemoryStore::new());
     let mut m = 0u64;
     group.bench_function("c_idempotent_retry_operation_memory", |b| {
         b.to_async(&runtime).iter(|| {

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use http::Extensions;
-use idempotent_retry::{ExponentialBackoff, IdempotentRetry, RetryOutcome, RetryPolicy};
+use idempotent_retry::{IdempotentRetry, RetryOutcome, RetryPolicy, backoff::ExponentialBackoff};
 use reqwest::{Request, Response};
 use reqwest_middleware::{ClientBuilder, Middleware, Next};
 use wiremock::matchers::{method, path};
@@ -49,8 +49,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await;
 
     // Short delays so the demo is quick; the defaults start at 200 ms.
-    let policy =
-        RetryPolicy::standard().backoff(ExponentialBackoff::new(Duration::from_millis(50), Duration::from_secs(1)));
+    let policy = RetryPolicy::standard()
+        .with_backoff(ExponentialBackoff::new(Duration::from_millis(50), Duration::from_secs(1)));
     let client = ClientBuilder::new(reqwest::Client::new())
         .with(IdempotentRetry::builder().policy(policy).build())
         .with(PrintAttempts)

@@ -16,7 +16,10 @@ use std::time::Duration;
 
 use idempotent_retry::testing::{ChaosProxy, FakeCloud, FaultMix, RetryAfter, Schedule, ServerProfile, replicas};
 use idempotent_retry::{
-    Desired, ExponentialBackoff, IdempotentRetry, MemoryStore, Operations, Reconciler, RetryPolicy,
+    IdempotentRetry, Operations, Reconciler, RetryPolicy,
+    backoff::ExponentialBackoff,
+    journal::MemoryStore,
+    reconcile::{Desired, Prune},
 };
 
 struct Options {
@@ -73,21 +76,21 @@ async fn main() {
     let mix = FaultMix::chaos().with_retry_after(Some(RetryAfter::Seconds(0))).scaled_to(options.fault_rate);
     let proxy = ChaosProxy::start(cloud.address(), Schedule::random(options.seed, mix)).await;
 
-    let policy =
-        RetryPolicy::standard().backoff(ExponentialBackoff::new(Duration::from_millis(20), Duration::from_secs(1)));
+    let policy = RetryPolicy::standard()
+        .with_backoff(ExponentialBackoff::new(Duration::from_millis(20), Duration::from_secs(1)));
     let layer = profile.configure(IdempotentRetry::builder().policy(policy)).build();
     let ops = Operations::with_layer(reqwest::Client::new(), layer, MemoryStore::new()).scope("tenant-42");
     let url = format!("{}/{}", proxy.uri(), replicas(app, vm));
     let mut reconciler = Reconciler::new(ops, url, format!("replicas/{app}/{vm}"))
         .expect_field("app_id", app)
         .expect_field("vm_uuid", vm)
-        .prune(true)
+        .prune(Prune::Ours)
         .poll_interval(Duration::from_millis(100))
         .expectation_ttl(Duration::from_secs(5));
     if !profile.takes_keys() {
         // No other writer uses this collection: an item only presumed this run's (it appeared
         // after a create whose answer was lost) may be deleted too when scaling down.
-        reconciler = reconciler.keyless().prune_foreign(true);
+        reconciler = reconciler.keyless().prune(Prune::Any);
     }
 
     println!(

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use idempotent_retry::testing::{ChaosProxy, FakeCloud, FaultMix, RetryAfter, Schedule, ServerProfile, replicas};
 use idempotent_retry::{
-    Desired, ExponentialBackoff, IdempotentRetry, MemoryStore, Operations, Reconciler, RetryPolicy,
+    IdempotentRetry, Operations, Reconciler, RetryPolicy, backoff::ExponentialBackoff, journal::MemoryStore,
+    reconcile::Desired,
 };
 
 #[tokio::main]
@@ -39,8 +40,8 @@ async fn main() {
     let mix = FaultMix::chaos().with_retry_after(Some(RetryAfter::Seconds(0))).scaled_to(p);
     let proxy = ChaosProxy::start(cloud.address(), Schedule::random(seed, mix)).await;
     let policy = RetryPolicy::standard()
-        .max_attempts(8)
-        .backoff(ExponentialBackoff::new(Duration::from_millis(10), Duration::from_millis(500)));
+        .with_max_attempts(8)
+        .with_backoff(ExponentialBackoff::new(Duration::from_millis(10), Duration::from_millis(500)));
     let ops = Operations::with_layer(
         reqwest::Client::new(),
         IdempotentRetry::builder().policy(policy).build(),
@@ -51,6 +52,8 @@ async fn main() {
         .concurrency(32)
         .poll_interval(Duration::from_millis(50));
 
+    // The run goes through a real proxy on the real clock: the example reports how long it took.
+    #[allow(clippy::disallowed_methods)]
     let started = Instant::now();
     let report = match reconciler.reconcile(&Desired::Count(target)).await {
         Ok(report) => report,

@@ -34,7 +34,7 @@ pub(crate) enum Ended {
     /// A response whose body has been read, in full or up to the limit.
     Buffered(Buffered),
     /// A transport failure.
-    Failed { error: reqwest_middleware::Error, delivery: Delivery, cause: TransportCause },
+    Transport { error: reqwest_middleware::Error, delivery: Delivery, cause: TransportCause },
 }
 
 /// A response whose body has been read (up to the limit), with everything needed to rebuild it.
@@ -53,7 +53,7 @@ pub(crate) struct Buffered {
 /// Sends `request` down the chain and reads what `reading` asks for, giving up after `limit`
 /// (measured by `sleeper`). The limit covers the body: a server that sends headers and then
 /// stalls is a timed-out attempt, not a hang.
-pub(crate) async fn run(
+pub(crate) async fn send(
     next: Next<'_>,
     request: Request,
     extensions: &mut Extensions,
@@ -86,7 +86,7 @@ pub(crate) async fn run(
         {
             *url = shown;
         }
-        Ended::Failed { error, delivery, cause }
+        Ended::Transport { error, delivery, cause }
     })
 }
 
@@ -182,7 +182,7 @@ impl Ended {
             Ended::Buffered(b) => {
                 AttemptResult::Response { status: b.status, headers: &b.headers, body: Some(&b.body), replayed }
             }
-            Ended::Failed { error, delivery, cause } => {
+            Ended::Transport { error, delivery, cause } => {
                 AttemptResult::Error { error, delivery: *delivery, cause: *cause }
             }
         }
@@ -193,7 +193,7 @@ impl Ended {
         match self {
             Ended::Streaming(r) => Some(r.headers()),
             Ended::Buffered(b) => Some(&b.headers),
-            Ended::Failed { .. } => None,
+            Ended::Transport { .. } => None,
         }
     }
 
@@ -202,14 +202,14 @@ impl Ended {
         match self {
             Ended::Streaming(r) => Some(r.status()),
             Ended::Buffered(b) => Some(b.status),
-            Ended::Failed { .. } => None,
+            Ended::Transport { .. } => None,
         }
     }
 
     /// The `cause` recorded in traces.
     pub(crate) fn cause(&self) -> String {
         match self {
-            Ended::Failed { cause, .. } => cause.to_string(),
+            Ended::Transport { cause, .. } => cause.to_string(),
             _ => self.status().map_or_else(String::new, |s| s.as_u16().to_string()),
         }
     }
@@ -221,7 +221,7 @@ impl Ended {
                 LastAttempt::Status { status: r.status(), headers: r.headers().clone(), body: Bytes::new() }
             }
             Ended::Buffered(b) => LastAttempt::Status { status: b.status, headers: b.headers, body: b.body },
-            Ended::Failed { error, cause, .. } => LastAttempt::Transport { cause, error },
+            Ended::Transport { error, cause, .. } => LastAttempt::Transport { cause, error },
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Delay schedules between attempts.
+//! How long to wait: delay schedules between attempts, and the server's `Retry-After`.
 //!
 //! The default is exponential backoff with full jitter: before retry *n* wait a uniformly random
 //! time in `[0, min(cap, base · factor^(n-1))]`. Full jitter spreads a burst of clients that
@@ -9,6 +9,9 @@
 use std::fmt;
 use std::time::Duration;
 
+#[cfg(feature = "backoff")]
+pub use crate::backoff_compat::FromBackoff;
+pub use crate::retry_after::{parse_retry_after, retry_after};
 use crate::rng::{Random, uniform};
 
 /// A delay schedule: how long to wait before each retry.
@@ -19,7 +22,7 @@ use crate::rng::{Random, uniform};
 ///
 /// ```
 /// use std::time::Duration;
-/// use idempotent_retry::{Backoff, SeededRng, backoff_fn};
+/// use idempotent_retry::{backoff::{Backoff, backoff_fn}, time::SeededRng};
 ///
 /// let schedule = backoff_fn(|retry, _rng| (retry <= 3).then(|| Duration::from_secs(1)));
 /// let rng = SeededRng::new(0);

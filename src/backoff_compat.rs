@@ -19,10 +19,10 @@ use crate::rng::Random;
 /// # Examples
 ///
 /// ```
-/// use idempotent_retry::{FromBackoff, RetryPolicy};
+/// use idempotent_retry::{RetryPolicy, backoff::FromBackoff};
 ///
 /// let legacy = backoff::ExponentialBackoff::default();
-/// let policy = RetryPolicy::standard().backoff(FromBackoff::new(move || legacy.clone()));
+/// let policy = RetryPolicy::standard().with_backoff(FromBackoff::new(move || legacy.clone()));
 /// # let _ = policy;
 /// ```
 pub struct FromBackoff<F>(F);

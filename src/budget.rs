@@ -26,13 +26,13 @@ use crate::time::lock;
 /// # Examples
 ///
 /// ```
-/// use idempotent_retry::RetryBudget;
+/// use idempotent_retry::budget::{RetryBudget, RetryCost};
 ///
 /// let budget = RetryBudget::new().capacity(10).retry_cost(5);
-/// assert!(budget.try_acquire("api.example.com:443", false).is_some());
-/// assert!(budget.try_acquire("api.example.com:443", false).is_some());
-/// assert!(budget.try_acquire("api.example.com:443", false).is_none()); // drained
-/// assert!(budget.try_acquire("other.example.com:443", false).is_some()); // per host
+/// assert!(budget.try_acquire("api.example.com:443", RetryCost::Retry).is_some());
+/// assert!(budget.try_acquire("api.example.com:443", RetryCost::Retry).is_some());
+/// assert!(budget.try_acquire("api.example.com:443", RetryCost::Retry).is_none()); // drained
+/// assert!(budget.try_acquire("other.example.com:443", RetryCost::Retry).is_some()); // per host
 /// ```
 #[derive(Debug)]
 pub struct RetryBudget {
@@ -41,6 +41,16 @@ pub struct RetryBudget {
     timeout_cost: u32,
     success_refill: u32,
     tokens: Mutex<HashMap<String, u32>>,
+}
+
+/// What a retry costs: a timeout holds resources on both ends, so a retry after one costs more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RetryCost {
+    /// A retry after any other failure ([`RetryBudget::DEFAULT_RETRY_COST`] tokens).
+    Retry,
+    /// A retry after a timeout ([`RetryBudget::DEFAULT_TIMEOUT_COST`] tokens).
+    AfterTimeout,
 }
 
 /// Tokens taken for one retry, to be handed back by [`RetryBudget::on_success`].
@@ -93,8 +103,11 @@ impl RetryBudget {
     }
 
     /// Takes the tokens for one retry to `host`, or returns `None` when the bucket cannot pay.
-    pub fn try_acquire(&self, host: &str, after_timeout: bool) -> Option<Withdrawal> {
-        let cost = if after_timeout { self.timeout_cost } else { self.retry_cost };
+    pub fn try_acquire(&self, host: &str, cost: RetryCost) -> Option<Withdrawal> {
+        let cost = match cost {
+            RetryCost::Retry => self.retry_cost,
+            RetryCost::AfterTimeout => self.timeout_cost,
+        };
         let mut tokens = lock(&self.tokens);
         let available = match tokens.get_mut(host) {
             Some(available) => available,
@@ -138,7 +151,7 @@ mod tests {
     #[test]
     fn drains_after_capacity_over_cost_retries() {
         let b = RetryBudget::new();
-        let granted = (0..1000).filter_map(|_| b.try_acquire("h", false)).count();
+        let granted = (0..1000).filter_map(|_| b.try_acquire("h", RetryCost::Retry)).count();
         assert_eq!(granted, 100);
         assert_eq!(b.available("h"), 0);
     }
@@ -146,20 +159,20 @@ mod tests {
     #[test]
     fn timeouts_cost_double() {
         let b = RetryBudget::new();
-        let granted = (0..1000).filter_map(|_| b.try_acquire("h", true)).count();
+        let granted = (0..1000).filter_map(|_| b.try_acquire("h", RetryCost::AfterTimeout)).count();
         assert_eq!(granted, 50);
     }
 
     #[test]
     fn successes_refill_up_to_capacity() {
         let b = RetryBudget::new().capacity(20);
-        let w = b.try_acquire("h", false).unwrap();
+        let w = b.try_acquire("h", RetryCost::Retry).unwrap();
         assert_eq!(b.available("h"), 15);
         b.on_success("h", Some(w));
         assert_eq!(b.available("h"), 20);
         b.on_success("h", None);
         assert_eq!(b.available("h"), 20, "never above capacity");
-        b.try_acquire("h", true).unwrap();
+        b.try_acquire("h", RetryCost::AfterTimeout).unwrap();
         b.on_success("h", None);
         assert_eq!(b.available("h"), 11);
     }

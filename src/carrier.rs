@@ -34,10 +34,10 @@ enum Carrier {
     BodyField(String),
 }
 
-/// The header most servers use.
-pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
-
 impl KeyCarrier {
+    /// The header most servers use: `Idempotency-Key`.
+    pub const DEFAULT_HEADER: &'static str = "Idempotency-Key";
+
     /// `Idempotency-Key`, bare (Stripe and most server frameworks).
     pub fn standard() -> Self {
         Self(Carrier::Header { name: HeaderName::from_static("idempotency-key"), structured: false })
@@ -45,7 +45,7 @@ impl KeyCarrier {
 
     /// `Idempotency-Key` as an IETF Structured-Field string, i.e. quoted (draft-ietf-httpapi-idempotency-key-header).
     pub fn ietf() -> Self {
-        Self::standard().structured_field(true)
+        Self::standard().quoted()
     }
 
     /// A header with any name, bare.
@@ -62,11 +62,11 @@ impl KeyCarrier {
         Self(Carrier::BodyField(name.into()))
     }
 
-    /// For a header carrier, sends the key as a Structured-Field string (`"…"`) when `on`.
-    /// No effect on a body-field carrier.
-    pub fn structured_field(mut self, on: bool) -> Self {
+    /// For a header carrier, sends the key as a Structured-Field string (`"…"`, the IETF
+    /// draft's form). No effect on a body-field carrier.
+    pub fn quoted(mut self) -> Self {
         if let Carrier::Header { structured, .. } = &mut self.0 {
-            *structured = on;
+            *structured = true;
         }
         self
     }
@@ -324,7 +324,6 @@ pub(crate) fn sf_unquote(s: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::key::DEFAULT_MAX_KEY_LEN;
 
     fn key(s: &str) -> IdempotencyKey {
         IdempotencyKey::new(s).unwrap()
@@ -353,10 +352,10 @@ mod tests {
     fn reads_a_users_header_quoted_or_not() {
         let mut h = HeaderMap::new();
         h.insert("idempotency-key", HeaderValue::from_static("\"user-1\""));
-        let got = KeyCarrier::ietf().existing_key(&h, None, DEFAULT_MAX_KEY_LEN).unwrap();
+        let got = KeyCarrier::ietf().existing_key(&h, None, IdempotencyKey::DEFAULT_MAX_LEN).unwrap();
         assert_eq!(got, Some(key("user-1")));
         h.insert("idempotency-key", HeaderValue::from_static("user-2"));
-        let got = KeyCarrier::standard().existing_key(&h, None, DEFAULT_MAX_KEY_LEN).unwrap();
+        let got = KeyCarrier::standard().existing_key(&h, None, IdempotencyKey::DEFAULT_MAX_LEN).unwrap();
         assert_eq!(got, Some(key("user-2")));
         // A bare IETF value is accepted as is; quotes are part of a key for a bare carrier.
         assert_eq!(KeyCarrier::ietf().existing_key(&h, None, 255).unwrap(), Some(key("user-2")));
@@ -382,7 +381,10 @@ mod tests {
         let body = req.body().unwrap().as_bytes().unwrap();
         // Field order is kept; the key is appended.
         assert_eq!(std::str::from_utf8(body).unwrap(), r#"{"b":1,"a":2,"idempotency_key":"k-9"}"#);
-        assert_eq!(c.existing_key(req.headers(), Some(body), DEFAULT_MAX_KEY_LEN).unwrap(), Some(key("k-9")));
+        assert_eq!(
+            c.existing_key(req.headers(), Some(body), IdempotencyKey::DEFAULT_MAX_LEN).unwrap(),
+            Some(key("k-9"))
+        );
     }
 
     #[test]

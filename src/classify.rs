@@ -3,13 +3,15 @@
 //!
 //! The engine keeps three layers apart: a [`Classifier`] says what an attempt *was*
 //! ([`Verdict`]); the engine then *decides* (attempts left, deadline, budget, whether the request
-//! is safe to resend) and *sleeps* through an injected [`Sleeper`](crate::Sleeper). The classifier
+//! is safe to resend) and *sleeps* through an injected [`Sleeper`](crate::time::Sleeper). The classifier
 //! is replaceable; [`DefaultClassifier`] documents the default table.
 
 use std::fmt;
 
 use http::{HeaderMap, Method, StatusCode};
 use reqwest::Request;
+
+use crate::key::IdempotencyKey;
 
 /// What happened to the request when an attempt failed below HTTP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -154,15 +156,15 @@ pub enum AttemptResult<'a> {
 pub struct AttemptContext<'a> {
     request: &'a Request,
     attempt: u32,
-    keyed: bool,
+    key: Option<&'a IdempotencyKey>,
     result: AttemptResult<'a>,
 }
 
 impl<'a> AttemptContext<'a> {
     /// A context for `request`'s attempt number `attempt` (1-based). Public so custom classifiers
     /// can be unit-tested.
-    pub fn new(request: &'a Request, attempt: u32, keyed: bool, result: AttemptResult<'a>) -> Self {
-        Self { request, attempt, keyed, result }
+    pub fn new(request: &'a Request, attempt: u32, key: Option<&'a IdempotencyKey>, result: AttemptResult<'a>) -> Self {
+        Self { request, attempt, key, result }
     }
 
     /// The request as sent (key included).
@@ -182,7 +184,12 @@ impl<'a> AttemptContext<'a> {
 
     /// Whether the request carries an idempotency key.
     pub fn is_keyed(&self) -> bool {
-        self.keyed
+        self.key.is_some()
+    }
+
+    /// The key the request carries, if any.
+    pub fn key(&self) -> Option<&'a IdempotencyKey> {
+        self.key
     }
 
     /// Whether the method is idempotent by HTTP semantics (GET, HEAD, OPTIONS, TRACE, PUT, DELETE).
@@ -219,7 +226,7 @@ impl<'a> AttemptContext<'a> {
 /// A server that uses 422 for validation errors, not for key reuse:
 ///
 /// ```
-/// use idempotent_retry::{classify_fn, Classifier, DefaultClassifier, IdempotentRetry, Verdict};
+/// use idempotent_retry::{IdempotentRetry, classify::{classify_fn, Classifier, DefaultClassifier, Verdict}};
 ///
 /// let classifier = classify_fn(|ctx| match ctx.status() {
 ///     Some(s) if s.as_u16() == 422 => Verdict::Done,
@@ -404,6 +411,7 @@ mod tests {
     fn _object_safe(_: &dyn Classifier) {}
 
     fn classify(method: Method, keyed: bool, status: u16, body: &str) -> Verdict {
+        let key = IdempotencyKey::random();
         let req = Request::new(method, "http://example.test/x".parse().unwrap());
         let headers = HeaderMap::new();
         let result = AttemptResult::Response {
@@ -412,11 +420,12 @@ mod tests {
             body: Some(body.as_bytes()),
             replayed: false,
         };
-        DefaultClassifier.classify(&AttemptContext::new(&req, 1, keyed, result))
+        DefaultClassifier.classify(&AttemptContext::new(&req, 1, keyed.then_some(&key), result))
     }
 
     #[test]
     fn replayed_answers_are_final_except_server_errors() {
+        let key = IdempotencyKey::random();
         let req = Request::new(Method::POST, "http://example.test/x".parse().unwrap());
         let headers = HeaderMap::new();
         let verdict = |status: u16| {
@@ -426,7 +435,7 @@ mod tests {
                 body: Some(br#"{"id":"cvm-1"}"#),
                 replayed: true,
             };
-            DefaultClassifier.classify(&AttemptContext::new(&req, 2, true, result))
+            DefaultClassifier.classify(&AttemptContext::new(&req, 2, Some(&key), result))
         };
         assert_eq!(verdict(409), Verdict::Done, "django's replay");
         assert_eq!(verdict(201), Verdict::Done);

@@ -4,7 +4,7 @@
 use http::{HeaderName, StatusCode};
 
 use crate::carrier::KeyCarrier;
-use crate::key::DEFAULT_MAX_KEY_LEN;
+use crate::key::IdempotencyKey;
 use crate::middleware::IdempotentRetryBuilder;
 use crate::replay::ReplayDetector;
 
@@ -44,19 +44,19 @@ impl ServerConvention {
     /// The layer's defaults: `Idempotency-Key`, bare, up to 255; replays marked by
     /// `Idempotent-Replayed` or `Idempotency-Replayed`.
     pub fn standard() -> Self {
-        Self::header("standard", KeyCarrier::standard(), DEFAULT_MAX_KEY_LEN, ReplayDetector::standard())
+        Self::header("standard", KeyCarrier::standard(), IdempotencyKey::DEFAULT_MAX_LEN, ReplayDetector::standard())
     }
 
     /// The IETF draft: `Idempotency-Key` as a quoted Structured-Field string; replays carry no
     /// marker.
     pub fn ietf() -> Self {
-        Self::header("ietf", KeyCarrier::ietf(), DEFAULT_MAX_KEY_LEN, ReplayDetector::none())
+        Self::header("ietf", KeyCarrier::ietf(), IdempotencyKey::DEFAULT_MAX_LEN, ReplayDetector::none())
     }
 
     /// Stripe: `Idempotency-Key`, bare, up to 255; replays marked `Idempotent-Replayed: true`.
     pub fn stripe() -> Self {
         let marker = ReplayDetector::headers([HeaderName::from_static("idempotent-replayed")]);
-        Self::header("stripe", KeyCarrier::standard(), DEFAULT_MAX_KEY_LEN, marker)
+        Self::header("stripe", KeyCarrier::standard(), IdempotencyKey::DEFAULT_MAX_LEN, marker)
     }
 
     /// brandur's Postgres design: `Idempotency-Key`, bare, 20 to 100 characters; no marker.
@@ -71,7 +71,7 @@ impl ServerConvention {
     /// longer than they take.
     pub fn django() -> Self {
         let replay = ReplayDetector::none().replay_status(StatusCode::CONFLICT);
-        Self::header("django", KeyCarrier::standard(), DEFAULT_MAX_KEY_LEN, replay)
+        Self::header("django", KeyCarrier::standard(), IdempotencyKey::DEFAULT_MAX_LEN, replay)
     }
 
     /// express-idempotency: `Idempotency-Key`, bare, any length; no marker.
@@ -88,14 +88,19 @@ impl ServerConvention {
     /// tower's deploy API: `X-Tower-Idempotency-Key` (a git SHA); no marker.
     pub fn tower() -> Self {
         let carrier = KeyCarrier::header("X-Tower-Idempotency-Key").expect("a valid header name");
-        Self::header("tower", carrier, DEFAULT_MAX_KEY_LEN, ReplayDetector::none())
+        Self::header("tower", carrier, IdempotencyKey::DEFAULT_MAX_LEN, ReplayDetector::none())
     }
 
     /// An endpoint that takes no key at all (Phala Cloud's `POST /cvms` and replicas). A key
     /// the server ignores would protect nothing, so none is sent: a write that may have been
     /// applied is then never resent, and the caller settles it by reading back.
     pub fn no_keys() -> Self {
-        Self { name: "no-keys", carrier: None, max_key_len: DEFAULT_MAX_KEY_LEN, replay: ReplayDetector::none() }
+        Self {
+            name: "no-keys",
+            carrier: None,
+            max_key_len: IdempotencyKey::DEFAULT_MAX_LEN,
+            replay: ReplayDetector::none(),
+        }
     }
 
     /// Every preset.
@@ -146,6 +151,8 @@ mod tests {
     #[test]
     fn django_replays_under_409() {
         let django = ServerConvention::django();
-        assert!(django.replay.is_replayed_response(StatusCode::CONFLICT, &http::HeaderMap::new(), true));
+        let key = crate::IdempotencyKey::new("k-1").unwrap();
+        assert!(django.replay.is_replay(StatusCode::CONFLICT, &http::HeaderMap::new(), Some(&key)));
+        assert!(!django.replay.is_replay(StatusCode::CONFLICT, &http::HeaderMap::new(), None));
     }
 }

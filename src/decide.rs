@@ -5,12 +5,13 @@
 
 use std::time::Duration;
 
+use crate::error::{Error, Failure};
 use crate::policy::RetryPolicy;
 use crate::rng::Random;
 
-/// Facts about the attempt that just failed transiently.
+/// A setback: facts about the attempt that just failed transiently.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Failed {
+pub(crate) struct Setback {
     /// Attempts made so far, this one included.
     pub attempts: u32,
     pub may_have_been_applied: bool,
@@ -36,6 +37,30 @@ pub(crate) enum Stop {
     Deadline,
 }
 
+impl Stop {
+    /// The name recorded in traces.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Stop::ReplayedFailure => "replayed_failure",
+            Stop::OutcomeUnknown => "outcome_unknown",
+            Stop::NotReplayable => "not_replayable",
+            Stop::AttemptsExhausted => "attempts_exhausted",
+            Stop::Deadline => "deadline_exceeded",
+        }
+    }
+
+    /// The error to give the caller, once the attempts' failure is known.
+    pub(crate) fn error(self) -> fn(Box<Failure>) -> Error {
+        match self {
+            Stop::ReplayedFailure => Error::ReplayedFailure,
+            Stop::OutcomeUnknown => Error::OutcomeUnknown,
+            Stop::NotReplayable => Error::NotReplayable,
+            Stop::AttemptsExhausted => Error::AttemptsExhausted,
+            Stop::Deadline => Error::DeadlineExceeded,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Decision {
     Retry { delay: Duration },
@@ -46,7 +71,7 @@ pub(crate) enum Decision {
 /// applied is not resent; a stream cannot be resent; attempts and the schedule bound the
 /// retries; and the wait — `max(backoff, min(Retry-After, cap))` — must fit in the deadline, or
 /// the engine stops now rather than sleep and then fail.
-pub(crate) fn decide(policy: &RetryPolicy, f: &Failed, rng: &dyn Random) -> Decision {
+pub(crate) fn decide(policy: &RetryPolicy, f: &Setback, rng: &dyn Random) -> Decision {
     if f.replayed_server_error {
         return Decision::Stop(Stop::ReplayedFailure);
     }
@@ -56,15 +81,15 @@ pub(crate) fn decide(policy: &RetryPolicy, f: &Failed, rng: &dyn Random) -> Deci
     if !f.replayable {
         return Decision::Stop(Stop::NotReplayable);
     }
-    if f.attempts >= policy.get_max_attempts() {
+    if f.attempts >= policy.max_attempts() {
         return Decision::Stop(Stop::AttemptsExhausted);
     }
-    let Some(backoff) = policy.get_backoff().delay(f.attempts, rng) else {
+    let Some(backoff) = policy.backoff().delay(f.attempts, rng) else {
         return Decision::Stop(Stop::AttemptsExhausted);
     };
-    let server = f.server_delay.map_or(Duration::ZERO, |d| d.min(policy.get_max_retry_after()));
+    let server = f.server_delay.map_or(Duration::ZERO, |d| d.min(policy.max_retry_after()));
     let delay = backoff.max(server);
-    if let Some(deadline) = policy.get_deadline()
+    if let Some(deadline) = policy.deadline()
         && f.elapsed.saturating_add(delay) >= deadline
     {
         return Decision::Stop(Stop::Deadline);
@@ -80,13 +105,15 @@ mod tests {
 
     fn policy() -> RetryPolicy {
         RetryPolicy::standard()
-            .backoff(ExponentialBackoff::new(Duration::from_millis(100), Duration::from_secs(5)).jitter(Jitter::None))
-            .max_retry_after(Duration::from_secs(20))
-            .deadline(Duration::from_secs(30))
+            .with_backoff(
+                ExponentialBackoff::new(Duration::from_millis(100), Duration::from_secs(5)).jitter(Jitter::None),
+            )
+            .with_max_retry_after(Duration::from_secs(20))
+            .with_deadline(Duration::from_secs(30))
     }
 
-    fn failed() -> Failed {
-        Failed {
+    fn setback() -> Setback {
+        Setback {
             attempts: 1,
             may_have_been_applied: true,
             replayed_server_error: false,
@@ -97,7 +124,7 @@ mod tests {
         }
     }
 
-    fn run(f: Failed) -> Decision {
+    fn run(f: Setback) -> Decision {
         decide(&policy(), &f, &SeededRng::new(0))
     }
 
@@ -107,48 +134,48 @@ mod tests {
 
     #[test]
     fn backs_off_exponentially() {
-        assert_eq!(run(Failed { attempts: 1, ..failed() }), retry_ms(100));
-        assert_eq!(run(Failed { attempts: 3, ..failed() }), retry_ms(400));
+        assert_eq!(run(Setback { attempts: 1, ..setback() }), retry_ms(100));
+        assert_eq!(run(Setback { attempts: 3, ..setback() }), retry_ms(400));
     }
 
     #[test]
     fn retry_after_is_a_floor_and_capped() {
         let secs = |s| Some(Duration::from_secs(s));
-        assert_eq!(run(Failed { server_delay: secs(2), ..failed() }), retry_ms(2000));
+        assert_eq!(run(Setback { server_delay: secs(2), ..setback() }), retry_ms(2000));
         // Below the backoff: the backoff wins.
         assert_eq!(
-            run(Failed { attempts: 4, server_delay: Some(Duration::from_millis(50)), ..failed() }),
+            run(Setback { attempts: 4, server_delay: Some(Duration::from_millis(50)), ..setback() }),
             retry_ms(800)
         );
         // Above the cap: capped.
-        assert_eq!(run(Failed { server_delay: secs(3600), ..failed() }), retry_ms(20_000));
+        assert_eq!(run(Setback { server_delay: secs(3600), ..setback() }), retry_ms(20_000));
     }
 
     #[test]
     fn a_wait_that_cannot_fit_the_deadline_stops_now() {
-        let f = Failed { server_delay: Some(Duration::from_secs(10)), elapsed: Duration::from_secs(25), ..failed() };
+        let f = Setback { server_delay: Some(Duration::from_secs(10)), elapsed: Duration::from_secs(25), ..setback() };
         assert_eq!(run(f), Decision::Stop(Stop::Deadline));
-        let f = Failed { server_delay: Some(Duration::from_secs(10)), elapsed: Duration::from_secs(19), ..failed() };
+        let f = Setback { server_delay: Some(Duration::from_secs(10)), elapsed: Duration::from_secs(19), ..setback() };
         assert_eq!(run(f), retry_ms(10_000));
-        let f = Failed { elapsed: Duration::from_secs(30), ..failed() };
+        let f = Setback { elapsed: Duration::from_secs(30), ..setback() };
         assert_eq!(run(f), Decision::Stop(Stop::Deadline));
     }
 
     #[test]
     fn keyless_maybe_applied_is_never_resent() {
-        let f = Failed { resendable: false, ..failed() };
+        let f = Setback { resendable: false, ..setback() };
         assert_eq!(run(f), Decision::Stop(Stop::OutcomeUnknown));
         // Not applied (a 429, a refused connection): safe even without a key.
-        let f = Failed { resendable: false, may_have_been_applied: false, ..failed() };
+        let f = Setback { resendable: false, may_have_been_applied: false, ..setback() };
         assert_eq!(run(f), retry_ms(100));
     }
 
     #[test]
     fn other_stops() {
-        assert_eq!(run(Failed { replayed_server_error: true, ..failed() }), Decision::Stop(Stop::ReplayedFailure));
-        assert_eq!(run(Failed { replayable: false, ..failed() }), Decision::Stop(Stop::NotReplayable));
-        assert_eq!(run(Failed { attempts: 5, ..failed() }), Decision::Stop(Stop::AttemptsExhausted));
-        let ended = policy().backoff(crate::backoff::backoff_fn(|_, _| None));
-        assert_eq!(decide(&ended, &failed(), &SeededRng::new(0)), Decision::Stop(Stop::AttemptsExhausted));
+        assert_eq!(run(Setback { replayed_server_error: true, ..setback() }), Decision::Stop(Stop::ReplayedFailure));
+        assert_eq!(run(Setback { replayable: false, ..setback() }), Decision::Stop(Stop::NotReplayable));
+        assert_eq!(run(Setback { attempts: 5, ..setback() }), Decision::Stop(Stop::AttemptsExhausted));
+        let ended = policy().with_backoff(crate::backoff::backoff_fn(|_, _| None));
+        assert_eq!(decide(&ended, &setback(), &SeededRng::new(0)), Decision::Stop(Stop::AttemptsExhausted));
     }
 }

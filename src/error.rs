@@ -295,8 +295,15 @@ impl std::error::Error for Failure {
 }
 
 /// An error and its causes on one line, each cause once (a cause whose text the line already
-/// holds is left out).
-pub(crate) fn chain(error: &dyn std::error::Error) -> String {
+/// holds is left out): what a command-line tool prints.
+///
+/// ```
+/// use idempotent_retry::IdempotencyKey;
+///
+/// let error = IdempotencyKey::new("").unwrap_err();
+/// assert_eq!(idempotent_retry::error::chain(&error), error.to_string());
+/// ```
+pub fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(e) = source {

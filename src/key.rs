@@ -18,9 +18,6 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-/// The longest key accepted unless a server says otherwise (Stripe's limit).
-pub const DEFAULT_MAX_KEY_LEN: usize = 255;
-
 /// Why a string is not a valid idempotency key.
 ///
 /// The error never contains the key itself, so it is safe to log.
@@ -76,6 +73,9 @@ pub enum KeyError {
 pub struct IdempotencyKey(Bytes);
 
 impl IdempotencyKey {
+    /// The longest key accepted unless a server says otherwise: 255 (Stripe's limit).
+    pub const DEFAULT_MAX_LEN: usize = 255;
+
     /// The crate's default namespace for [derived](Self::derive) keys.
     ///
     /// It is fixed forever: changing it would change every derived key, and a re-run after an
@@ -88,7 +88,7 @@ impl IdempotencyKey {
     ///
     /// [`KeyError`] if the key is empty, too long, or not printable ASCII.
     pub fn new(key: impl Into<String>) -> Result<Self, KeyError> {
-        Self::with_max_len(key, DEFAULT_MAX_KEY_LEN)
+        Self::with_max_len(key, Self::DEFAULT_MAX_LEN)
     }
 
     /// Validates a user-given key against a server-specific maximum length.

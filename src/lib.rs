@@ -4,7 +4,7 @@
 //! duplicate; not retrying turns every transient fault into a failed apply. This crate's
 //! [`IdempotentRetry`] layer for [`reqwest_middleware`] gives every POST and PATCH one
 //! [`IdempotencyKey`], minted once and sent unchanged on every attempt, retries what is
-//! transient within a deadline and a [retry budget](RetryBudget), and knows, for every failure,
+//! transient within a deadline and a [retry budget](budget::RetryBudget), and knows, for every failure,
 //! whether the request [may have been applied](Error::may_have_been_applied). A keyless write that
 //! may have been applied is never resent: the caller is told the outcome is unknown.
 //!
@@ -27,32 +27,51 @@
 //!    Error responses (status ≥ 400) are read so they can be classified, within that timeout and
 //!    up to the [body limit](IdempotentRetryBuilder::max_body) (8 MiB); the caller still gets the
 //!    whole response. [`RequestOptions::buffer_body`] has every body read that way.
-//! 3. **Classify** ([`Classifier`], [`DefaultClassifier`]): done, retry (and whether it may have
-//!    been applied), or key reuse. Replays are recognised by [`ReplayDetector`].
-//! 4. **Decide**: attempts left, `Retry-After` as a floor under the [backoff](ExponentialBackoff)
-//!    and capped, the wait must fit the deadline, the budget must pay.
-//! 5. **Sleep** through the injected [`Sleeper`].
+//! 3. **Classify** ([`classify`]): done, retry (and whether it may have been applied), or key
+//!    reuse. Replays are recognised by [`ReplayDetector`].
+//! 4. **Decide**: attempts left, `Retry-After` as a floor under the [`backoff`] and capped, the
+//!    wait must fit the deadline, the [`budget`] must pay.
+//! 5. **Sleep** through the injected [`Sleeper`](time::Sleeper).
 //! 6. **Outcome**: the response carries a [`RetryOutcome`]; a failure is an [`Error`] that says
 //!    how many attempts were made, with which key, how the last ended, and whether the request
 //!    may have been applied.
 //!
 //! # Operations and durable keys
 //!
-//! [`Operations`] names a write (`create-cvm/web-1`) and keeps its key in a [`KeyStore`] — the
-//! [`SqliteJournal`] on disk — *before* the first send, so a crash or a re-run resumes with the
-//! same key instead of creating a duplicate. Keys are random, [derived](KeySource::Derived) from
-//! the caller's scope and the operation, user-given, or [from git](key_from_git). A key is pinned
-//! to its payload. An unknown outcome is settled by a [`ReadBack`], never by a blind resend.
+//! [`Operations`] names a write (`create-cvm/web-1`) and keeps its key in a
+//! [`KeyStore`](journal::KeyStore) — the [`SqliteJournal`](journal::SqliteJournal) on disk —
+//! *before* the first send, so a crash or a re-run resumes with the same key instead of creating
+//! a duplicate. Keys are random, [derived](operation::KeySource::Derived) from the caller's scope
+//! and the operation, user-given, or [from git](operation::key_from_git). A key is pinned to its
+//! payload. An unknown outcome is settled by a [`ReadBack`](operation::ReadBack), never by a
+//! blind resend. A [`Reconciler`] makes a collection hold a desired count without overshoot.
+//!
+//! # Where things are
+//!
+//! The root holds the everyday names. Extension points live in modules named for their concern:
+//!
+//! | module | what |
+//! |---|---|
+//! | [`classify`] | the [`Classifier`](classify::Classifier) trait, what it sees, what it says |
+//! | [`backoff`] | delay schedules, `Retry-After` parsing |
+//! | [`budget`] | the retry budget |
+//! | [`time`] | clocks, sleepers, random numbers, and their test doubles |
+//! | [`error`] | the details of an [`Error`] |
+//! | [`operation`] | read-backs, outcomes, errors and key sources of [`Operations`] |
+//! | [`journal`] | where keys are kept: the store trait, the SQLite journal, the records |
+//! | [`reconcile`] | the desired state, the pure planner, the report |
+//! | [`testing`] | fake servers and a chaos proxy (feature `test-util`) |
 //!
 //! # Features
 //!
-//! - `journal` (default): [`SqliteJournal`], through rusqlite with SQLite bundled.
+//! - `journal` (default): [`SqliteJournal`](journal::SqliteJournal), through rusqlite with
+//!   SQLite bundled.
 //! - `cli`: the `idem` binary (clap, indicatif, rustls for HTTPS); see the README.
 //! - `test-util`: the [`testing`] module: fake servers that enforce idempotency as real ones do
 //!   (IETF draft, Stripe, brandur's design, django, express, bencher, tower, and endpoints with no
 //!   key at all), a chaos proxy that injects real socket faults, and assertion helpers. Pulls in
 //!   wiremock.
-//! - `backoff`: [`FromBackoff`] adapts a `backoff::backoff::Backoff` (from the unmaintained
+//! - `backoff`: [`FromBackoff`](backoff::FromBackoff) adapts a `backoff::backoff::Backoff` (from the unmaintained
 //!   `backoff` crate, RUSTSEC-2025-0012) as a delay schedule, for callers migrating from it.
 //!   Off by default.
 //!
@@ -64,29 +83,28 @@
 //! `Authorization` included, are never recorded.
 
 #![deny(missing_docs)]
+#![deny(missing_debug_implementations)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod attempt;
-mod backoff;
+pub mod backoff;
 #[cfg(feature = "backoff")]
 mod backoff_compat;
-mod budget;
+pub mod budget;
 mod carrier;
-mod classify;
+pub mod classify;
 mod convention;
 mod decide;
-mod error;
-mod git;
-mod journal;
-#[cfg(feature = "journal")]
-mod journal_sqlite;
+mod engine;
+pub mod error;
+pub mod journal;
 mod key;
 mod middleware;
-mod operation;
+pub mod operation;
 mod options;
 mod outcome;
 mod policy;
-mod reconcile;
+pub mod reconcile;
 mod replay;
 mod retry_after;
 mod rng;
@@ -94,44 +112,19 @@ mod target;
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod testing;
-mod time;
+pub mod time;
 
-pub use crate::backoff::{Backoff, BackoffFn, ExponentialBackoff, Jitter, backoff_fn};
-#[cfg(feature = "backoff")]
-pub use crate::backoff_compat::FromBackoff;
-pub use crate::budget::{RetryBudget, Withdrawal};
-pub use crate::carrier::{IDEMPOTENCY_KEY, KeyCarrier};
-pub use crate::classify::{
-    AttemptContext, AttemptResult, Classifier, ClassifyFn, DefaultClassifier, Delivery, RetryKind, TransportCause,
-    Verdict, classify_fn,
-};
+pub use crate::carrier::KeyCarrier;
 pub use crate::convention::ServerConvention;
-pub use crate::error::{Error, Failure, LastAttempt};
-pub use crate::git::{GitKeyMode, NoGitKey, key_from_git};
-pub use crate::journal::{
-    Begun, Claim, Finish, Intent, JournalError, KeyPlan, KeyStore, MemoryStore, OpState, PayloadMismatch, Record,
-    fingerprint,
-};
-#[cfg(feature = "journal")]
-pub use crate::journal_sqlite::SqliteJournal;
-pub use crate::key::{DEFAULT_MAX_KEY_LEN, IdempotencyKey, KeyError};
+pub use crate::error::Error;
+pub use crate::key::{IdempotencyKey, KeyError};
 pub use crate::middleware::{IdempotentRetry, IdempotentRetryBuilder, RetryEvent};
-pub use crate::operation::{
-    BoxError, Completed, IdentityMismatch, KeySource, OperationBuilder, OperationError, Operations, Outcome, ReadBack,
-    items,
-};
+pub use crate::operation::Operations;
 pub use crate::options::RequestOptions;
 pub use crate::outcome::RetryOutcome;
 pub use crate::policy::RetryPolicy;
-pub use crate::reconcile::{
-    Action, Desired, Member, Plan, PlanInput, Prune, ReconcileError, ReconcileFailure, ReconcileReport, Reconciler,
-    Slot, plan,
-};
+pub use crate::reconcile::Reconciler;
 pub use crate::replay::ReplayDetector;
-pub use crate::retry_after::{parse_retry_after, retry_after};
-pub use crate::rng::{Random, SeededRng};
-pub use crate::target::redact_url;
-pub use crate::time::{Clock, ManualClock, RecordingSleeper, Sleep, Sleeper, SystemClock, TokioSleeper, rfc3339};
 
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]

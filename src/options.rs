@@ -16,7 +16,7 @@ use crate::policy::RetryPolicy;
 /// client
 ///     .post("http://127.0.0.1:9/deploy")
 ///     .body("{}")
-///     .with_extension(RequestOptions::new().key(key).policy(RetryPolicy::standard().max_attempts(8)))
+///     .with_extension(RequestOptions::new().key(key).policy(RetryPolicy::standard().with_max_attempts(8)))
 ///     .send()
 ///     .await?;
 /// # Ok(()) }
@@ -93,7 +93,7 @@ impl RequestOptions {
     }
 
     /// The explicit key, if any.
-    pub fn get_key(&self) -> Option<&IdempotencyKey> {
+    pub fn explicit_key(&self) -> Option<&IdempotencyKey> {
         self.key.as_ref()
     }
 
@@ -126,8 +126,8 @@ impl RequestOptions {
             self.policy.as_ref().map_or(Cow::Borrowed(default), Cow::Borrowed)
         };
         match self.deadline {
-            Some(limit) if policy.get_deadline().is_none_or(|d| d > limit) => {
-                Cow::Owned(policy.into_owned().deadline(limit))
+            Some(limit) if policy.deadline().is_none_or(|d| d > limit) => {
+                Cow::Owned(policy.into_owned().with_deadline(limit))
             }
             _ => policy,
         }
@@ -152,17 +152,17 @@ mod tests {
         let std = RetryPolicy::standard();
         let secs = |s| Some(std::time::Duration::from_secs(s));
         let clipped = RequestOptions::new().deadline(std::time::Duration::from_secs(5));
-        assert_eq!(clipped.policy_or(&std).get_deadline(), secs(5));
+        assert_eq!(clipped.policy_or(&std).deadline(), secs(5));
         let loose = RequestOptions::new().deadline(std::time::Duration::from_secs(500));
-        assert_eq!(loose.policy_or(&std).get_deadline(), secs(60), "the shorter one holds");
+        assert_eq!(loose.policy_or(&std).deadline(), secs(60), "the shorter one holds");
         let never = RequestOptions::new().no_retry().deadline(std::time::Duration::from_secs(5));
-        assert_eq!(never.policy_or(&std).get_deadline(), secs(5));
+        assert_eq!(never.policy_or(&std).deadline(), secs(5));
     }
 
     #[test]
     fn no_retry_means_one_attempt() {
         let std = RetryPolicy::standard();
-        assert_eq!(RequestOptions::new().no_retry().policy_or(&std).get_max_attempts(), 1);
-        assert_eq!(RequestOptions::new().policy_or(&std).get_max_attempts(), 5);
+        assert_eq!(RequestOptions::new().no_retry().policy_or(&std).max_attempts(), 1);
+        assert_eq!(RequestOptions::new().policy_or(&std).max_attempts(), 5);
     }
 }

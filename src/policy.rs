@@ -12,13 +12,14 @@ use crate::backoff::{Backoff, ExponentialBackoff};
 ///
 /// ```
 /// use std::time::Duration;
-/// use idempotent_retry::{ExponentialBackoff, RetryPolicy};
+/// use idempotent_retry::RetryPolicy;
+/// use idempotent_retry::backoff::ExponentialBackoff;
 ///
 /// let policy = RetryPolicy::standard()
-///     .max_attempts(8)
-///     .deadline(Duration::from_secs(120))
-///     .backoff(ExponentialBackoff::new(Duration::from_millis(500), Duration::from_secs(20)));
-/// assert_eq!(policy.get_max_attempts(), 8);
+///     .with_max_attempts(8)
+///     .with_deadline(Duration::from_secs(120))
+///     .with_backoff(ExponentialBackoff::new(Duration::from_millis(500), Duration::from_secs(20)));
+/// assert_eq!(policy.max_attempts(), 8);
 /// ```
 #[derive(Clone)]
 pub struct RetryPolicy {
@@ -58,19 +59,19 @@ impl RetryPolicy {
 
     /// Sets the maximum number of attempts, the first included. Values below 1 count as 1: the
     /// request is always sent once.
-    pub fn max_attempts(mut self, attempts: u32) -> Self {
+    pub fn with_max_attempts(mut self, attempts: u32) -> Self {
         self.max_attempts = attempts.max(1);
         self
     }
 
     /// Sets the total time budget for the operation, sleeps included.
-    pub fn deadline(mut self, deadline: Duration) -> Self {
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
         self.deadline = Some(deadline);
         self
     }
 
     /// Removes the total deadline: only `max_attempts` bounds the operation.
-    pub fn no_deadline(mut self) -> Self {
+    pub fn without_deadline(mut self) -> Self {
         self.deadline = None;
         self
     }
@@ -79,55 +80,55 @@ impl RetryPolicy {
     /// what remains of the deadline.
     ///
     /// When this timer fires the engine cannot tell how far the exchange got, so it counts the
-    /// attempt as [may have been applied](crate::Delivery::MaybeApplied): retried with a key, an
+    /// attempt as [may have been applied](crate::classify::Delivery::MaybeApplied): retried with a key, an
     /// unknown outcome without one. Set `connect_timeout` on the `reqwest::Client` as well; a
-    /// connect that times out there is reported as [not sent](crate::Delivery::NotSent) and is
+    /// connect that times out there is reported as [not sent](crate::classify::Delivery::NotSent) and is
     /// always safe to retry.
-    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_attempt_timeout(mut self, timeout: Duration) -> Self {
         self.attempt_timeout = Some(timeout);
         self
     }
 
     /// Removes the per-attempt timeout (the deadline, if any, still clips each attempt).
-    pub fn no_attempt_timeout(mut self) -> Self {
+    pub fn without_attempt_timeout(mut self) -> Self {
         self.attempt_timeout = None;
         self
     }
 
     /// Sets the most the engine will wait because a server said `Retry-After`.
-    pub fn max_retry_after(mut self, cap: Duration) -> Self {
+    pub fn with_max_retry_after(mut self, cap: Duration) -> Self {
         self.max_retry_after = cap;
         self
     }
 
     /// Sets the delay schedule.
-    pub fn backoff(mut self, backoff: impl Backoff + 'static) -> Self {
+    pub fn with_backoff(mut self, backoff: impl Backoff + 'static) -> Self {
         self.backoff = Arc::new(backoff);
         self
     }
 
     /// The maximum number of attempts.
-    pub fn get_max_attempts(&self) -> u32 {
+    pub fn max_attempts(&self) -> u32 {
         self.max_attempts
     }
 
     /// The total deadline, if any.
-    pub fn get_deadline(&self) -> Option<Duration> {
+    pub fn deadline(&self) -> Option<Duration> {
         self.deadline
     }
 
     /// The per-attempt timeout, if any.
-    pub fn get_attempt_timeout(&self) -> Option<Duration> {
+    pub fn attempt_timeout(&self) -> Option<Duration> {
         self.attempt_timeout
     }
 
     /// The cap on server-directed waits.
-    pub fn get_max_retry_after(&self) -> Duration {
+    pub fn max_retry_after(&self) -> Duration {
         self.max_retry_after
     }
 
     /// The delay schedule.
-    pub fn get_backoff(&self) -> &dyn Backoff {
+    pub fn backoff(&self) -> &dyn Backoff {
         &*self.backoff
     }
 

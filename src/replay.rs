@@ -7,6 +7,8 @@
 
 use http::{HeaderMap, HeaderName, StatusCode};
 
+use crate::key::IdempotencyKey;
+
 /// Recognises a replayed response by its headers.
 ///
 /// # Examples
@@ -58,27 +60,29 @@ impl ReplayDetector {
     ///
     /// ```
     /// use http::{HeaderMap, StatusCode};
-    /// use idempotent_retry::ReplayDetector;
+    /// use idempotent_retry::{IdempotencyKey, ReplayDetector};
     ///
     /// let django = ReplayDetector::none().replay_status(StatusCode::CONFLICT);
-    /// assert!(django.is_replayed_response(StatusCode::CONFLICT, &HeaderMap::new(), true));
-    /// assert!(!django.is_replayed_response(StatusCode::CONFLICT, &HeaderMap::new(), false));
+    /// let key = IdempotencyKey::random();
+    /// assert!(django.is_replay(StatusCode::CONFLICT, &HeaderMap::new(), Some(&key)));
+    /// assert!(!django.is_replay(StatusCode::CONFLICT, &HeaderMap::new(), None), "no key: a plain conflict");
     /// ```
     pub fn replay_status(mut self, status: StatusCode) -> Self {
         self.status = Some(status);
         self
     }
 
-    /// Whether `status` on a keyed request is this server's replay of a *successful* original
-    /// (see [`replay_status`](Self::replay_status)).
-    pub fn is_success_replay(&self, status: StatusCode, keyed: bool) -> bool {
-        keyed && self.status == Some(status)
+    /// Whether `status`, answering a request sent with `key`, is this server's replay of a
+    /// *successful* original (see [`replay_status`](Self::replay_status)). Without a key there
+    /// is nothing to replay.
+    pub fn is_success_replay(&self, status: StatusCode, key: Option<&IdempotencyKey>) -> bool {
+        key.is_some() && self.status == Some(status)
     }
 
-    /// Whether a response to a request (keyed or not) is a replay: by a marker header, or by
-    /// the [replay status](Self::replay_status) on a keyed request.
-    pub fn is_replayed_response(&self, status: StatusCode, headers: &HeaderMap, keyed: bool) -> bool {
-        self.is_success_replay(status, keyed) || self.is_replayed(headers)
+    /// Whether a response to a request sent with `key` (or none) is a replay: by a marker
+    /// header, or by the [replay status](Self::replay_status) when there was a key.
+    pub fn is_replay(&self, status: StatusCode, headers: &HeaderMap, key: Option<&IdempotencyKey>) -> bool {
+        self.is_success_replay(status, key) || self.is_replayed(headers)
     }
 
     /// Whether any marker header says "true" (`true`, `1`, or the Structured-Field boolean `?1`,

@@ -20,7 +20,7 @@ use http::header::RETRY_AFTER;
 ///
 /// ```
 /// use std::time::{Duration, SystemTime};
-/// use idempotent_retry::parse_retry_after;
+/// use idempotent_retry::backoff::parse_retry_after;
 ///
 /// let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_770); // Sun, 06 Nov 1994 08:49:30 GMT
 /// assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));

@@ -13,7 +13,7 @@ use std::time::Duration;
 /// # Examples
 ///
 /// ```
-/// use idempotent_retry::{Random, SeededRng};
+/// use idempotent_retry::time::{Random, SeededRng};
 ///
 /// let a = SeededRng::new(7);
 /// let b = SeededRng::new(7);

@@ -73,7 +73,7 @@ pub(crate) fn redact(url: &Url) -> String {
 ///
 /// ```
 /// assert_eq!(
-///     idempotent_retry::redact_url("https://ci:s3cret@api.example/runs?token=abc&page=2"),
+///     idempotent_retry::journal::redact_url("https://ci:s3cret@api.example/runs?token=abc&page=2"),
 ///     "https://ci:***@api.example/runs?token=***&page=***"
 /// );
 /// ```

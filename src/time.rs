@@ -1,4 +1,5 @@
-//! Injected time: a [`Clock`] to read, a [`Sleeper`] to wait.
+//! Injected time and randomness: a [`Clock`] to read, a [`Sleeper`] to wait, a [`Random`] for
+//! jitter, and their test doubles.
 //!
 //! The retry engine never calls `SystemTime::now` or `tokio::time::sleep` directly. Production
 //! code uses [`SystemClock`] and [`TokioSleeper`]; tests use [`ManualClock`] with a
@@ -15,12 +16,17 @@
 //! Never pause tokio's clock around real sockets instead: a paused clock jumps forward whenever
 //! the runtime is idle, and every I/O timeout then fires at once.
 
+// The one module that reads the real clock and waits in real time (see `clippy.toml`).
+#![allow(clippy::disallowed_methods)]
+
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use crate::rng::{Random, SeededRng};
 
 /// A future returned by a [`Sleeper`].
 pub type Sleep = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -34,7 +40,7 @@ pub type Sleep = Pin<Box<dyn Future<Output = ()> + Send>>;
 ///
 /// ```
 /// use std::time::{Duration, SystemTime};
-/// use idempotent_retry::{Clock, ManualClock};
+/// use idempotent_retry::time::{Clock, ManualClock};
 ///
 /// let clock = ManualClock::new(SystemTime::UNIX_EPOCH);
 /// clock.advance(Duration::from_secs(5));
@@ -51,7 +57,7 @@ pub trait Clock: Send + Sync + fmt::Debug {
 ///
 /// ```
 /// use std::time::Duration;
-/// use idempotent_retry::{RecordingSleeper, Sleeper};
+/// use idempotent_retry::time::{RecordingSleeper, Sleeper};
 ///
 /// # tokio_test_block_on(async {
 /// let sleeper = RecordingSleeper::new();
@@ -152,7 +158,7 @@ impl ManualClock {
     ///
     /// ```
     /// use std::time::{Duration, SystemTime};
-    /// use idempotent_retry::ManualClock;
+    /// use idempotent_retry::time::ManualClock;
     ///
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
     /// let clock = ManualClock::new(SystemTime::UNIX_EPOCH);
@@ -296,7 +302,7 @@ pub(crate) async fn within<F: Future>(
 ///
 /// ```
 /// use std::time::{Duration, UNIX_EPOCH};
-/// assert_eq!(idempotent_retry::rfc3339(UNIX_EPOCH + Duration::from_secs(1_795_305_607)), "2026-11-22T00:00:07Z");
+/// assert_eq!(idempotent_retry::time::rfc3339(UNIX_EPOCH + Duration::from_secs(1_795_305_607)), "2026-11-22T00:00:07Z");
 /// ```
 pub fn rfc3339(t: SystemTime) -> String {
     let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());

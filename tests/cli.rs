@@ -199,6 +199,9 @@ async fn exit_3_when_retries_run_out_and_the_rerun_resumes_the_key() {
     assert!(keys.iter().all(|k| *k == keys[0]), "one key across both runs: {keys:?}");
 }
 
+// The CLI is a real process on the real clock: the test waits, in real time, for its request
+// to land before killing it.
+#[allow(clippy::disallowed_methods)]
 #[tokio::test]
 async fn resume_after_sigkill() {
     let scratch = Scratch::new("sigkill");
@@ -319,6 +322,8 @@ async fn key_from_git_clean_dirty_and_no_repo() {
     assert_eq!(keys, [None, Some(head), None]);
 }
 
+// The CLI is a real process on the real clock: the test checks it waited out `Retry-After`.
+#[allow(clippy::disallowed_methods)]
 #[tokio::test]
 async fn retry_after_is_honoured() {
     let scratch = Scratch::new("retry-after");

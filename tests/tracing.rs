@@ -15,7 +15,11 @@ use tracing_subscriber::fmt::format::FmtSpan;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use idempotent_retry::{ExponentialBackoff, IdempotentRetry, Jitter, ManualClock, RecordingSleeper, RetryPolicy};
+use idempotent_retry::{
+    IdempotentRetry, RetryPolicy,
+    backoff::{ExponentialBackoff, Jitter},
+    time::{ManualClock, RecordingSleeper},
+};
 
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -53,7 +57,7 @@ async fn traces_fingerprint_the_key_and_never_show_secrets() {
     let key = IdempotencyKey::new("super-secret-key-0001").unwrap();
     let clock = ManualClock::new(std::time::SystemTime::UNIX_EPOCH);
     let policy = RetryPolicy::standard()
-        .backoff(ExponentialBackoff::new(Duration::from_millis(100), Duration::from_secs(5)).jitter(Jitter::None));
+        .with_backoff(ExponentialBackoff::new(Duration::from_millis(100), Duration::from_secs(5)).jitter(Jitter::None));
     let layer =
         IdempotentRetry::builder().clock(clock.clone()).sleeper(RecordingSleeper::advancing(&clock)).policy(policy);
     let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new()).with(layer.build()).build();

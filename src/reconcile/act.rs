@@ -1,13 +1,12 @@
 //! Acting: creates in slow-start batches, deletes, and what their answers mean.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::Value;
 use url::Url;
 
-use super::settle::{ExpectedCreate, ExpectedDelete, Listed, Sent};
-use super::{Action, ReconcileFailure, ReconcileReport, Reconciler, Slot, field_text, journal_failure};
+use super::settle::{ExpectedCreate, ExpectedDelete, Sent};
+use super::{Action, ReconcileReport, Reconciler, Slot, StopReason, field_text, journal_failure};
 use crate::error::Error;
 use crate::journal::Record;
 use crate::operation::{Completed, OperationError};
@@ -28,11 +27,10 @@ impl Reconciler {
         &mut self,
         collection: &Url,
         actions: Vec<Action>,
-        listed: &[Listed],
         ledger: &[(u64, Slot, Record)],
         remaining: Duration,
         report: &mut ReconcileReport,
-    ) -> Result<bool, ReconcileFailure> {
+    ) -> Result<bool, StopReason> {
         let mut creates = Vec::new();
         let mut deletes = Vec::new();
         for action in actions {
@@ -41,8 +39,7 @@ impl Reconciler {
                 Action::Delete(id) => deletes.push(id),
             }
         }
-        let live: HashSet<&str> = listed.iter().map(|l| l.id.as_str()).collect();
-        let created = self.create_all(creates, &live, ledger, remaining, report).await?;
+        let created = self.create_all(creates, ledger, remaining, report).await?;
         let deleted = self.delete_all(collection, deletes, remaining, report).await?;
         Ok(created && deleted)
     }
@@ -51,11 +48,10 @@ impl Reconciler {
     async fn create_all(
         &mut self,
         slots: Vec<Slot>,
-        live: &HashSet<&str>,
         ledger: &[(u64, Slot, Record)],
         remaining: Duration,
         report: &mut ReconcileReport,
-    ) -> Result<bool, ReconcileFailure> {
+    ) -> Result<bool, StopReason> {
         let mut next = 0;
         let mut batch = 1;
         while next < slots.len() {
@@ -72,7 +68,7 @@ impl Reconciler {
                 // Record every answer of the group before stopping on the first fatal one.
                 let mut fatal = None;
                 for ((_, result), slot) in results.into_iter().zip(group) {
-                    match self.created(slot, result, live, ledger, report).await {
+                    match self.created(slot, result, ledger, report).await {
                         Ok(Created::Done) => {}
                         Ok(Created::Transient) => all_done = false,
                         Err(e) => fatal = fatal.or(Some(e)),
@@ -121,28 +117,14 @@ impl Reconciler {
         &mut self,
         slot: &Slot,
         result: Result<Completed, OperationError>,
-        live: &HashSet<&str>,
         ledger: &[(u64, Slot, Record)],
         report: &mut ReconcileReport,
-    ) -> Result<Created, ReconcileFailure> {
-        let now = self.settings.clock.now();
-        let answered = |id: String| ExpectedCreate {
-            slot: slot.clone(),
-            id: Some(id),
-            since: now,
-            claim: None,
-            sent: Sent::AfterList(self.memory.lists),
-        };
+    ) -> Result<Created, StopReason> {
         match result {
             Ok(done) => {
                 report.requests += u64::from(done.attempts);
                 let id = self.usable_id(slot, &done.resource, ledger)?;
-                if !report.created.contains(&id) {
-                    report.created.push(id.clone());
-                }
-                let _ = live;
-                self.memory.creates.retain(|c| c.slot != *slot);
-                self.memory.creates.push(answered(id));
+                self.answered(slot, id, report);
                 Ok(Created::Done)
             }
             Err(OperationError::IdentityMismatch(mismatch)) => {
@@ -150,17 +132,13 @@ impl Reconciler {
                 // What the server made is this operation's, whatever it is: reported, and
                 // journaled by the operation, so no later run creates it again.
                 if let Ok(id) = self.usable_id(slot, &mismatch.resource, ledger) {
-                    if !report.created.contains(&id) {
-                        report.created.push(id.clone());
-                    }
-                    self.memory.creates.retain(|c| c.slot != *slot);
-                    self.memory.creates.push(answered(id));
+                    self.answered(slot, id, report);
                 }
-                Err(ReconcileFailure::Identity(mismatch))
+                Err(StopReason::Identity(mismatch))
             }
             Err(OperationError::Rejected { status, body, attempts, .. }) => {
                 report.requests += u64::from(attempts);
-                Err(ReconcileFailure::Rejected {
+                Err(StopReason::Rejected {
                     slot: slot.to_string(),
                     status,
                     body: String::from_utf8_lossy(&body).into_owned(),
@@ -171,51 +149,70 @@ impl Reconciler {
                 | OperationError::PayloadMismatch(_)
                 | OperationError::InvalidOptions { .. }
                 | OperationError::Gone { .. }),
-            ) => Err(ReconcileFailure::Operation(e)),
-            Err(e) => {
-                let typed = match &e {
-                    OperationError::Failed { source, .. } => Error::find(source),
-                    _ => None,
-                };
-                report.requests += match &e {
-                    OperationError::Failed { .. } => typed.map_or(1, |t| u64::from(t.attempts())),
-                    _ => 0,
-                };
-                if e.may_have_been_applied() {
-                    report.unknown += 1;
-                    if !self.settings.keyed {
-                        // No key to resend with: expect it, and let the list settle it.
-                        let claim = self.slot_claim(slot).await?;
-                        self.memory.creates.push(ExpectedCreate {
-                            slot: slot.clone(),
-                            id: None,
-                            since: now,
-                            claim,
-                            sent: Sent::AfterList(self.memory.lists),
-                        });
-                    }
-                    // A keyed slot stays free: its key is resent when an item is needed.
-                }
-                if matches!(typed, Some(Error::BudgetExhausted(_))) {
-                    return Err(ReconcileFailure::BudgetExhausted);
-                }
-                tracing::info!(operation = %self.settings.operation, %slot, "create failed: {e}");
-                Ok(Created::Transient)
-            }
+            ) => Err(StopReason::Operation(e)),
+            Err(e) => self.create_failed(slot, e, report).await,
         }
     }
 
-    /// The id of a create's answer, if it can name an item and is not another slot's.
-    fn usable_id(
-        &self,
+    /// A create answered with item `id`: created, and expected until a list shows it.
+    fn answered(&mut self, slot: &Slot, id: String, report: &mut ReconcileReport) {
+        if !report.created.contains(&id) {
+            report.created.push(id.clone());
+        }
+        self.memory.creates.retain(|c| c.slot != *slot);
+        self.memory.creates.push(ExpectedCreate {
+            slot: slot.clone(),
+            id: Some(id),
+            since: self.settings.clock.now(),
+            claim: None,
+            sent: Sent::AfterList(self.memory.lists),
+        });
+    }
+
+    /// A create that failed after its retries: unknown when it may have been applied.
+    async fn create_failed(
+        &mut self,
         slot: &Slot,
-        resource: &Value,
-        ledger: &[(u64, Slot, Record)],
-    ) -> Result<String, ReconcileFailure> {
+        e: OperationError,
+        report: &mut ReconcileReport,
+    ) -> Result<Created, StopReason> {
+        let now = self.settings.clock.now();
+        let typed = match &e {
+            OperationError::GaveUp { source, .. } => Error::find(source),
+            _ => None,
+        };
+        report.requests += match &e {
+            OperationError::GaveUp { .. } => typed.map_or(1, |t| u64::from(t.attempts())),
+            _ => 0,
+        };
+        if e.may_have_been_applied() {
+            report.unknown += 1;
+            if !self.settings.keyed {
+                // No key to resend with: expect it, and let the list settle it.
+                let claim = self.slot_claim(slot).await?;
+                self.memory.creates.push(ExpectedCreate {
+                    slot: slot.clone(),
+                    id: None,
+                    since: now,
+                    claim,
+                    sent: Sent::AfterList(self.memory.lists),
+                });
+            }
+            // A keyed slot stays free: its key is resent when an item is needed.
+        }
+        if matches!(typed, Some(Error::BudgetExhausted(_))) {
+            return Err(StopReason::BudgetExhausted);
+        }
+        tracing::info!(operation = %self.settings.operation, %slot, "create failed: {e}");
+        Ok(Created::Transient)
+    }
+
+    /// The id of a create's answer, if it can name an item and is not another slot's.
+    fn usable_id(&self, slot: &Slot, resource: &Value, ledger: &[(u64, Slot, Record)]) -> Result<String, StopReason> {
         let s = &self.settings;
         let id = field_text(resource, &s.id_field).unwrap_or_default();
         if let Err(why) = crate::target::check_id(&id) {
-            return Err(ReconcileFailure::BadId { slot: slot.to_string(), id, why });
+            return Err(StopReason::BadId { slot: slot.to_string(), id, why });
         }
         let in_memory = self.memory.creates.iter().any(|c| c.slot != *slot && c.id.as_deref() == Some(&id));
         let journaled = ledger.iter().any(|(g, other, r)| {
@@ -224,17 +221,13 @@ impl Reconciler {
                 && r.identity.as_ref().and_then(|i| field_text(i, &s.id_field)).as_deref() == Some(id.as_str())
         });
         if in_memory || journaled {
-            return Err(ReconcileFailure::BadId {
-                slot: slot.to_string(),
-                id,
-                why: "which belongs to another slot".into(),
-            });
+            return Err(StopReason::BadId { slot: slot.to_string(), id, why: "which belongs to another slot".into() });
         }
         Ok(id)
     }
 
     /// The claim of the run that holds a slot's record now.
-    async fn slot_claim(&self, slot: &Slot) -> Result<Option<crate::journal::Claim>, ReconcileFailure> {
+    async fn slot_claim(&self, slot: &Slot) -> Result<Option<crate::journal::Claim>, StopReason> {
         let name = self.slot_operation(self.settings.generation, slot);
         let record = self.settings.ops.journal(move |store| store.get(&name)).await.map_err(journal_failure)?;
         Ok(record.map(|r| r.claim()))
@@ -247,7 +240,7 @@ impl Reconciler {
         ids: Vec<String>,
         remaining: Duration,
         report: &mut ReconcileReport,
-    ) -> Result<bool, ReconcileFailure> {
+    ) -> Result<bool, StopReason> {
         let mut next = 0;
         let mut batch = 1;
         while next < ids.len() {
@@ -256,7 +249,7 @@ impl Reconciler {
                 let mut tasks = tokio::task::JoinSet::new();
                 for id in group {
                     let url = crate::target::item_url(collection, id)
-                        .map_err(|why| ReconcileFailure::Delete { id: id.clone(), reason: why })?;
+                        .map_err(|why| StopReason::Delete { id: id.clone(), reason: why })?;
                     let (client, id) = (self.settings.ops.client().clone(), id.clone());
                     tasks.spawn(async move {
                         let result =
@@ -271,9 +264,9 @@ impl Reconciler {
                             report.deleted.push(id.clone());
                             self.memory.deletes.push(ExpectedDelete { id, since: self.settings.clock.now() });
                         }
-                        Ok(r) => return Err(ReconcileFailure::Delete { id, reason: r.status().to_string() }),
+                        Ok(r) => return Err(StopReason::Delete { id, reason: r.status().to_string() }),
                         Err(e) if matches!(Error::find(&e), Some(Error::BudgetExhausted(_))) => {
-                            return Err(ReconcileFailure::BudgetExhausted);
+                            return Err(StopReason::BudgetExhausted);
                         }
                         Err(e) => {
                             report.unknown += 1;

@@ -26,7 +26,7 @@
 //!   slot with its own key), after a wait that grows like the retry layer's backoff; a retry
 //!   budget the layer reports empty ends the run; so does its deadline, which also bounds every
 //!   request. A refusal (a final status) stops the run with a typed error. Every request goes
-//!   through the retry layer and, for creates, through the [`KeyStore`](crate::KeyStore) of the
+//!   through the retry layer and, for creates, through the [`KeyStore`](crate::journal::KeyStore) of the
 //!   [`Operations`].
 //!
 //! Each round reads as its steps: *observe* (list the collection, read the journal), *settle*
@@ -77,7 +77,7 @@ pub struct ReconcileError {
     /// The reconcile operation.
     pub operation: String,
     /// Why.
-    pub failure: ReconcileFailure,
+    pub failure: StopReason,
     /// What was done before it stopped.
     pub report: Box<ReconcileReport>,
 }
@@ -85,7 +85,7 @@ pub struct ReconcileError {
 /// Why a reconcile stopped.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum ReconcileFailure {
+pub enum StopReason {
     /// A create's answer was not the item asked for, or an item this operation created no longer
     /// is: no further creates were made. The item created is this operation's (reported and
     /// journaled as such).
@@ -144,14 +144,15 @@ pub enum ReconcileFailure {
 /// # Examples
 ///
 /// ```
-/// # async fn run(ops: idempotent_retry::Operations) -> Result<(), idempotent_retry::ReconcileError> {
-/// use idempotent_retry::{Desired, Reconciler};
+/// # async fn run(ops: idempotent_retry::Operations) -> Result<(), idempotent_retry::reconcile::ReconcileError> {
+/// use idempotent_retry::Reconciler;
+/// use idempotent_retry::reconcile::{Desired, Prune};
 ///
 /// let mut replicas = Reconciler::new(ops, "https://cloud.example/apps/app-9/cvms/vm-1/replicas", "replicas/app-9/vm-1")
 ///     .generation(1)
 ///     .expect_field("app_id", "app-9")
 ///     .expect_field("vm_uuid", "vm-1")
-///     .prune(true);
+///     .prune(Prune::Ours);
 /// let report = replicas.reconcile(&Desired::Count(5)).await?;
 /// println!("{report}");
 /// # Ok(()) }
@@ -317,16 +318,9 @@ impl Reconciler {
         self
     }
 
-    /// Deletes surplus items this operation created (default: report only).
-    pub fn prune(mut self, allowed: bool) -> Self {
-        self.settings.prune.allowed = allowed;
-        self
-    }
-
-    /// Deletes surplus items this operation did not create, or cannot prove it did, too
-    /// (default: no).
-    pub fn prune_foreign(mut self, foreign: bool) -> Self {
-        self.settings.prune.foreign = foreign;
+    /// What surplus may be deleted (default [`Prune::Never`]: report only).
+    pub fn prune(mut self, prune: Prune) -> Self {
+        self.settings.prune = prune;
         self
     }
 
@@ -423,7 +417,7 @@ impl Reconciler {
         let mut run = RunState { started, report, overshoot_seen: HashSet::new(), failures: 0, listed_once: false };
         let result = match crate::target::http_url(&self.settings.collection) {
             Ok(url) => self.rounds(&url, desired, &mut run).await,
-            Err(why) => Err(ReconcileFailure::InvalidOptions(why)),
+            Err(why) => Err(StopReason::InvalidOptions(why)),
         };
         let mut report = run.report;
         report.elapsed_ms = self.settings.clock.now().duration_since(started).unwrap_or_default().as_millis() as u64;
@@ -436,12 +430,7 @@ impl Reconciler {
     }
 
     /// Observe, settle, plan, act, wait: until converged, or nothing more can be done.
-    async fn rounds(
-        &mut self,
-        collection: &Url,
-        desired: &Desired,
-        run: &mut RunState,
-    ) -> Result<(), ReconcileFailure> {
+    async fn rounds(&mut self, collection: &Url, desired: &Desired, run: &mut RunState) -> Result<(), StopReason> {
         loop {
             run.report.rounds += 1;
             let remaining = self.remaining(run)?;
@@ -461,7 +450,7 @@ impl Reconciler {
                 continue;
             }
             let remaining = self.remaining(run)?;
-            if self.act(collection, planned.actions, &listed, &ledger, remaining, &mut run.report).await? {
+            if self.act(collection, planned.actions, &ledger, remaining, &mut run.report).await? {
                 run.failures = 0;
             } else {
                 self.wait(run, Wait::Backoff).await?;
@@ -470,16 +459,16 @@ impl Reconciler {
     }
 
     /// What is left of the run's deadline.
-    fn remaining(&self, run: &RunState) -> Result<Duration, ReconcileFailure> {
+    fn remaining(&self, run: &RunState) -> Result<Duration, StopReason> {
         let elapsed = self.settings.clock.now().duration_since(run.started).unwrap_or_default();
         match self.settings.deadline.checked_sub(elapsed) {
             Some(left) if !left.is_zero() => Ok(left),
-            _ => Err(ReconcileFailure::Deadline(self.settings.deadline)),
+            _ => Err(StopReason::Deadline(self.settings.deadline)),
         }
     }
 
     /// Waits before the next round, within the deadline.
-    async fn wait(&self, run: &mut RunState, why: Wait) -> Result<(), ReconcileFailure> {
+    async fn wait(&self, run: &mut RunState, why: Wait) -> Result<(), StopReason> {
         let delay = match why {
             Wait::Poll => self.settings.poll,
             Wait::Backoff => {
@@ -490,7 +479,7 @@ impl Reconciler {
         let remaining = self.remaining(run)?;
         self.settings.sleeper.sleep(delay.min(remaining)).await;
         if delay >= remaining {
-            return Err(ReconcileFailure::Deadline(self.settings.deadline));
+            return Err(StopReason::Deadline(self.settings.deadline));
         }
         Ok(())
     }
@@ -502,7 +491,7 @@ impl Reconciler {
         listed: &[Listed],
         ledger: Vec<(u64, Slot, Record)>,
         report: &mut ReconcileReport,
-    ) -> Result<(Settled, Vec<(u64, Slot, Record)>), ReconcileFailure> {
+    ) -> Result<(Settled, Vec<(u64, Slot, Record)>), StopReason> {
         let now = self.settings.clock.now();
         if !self.memory.inherited {
             let inherited = observe::inherit(&ledger, self.settings.generation, &self.memory.creates);
@@ -532,7 +521,7 @@ impl Reconciler {
             tracing::warn!(operation = %self.settings.operation, slot = %create.slot, "expected create not seen before the expectation expired");
             if create.id.is_none() {
                 // Presumed not to have taken effect: the slot's record says so.
-                written |= self.finish_slot(create, OpState::Failed, None).await?;
+                written |= self.finish_slot(create, OpState::NotApplied, None).await?;
             }
         }
         self.memory.creates = settled.creates.clone();
@@ -550,7 +539,7 @@ impl Reconciler {
         listed: &[Listed],
         ledger: &[(u64, Slot, Record)],
         settled: &Settled,
-    ) -> Result<Plan, ReconcileFailure> {
+    ) -> Result<Plan, StopReason> {
         let s = &self.settings;
         let names: HashSet<&str> = match desired {
             Desired::Names(names) => names.iter().map(String::as_str).collect(),
@@ -598,7 +587,7 @@ impl Reconciler {
     }
 
     /// Every item this generation created, as listed, still carries the expected fields.
-    fn check_ours(&self, listed: &[Listed], ledger: &[(u64, Slot, Record)]) -> Result<(), ReconcileFailure> {
+    fn check_ours(&self, listed: &[Listed], ledger: &[(u64, Slot, Record)]) -> Result<(), StopReason> {
         let s = &self.settings;
         let ours: HashSet<String> = ledger
             .iter()
@@ -613,7 +602,7 @@ impl Reconciler {
                 let found = item.item.get(field).cloned().unwrap_or(Value::Null);
                 if found != *expected {
                     let operation = format!("{}: item {}", s.operation, item.id);
-                    return Err(ReconcileFailure::Identity(Box::new(IdentityMismatch::new(
+                    return Err(StopReason::Identity(Box::new(IdentityMismatch::new(
                         &operation,
                         field,
                         expected.clone(),
@@ -665,7 +654,7 @@ impl Reconciler {
     }
 
     /// This operation's slot records in the journal.
-    async fn ledger(&self) -> Result<Vec<(u64, Slot, Record)>, ReconcileFailure> {
+    async fn ledger(&self) -> Result<Vec<(u64, Slot, Record)>, StopReason> {
         let records = self.settings.ops.journal(|store| store.list()).await.map_err(journal_failure)?;
         Ok(records
             .into_iter()
@@ -680,7 +669,7 @@ impl Reconciler {
         create: &ExpectedCreate,
         state: OpState,
         identity: Option<Value>,
-    ) -> Result<bool, ReconcileFailure> {
+    ) -> Result<bool, StopReason> {
         let Some(claim) = create.claim.clone() else { return Ok(false) };
         let name = self.slot_operation(self.settings.generation, &create.slot);
         let finish = Finish::new(claim, state, self.settings.clock.now()).identity(identity);
@@ -688,8 +677,8 @@ impl Reconciler {
     }
 }
 
-fn journal_failure(e: crate::journal::JournalError) -> ReconcileFailure {
-    ReconcileFailure::Operation(OperationError::Journal(e))
+fn journal_failure(e: crate::journal::JournalError) -> StopReason {
+    StopReason::Operation(OperationError::Journal(e))
 }
 
 fn field_text(item: &Value, field: &str) -> Option<String> {

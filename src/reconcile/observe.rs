@@ -7,7 +7,7 @@ use serde_json::Value;
 use url::Url;
 
 use super::settle::{ExpectedCreate, Listed, Sent};
-use super::{ReconcileFailure, ReconcileReport, Reconciler, Slot, field_text};
+use super::{ReconcileReport, Reconciler, Slot, StopReason, field_text};
 use crate::error::Error;
 use crate::journal::{OpState, Record};
 use crate::operation::items;
@@ -20,7 +20,7 @@ impl Reconciler {
         collection: &Url,
         remaining: Duration,
         report: &mut ReconcileReport,
-    ) -> Result<Option<Vec<Listed>>, ReconcileFailure> {
+    ) -> Result<Option<Vec<Listed>>, StopReason> {
         let shown = crate::target::redact(collection);
         let options = RequestOptions::new().buffer_body().deadline(remaining);
         let result = self.settings.ops.client().get(collection.clone()).with_extension(options).send().await;
@@ -28,13 +28,13 @@ impl Reconciler {
         let response = match result {
             Ok(response) => response,
             Err(e) if matches!(Error::find(&e), Some(Error::BudgetExhausted(_))) => {
-                return Err(ReconcileFailure::BudgetExhausted);
+                return Err(StopReason::BudgetExhausted);
             }
             Err(e) if Error::find(&e).is_some_and(Error::is_retryable) => {
                 tracing::info!(operation = %self.settings.operation, "listing failed, trying again: {e}");
                 return Ok(None);
             }
-            Err(e) => return Err(ReconcileFailure::List(e.to_string())),
+            Err(e) => return Err(StopReason::List(e.to_string())),
         };
         let status = response.status();
         if status.is_server_error() || status == http::StatusCode::TOO_MANY_REQUESTS {
@@ -42,10 +42,10 @@ impl Reconciler {
             return Ok(None);
         }
         if !status.is_success() {
-            return Err(ReconcileFailure::List(format!("GET {shown} answered {status}")));
+            return Err(StopReason::List(format!("GET {shown} answered {status}")));
         }
         // In memory already: the layer read it within the attempt (`buffer_body`).
-        let body = response.bytes().await.map_err(|e| ReconcileFailure::List(e.to_string()))?;
+        let body = response.bytes().await.map_err(|e| StopReason::List(e.to_string()))?;
         let listed = self.parse(collection, &body)?;
         self.memory.lists += 1;
         for item in &listed {
@@ -55,9 +55,9 @@ impl Reconciler {
     }
 
     /// The items of a list response, each with a usable id, no id twice.
-    fn parse(&self, collection: &Url, body: &[u8]) -> Result<Vec<Listed>, ReconcileFailure> {
+    fn parse(&self, collection: &Url, body: &[u8]) -> Result<Vec<Listed>, StopReason> {
         let s = &self.settings;
-        let fatal = |why: String| ReconcileFailure::List(why);
+        let fatal = |why: String| StopReason::List(why);
         let list: Value = serde_json::from_slice(body).map_err(|e| fatal(format!("not JSON: {e}")))?;
         let entries = match &s.items_field {
             Some(field) => {
@@ -118,7 +118,7 @@ pub(super) fn used_slots(
             continue;
         }
         // A refused slot is retired too: its key may replay the refusal (Stripe caches 4xx).
-        let filled = matches!(record.state, OpState::Succeeded | OpState::Failed);
+        let filled = matches!(record.state, OpState::Succeeded | OpState::NotApplied);
         // A named slot whose item is gone may be filled again; an index slot is retired.
         let named_and_gone = matches!(slot, Slot::Name(_))
             && record

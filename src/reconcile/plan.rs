@@ -104,13 +104,35 @@ impl Member {
     }
 }
 
-/// Whether and what surplus may be deleted.
+/// Whether and what surplus may be deleted. Never a protected member or a named slot's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Prune {
-    /// Delete surplus at all (default: no, only report it).
-    pub allowed: bool,
-    /// Delete surplus this operation did not create too (default: no).
-    pub foreign: bool,
+#[non_exhaustive]
+pub enum Prune {
+    /// Report surplus, delete nothing (the default).
+    #[default]
+    Never,
+    /// Delete surplus this operation created.
+    Ours,
+    /// Delete any unprotected surplus: this operation's, other writers', and items nothing
+    /// proves are this operation's (a lost keyless create's, presumed).
+    Any,
+}
+
+impl Prune {
+    /// Whether surplus may be deleted at all.
+    pub fn allowed(self) -> bool {
+        self != Prune::Never
+    }
+
+    /// Whether `member` may be deleted as surplus.
+    pub fn may_delete(self, member: &Member) -> bool {
+        !member.protected
+            && match self {
+                Prune::Never => false,
+                Prune::Ours => member.ours,
+                Prune::Any => true,
+            }
+    }
 }
 
 /// What the planner is given.
@@ -168,7 +190,7 @@ fn newest_first(members: &mut [&Member]) {
 ///
 /// ```
 /// use std::collections::BTreeSet;
-/// use idempotent_retry::{Action, Desired, Member, Plan, PlanInput, Prune, Slot, plan};
+/// use idempotent_retry::reconcile::{Action, Desired, Member, Plan, PlanInput, Prune, Slot, plan};
 ///
 /// let observed = [Member::ours("a").created_at("2026-01-01T00:00:00Z")];
 /// let used = BTreeSet::from([Slot::Index(0)]);
@@ -191,9 +213,9 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 let mut all: Vec<&Member> = input.observed.iter().collect();
                 newest_first(&mut all);
                 plan.overshoot = all.iter().take(have - want).map(|m| m.id.clone()).collect();
-                if input.prune.allowed && !plan.waiting {
+                if input.prune.allowed() && !plan.waiting {
                     let mut eligible: Vec<&Member> =
-                        input.observed.iter().filter(|m| !m.protected && (m.ours || input.prune.foreign)).collect();
+                        input.observed.iter().filter(|m| input.prune.may_delete(m)).collect();
                     newest_first(&mut eligible);
                     plan.actions = eligible.iter().take(have - want).map(|m| Action::Delete(m.id.clone())).collect();
                 }
@@ -225,13 +247,9 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 input.observed.iter().filter(|m| m.name.as_deref().is_none_or(|n| !wanted.contains(n))).collect();
             newest_first(&mut others);
             plan.overshoot.extend(others.iter().map(|m| m.id.clone()));
-            if input.prune.allowed && !plan.waiting {
-                plan.actions.extend(
-                    others
-                        .iter()
-                        .filter(|m| !m.protected && (m.ours || input.prune.foreign))
-                        .map(|m| Action::Delete(m.id.clone())),
-                );
+            if input.prune.allowed() && !plan.waiting {
+                plan.actions
+                    .extend(others.iter().filter(|m| input.prune.may_delete(m)).map(|m| Action::Delete(m.id.clone())));
             }
             plan.converged = plan.overshoot.is_empty() && plan.adopted.len() == names.len() && !plan.waiting;
         }
@@ -264,7 +282,7 @@ mod tests {
         })
     }
 
-    const PRUNE: Prune = Prune { allowed: true, foreign: false };
+    const PRUNE: Prune = Prune::Ours;
 
     #[test]
     fn scale_up_from_zero_uses_the_first_free_slots() {
@@ -309,7 +327,7 @@ mod tests {
         let p = run(Desired::Count(1), &observed, 0, &[], PRUNE);
         assert_eq!(p.overshoot, ["n", "foreign"]);
         assert_eq!(p.actions, [Action::Delete("ours".into())], "only ours, never the protected one");
-        let p = run(Desired::Count(1), &observed, 0, &[], Prune { allowed: true, foreign: true });
+        let p = run(Desired::Count(1), &observed, 0, &[], Prune::Any);
         assert_eq!(p.actions, [Action::Delete("foreign".into()), Action::Delete("ours".into())]);
     }
 

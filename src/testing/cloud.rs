@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use wiremock::{Mock, MockServer, Respond, ResponseTemplate};
 
 use super::profile::ServerProfile;
-use super::store::{Handled, Incoming, KeyRead, Store, read_key};
+use super::store::{Answer, Handled, Incoming, KeyRead, Store, read_key};
 use crate::time::{Clock, SystemClock, lock, rfc3339};
 
 /// A resource as the fake cloud returns it.
@@ -163,6 +163,27 @@ pub struct FakeCloud {
     shared: Arc<Shared>,
 }
 
+impl std::fmt::Debug for FakeCloud {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeCloud")
+            .field("uri", &self.uri())
+            .field("profile", &self.shared.profile.name)
+            .field("created", &self.created())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for FakeCloudBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeCloudBuilder")
+            .field("profile", &self.profile.name)
+            .field("list_lag", &self.shape.list_lag)
+            .field("unique_names", &self.shape.unique_names)
+            .field("answer", &self.shape.answer)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Builds a [`FakeCloud`].
 pub struct FakeCloudBuilder {
     profile: ServerProfile,
@@ -187,8 +208,8 @@ impl FakeCloudBuilder {
     }
 
     /// Refuses a second live item with the same name in a collection: 409 "already exists".
-    pub fn unique_names(mut self, on: bool) -> Self {
-        self.shape.unique_names = on;
+    pub fn unique_names(mut self) -> Self {
+        self.shape.unique_names = true;
         self
     }
 
@@ -463,117 +484,133 @@ impl Shared {
         let method = request.method.as_str();
         let path = request.url.path();
         let mut state = lock(&self.state);
+        let answer = match route(method, path) {
+            Route::Create { collection, app_id, vm_uuid } => {
+                let spec = CreateSpec {
+                    collection: &collection,
+                    app_id: app_id.as_deref(),
+                    vm_uuid: vm_uuid.as_deref(),
+                    name: None,
+                };
+                self.create_keyed(&mut state, request, &spec, now)
+            }
+            Route::Provision => state.provision(&request.body),
+            Route::List { collection } => state.list(&collection),
+            Route::Get { collection, id } => match state.live(&collection, &id) {
+                Some(item) => Answer::json(StatusCode::OK, json!(item.resource)),
+                None => Answer::json(StatusCode::NOT_FOUND, json!({"error": "not found"})),
+            },
+            Route::Delete { collection, id } => match state.live(&collection, &id) {
+                Some(item) => {
+                    item.deleted = true;
+                    Answer::empty(StatusCode::NO_CONTENT)
+                }
+                None => Answer::json(StatusCode::NOT_FOUND, json!({"error": "not found"})),
+            },
+            Route::NotFound => Answer::json(StatusCode::NOT_FOUND, json!({"error": "no such route"})),
+        };
         let key = match read_key(&self.profile, &request.headers, &request.body) {
             KeyRead::Key(key) => Some(key),
             _ => None,
-        };
-        let (status, body, headers, processing) = match route(method, path) {
-            Route::Create { collection, app_id, vm_uuid } => {
-                let incoming = Incoming { method, path, headers: &request.headers, body: &request.body };
-                let State { store, items, handler_runs, fail_next, shape, provisions, .. } = &mut *state;
-                // The store calls one or the other, never both at once.
-                let items = std::cell::RefCell::new(items);
-                let mut run = || {
-                    *handler_runs += 1;
-                    let mut items = items.borrow_mut();
-                    // A commit of a provisioned CVM takes its name and app from the provision.
-                    let provisioned = json_field(&request.body, "compose_hash").map(|h| provisions.get(&h).cloned());
-                    let (name, app) = match provisioned {
-                        Some(None) => {
-                            let (status, body) =
-                                json_response(StatusCode::BAD_REQUEST, &json!({"error": "unknown compose_hash"}));
-                            return Handled { status, body, created: None };
-                        }
-                        Some(Some((name, app))) => (Some(name), Some(app)),
-                        None => (None, None),
-                    };
-                    let spec = CreateSpec {
-                        collection: &collection,
-                        app_id: app_id.as_deref().or(app.as_deref()),
-                        vm_uuid: vm_uuid.as_deref(),
-                        name: name.as_deref(),
-                    };
-                    create(&mut items, fail_next, shape, &spec, &request.body, now)
-                };
-                let render = |id: &str| {
-                    items
-                        .borrow()
-                        .iter()
-                        .find(|i| i.resource.id == id && !i.deleted)
-                        .map(|i| Bytes::from(serde_json::to_vec(&i.resource).expect("serializable")))
-                };
-                let answer = store.handle(&self.profile, &incoming, now, &mut run, &render);
-                (answer.status, answer.body, answer.headers, answer.processing)
-            }
-            Route::Provision => {
-                let name = json_field(&request.body, "name").unwrap_or_else(|| "cvm".to_owned());
-                let app_id = json_field(&request.body, "app_id").unwrap_or_else(|| "app-1".to_owned());
-                let hash = uuid::Uuid::new_v4().simple().to_string();
-                state.provisions.insert(hash.clone(), (name.clone(), app_id.clone()));
-                let (s, b) =
-                    json_response(StatusCode::OK, &json!({"compose_hash": hash, "name": name, "app_id": app_id}));
-                (s, b, Vec::new(), Duration::ZERO)
-            }
-            Route::List { collection } => {
-                let mut visible = Vec::new();
-                for item in state.items.iter_mut().filter(|i| i.collection == collection && !i.deleted) {
-                    if item.hidden_for > 0 {
-                        item.hidden_for -= 1;
-                    } else {
-                        visible.push(item.resource.clone());
-                    }
-                }
-                let (s, b) = json_response(StatusCode::OK, &json!({ "items": visible }));
-                (s, b, Vec::new(), Duration::ZERO)
-            }
-            Route::Get { collection, id } => {
-                let found =
-                    state.items.iter().find(|i| i.collection == collection && i.resource.id == id && !i.deleted);
-                let (s, b) = match found {
-                    Some(item) => json_response(StatusCode::OK, &json!(item.resource)),
-                    None => json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
-                };
-                (s, b, Vec::new(), Duration::ZERO)
-            }
-            Route::Delete { collection, id } => {
-                let found =
-                    state.items.iter_mut().find(|i| i.collection == collection && i.resource.id == id && !i.deleted);
-                let (s, b) = match found {
-                    Some(item) => {
-                        item.deleted = true;
-                        (StatusCode::NO_CONTENT, Bytes::new())
-                    }
-                    None => json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
-                };
-                (s, b, Vec::new(), Duration::ZERO)
-            }
-            Route::NotFound => {
-                let (s, b) = json_response(StatusCode::NOT_FOUND, &json!({"error": "no such route"}));
-                (s, b, Vec::new(), Duration::ZERO)
-            }
         };
         state.requests.push(SeenRequest {
             method: method.to_owned(),
             path: path.to_owned(),
             key,
             body: Bytes::from(request.body.clone()),
-            status: status.as_u16(),
+            status: answer.status.as_u16(),
             decoded_last: path.trim_matches('/').rsplit('/').next().map(percent_decode),
         });
         drop(state);
+        self.template(answer)
+    }
 
-        let mut template = ResponseTemplate::new(status.as_u16());
-        if !body.is_empty() {
-            let json = serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok();
-            template = template.set_body_raw(body.to_vec(), if json { "application/json" } else { "text/plain" });
+    /// A create through the server's idempotency store.
+    fn create_keyed(
+        &self,
+        state: &mut State,
+        request: &wiremock::Request,
+        spec: &CreateSpec<'_>,
+        now: SystemTime,
+    ) -> Answer {
+        let incoming = Incoming {
+            method: request.method.as_str(),
+            path: request.url.path(),
+            headers: &request.headers,
+            body: &request.body,
+        };
+        let State { store, items, handler_runs, fail_next, shape, provisions, .. } = state;
+        // The store calls one or the other, never both at once.
+        let items = std::cell::RefCell::new(items);
+        let mut run = || {
+            *handler_runs += 1;
+            let mut items = items.borrow_mut();
+            // A commit of a provisioned CVM takes its name and app from the provision.
+            let (name, app) = match json_field(&request.body, "compose_hash").map(|h| provisions.get(&h).cloned()) {
+                Some(None) => {
+                    let (status, body) =
+                        json_response(StatusCode::BAD_REQUEST, &json!({"error": "unknown compose_hash"}));
+                    return Handled { status, body, created: None };
+                }
+                Some(Some((name, app))) => (Some(name), Some(app)),
+                None => (None, None),
+            };
+            let spec = CreateSpec { app_id: spec.app_id.or(app.as_deref()), name: name.as_deref(), ..*spec };
+            create(&mut items, fail_next, shape, &spec, &request.body, now)
+        };
+        let render = |id: &str| {
+            items
+                .borrow()
+                .iter()
+                .find(|i| i.resource.id == id && !i.deleted)
+                .map(|i| Bytes::from(serde_json::to_vec(&i.resource).expect("serializable")))
+        };
+        store.handle(&self.profile, &incoming, now, &mut run, &render)
+    }
+
+    fn template(&self, answer: Answer) -> ResponseTemplate {
+        let mut template = ResponseTemplate::new(answer.status.as_u16());
+        if !answer.body.is_empty() {
+            let json = serde_json::from_slice::<serde::de::IgnoredAny>(&answer.body).is_ok();
+            template =
+                template.set_body_raw(answer.body.to_vec(), if json { "application/json" } else { "text/plain" });
         }
-        for (name, value) in headers {
+        for (name, value) in answer.headers {
             template = template.insert_header(name, value);
         }
-        if self.hold_responses && !processing.is_zero() {
-            template = template.set_delay(processing);
+        if self.hold_responses && !answer.processing.is_zero() {
+            template = template.set_delay(answer.processing);
         }
         template
+    }
+}
+
+impl State {
+    /// Provisions a CVM: its name and app, kept under a new compose hash.
+    fn provision(&mut self, body: &[u8]) -> Answer {
+        let name = json_field(body, "name").unwrap_or_else(|| "cvm".to_owned());
+        let app_id = json_field(body, "app_id").unwrap_or_else(|| "app-1".to_owned());
+        let hash = uuid::Uuid::new_v4().simple().to_string();
+        self.provisions.insert(hash.clone(), (name.clone(), app_id.clone()));
+        Answer::json(StatusCode::OK, json!({"compose_hash": hash, "name": name, "app_id": app_id}))
+    }
+
+    /// The items of `collection` a list shows now; each lagging item's lag runs down by one.
+    fn list(&mut self, collection: &str) -> Answer {
+        let mut visible = Vec::new();
+        for item in self.items.iter_mut().filter(|i| i.collection == collection && !i.deleted) {
+            if item.hidden_for > 0 {
+                item.hidden_for -= 1;
+            } else {
+                visible.push(item.resource.clone());
+            }
+        }
+        Answer::json(StatusCode::OK, json!({ "items": visible }))
+    }
+
+    /// The live item `id` of `collection`.
+    fn live(&mut self, collection: &str, id: &str) -> Option<&mut Item> {
+        self.items.iter_mut().find(|i| i.collection == collection && i.resource.id == id && !i.deleted)
     }
 }
 

@@ -21,7 +21,7 @@ const T0: SystemTime = SystemTime::UNIX_EPOCH;
 /// # Examples
 ///
 /// ```
-/// use idempotent_retry::MemoryStore;
+/// use idempotent_retry::journal::MemoryStore;
 /// use idempotent_retry::testing::check_key_store;
 ///
 /// check_key_store(MemoryStore::new);
@@ -151,9 +151,9 @@ fn unsettled_records_survive_other_key_sources(store: &dyn KeyStore) {
         assert!(matches!(begin(store, "keyed", "{}", plan, T0), Ok(Begun::Unsettled(_))));
     }
     // Settled by a read-back that found nothing: the next run goes ahead.
-    assert!(finish(store, "op", &keyless, OpState::Failed));
+    assert!(finish(store, "op", &keyless, OpState::NotApplied));
     send(store, "op", "{}", KeyPlan::Random, T0);
-    assert!(finish(store, "keyed", &keyed, OpState::Failed));
+    assert!(finish(store, "keyed", &keyed, OpState::NotApplied));
     assert_eq!(send(store, "keyed", "{}", fixed("k2"), T0).0.key.map(|k| k.to_string()).as_deref(), Some("k2"));
 }
 
@@ -169,7 +169,7 @@ fn late_finish_is_refused(store: &dyn KeyStore) {
     let (k1, _) = send(store, "fixed", "{}", fixed("k1"), T0);
     finish(store, "fixed", &k1, OpState::Succeeded);
     let (k2, _) = send(store, "fixed", "{}", fixed("k2"), T0);
-    assert!(!finish(store, "fixed", &k1, OpState::Failed));
+    assert!(!finish(store, "fixed", &k1, OpState::NotApplied));
     assert!(finish(store, "fixed", &k2, OpState::Succeeded));
 }
 
@@ -190,7 +190,7 @@ fn succeeded_fixed_key_is_reported(store: &dyn KeyStore) {
 
 fn failed_fixed_key_is_sent_again(store: &dyn KeyStore) {
     let (claim, _) = send(store, "op", "{}", fixed("k"), T0);
-    finish(store, "op", &claim, OpState::Failed);
+    finish(store, "op", &claim, OpState::NotApplied);
     let later = T0 + Duration::from_secs(60);
     assert_eq!(send(store, "op", "{}", fixed("k"), later), (claim, false), "the key's age counts from its first use");
     assert!(is_mismatch(begin(store, "op", r#"{"a":1}"#, fixed("k"), later)));
@@ -223,7 +223,7 @@ fn keyless_runs_get_distinct_claims(store: &dyn KeyStore) {
     finish(store, "op", &first, OpState::Succeeded);
     let (second, _) = send(store, "op", "{}", KeyPlan::None, T0);
     assert_ne!(first, second, "two keyless runs at the same instant");
-    assert!(!finish(store, "op", &first, OpState::Failed), "the first run's report is not the second's");
+    assert!(!finish(store, "op", &first, OpState::NotApplied), "the first run's report is not the second's");
 }
 
 fn forget_settles(store: &dyn KeyStore) {

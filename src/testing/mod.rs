@@ -13,7 +13,7 @@
 //!   commit, resets (real RSTs), statuses with `Retry-After`, delays.
 //! - [`assert_one_key_per_operation`] and the counters on [`FakeCloud`] for assertions about what
 //!   matters: one key per operation, resources created.
-//! - [`check_key_store`]: the journal's rules, for a [`KeyStore`](crate::KeyStore) of your own.
+//! - [`check_key_store`]: the journal's rules, for a [`KeyStore`](crate::journal::KeyStore) of your own.
 //!
 //! ```
 //! use idempotent_retry::IdempotentRetry;

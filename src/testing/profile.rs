@@ -386,7 +386,8 @@ impl ServerProfile {
     pub fn carrier(&self) -> Option<KeyCarrier> {
         match &self.key {
             KeyLocation::Header { name, structured } => {
-                Some(KeyCarrier::header(name.as_str()).expect("a valid header name").structured_field(*structured))
+                let carrier = KeyCarrier::header(name.as_str()).expect("a valid header name");
+                Some(if *structured { carrier.quoted() } else { carrier })
             }
             KeyLocation::BodyField(field) => Some(KeyCarrier::body_field(field.clone())),
             KeyLocation::Nowhere => None,

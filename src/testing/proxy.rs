@@ -18,7 +18,7 @@ use super::fault::{Fault, RetryAfter, Schedule};
 use super::http1::{Message, read_request, read_response};
 use super::profile::ServerProfile;
 use super::store::{KeyRead, read_key};
-use crate::time::{Clock, ManualClock, SystemClock, lock};
+use crate::time::{Clock, ManualClock, Sleeper, SystemClock, TokioSleeper, lock};
 
 /// A request as the proxy received it from the client, and the fault it met.
 #[derive(Debug, Clone)]
@@ -61,6 +61,8 @@ struct Shared {
     log: Mutex<Vec<ProxyRecord>>,
     /// Requests held or being forwarded right now.
     pending: AtomicUsize,
+    /// Told whenever the last pending request is done.
+    idle: tokio::sync::Notify,
     /// The gate, while one is closed.
     gate: Mutex<Option<GateState>>,
     /// Told whenever a request stops at the gate.
@@ -190,6 +192,27 @@ pub struct ChaosProxy {
     task: JoinHandle<()>,
 }
 
+impl std::fmt::Debug for ChaosProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChaosProxy")
+            .field("address", &self.address)
+            .field("upstream", &self.shared.upstream)
+            .field("requests", &self.requests())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for ChaosProxyBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChaosProxyBuilder")
+            .field("upstream", &self.upstream)
+            .field("schedule", &self.schedule)
+            .field("only", &self.only)
+            .field("time_travel", &self.travel.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Builds a [`ChaosProxy`].
 pub struct ChaosProxyBuilder {
     upstream: SocketAddr,
@@ -249,6 +272,7 @@ impl ChaosProxyBuilder {
             travel: self.travel,
             log: Mutex::default(),
             pending: AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
             gate: Mutex::new(None),
             gate_news: tokio::sync::Notify::new(),
         });
@@ -309,8 +333,12 @@ impl ChaosProxy {
     /// Waits until no request is held or being forwarded: a [delayed](Fault::Delay) request whose
     /// client gave up still reaches the server, and a test should count resources after it has.
     pub async fn settle(&self) {
-        while self.shared.pending.load(Ordering::SeqCst) > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        loop {
+            let idle = self.shared.idle.notified();
+            if self.shared.pending.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
         }
     }
 }
@@ -327,7 +355,7 @@ async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
         let applies = shared.only.as_ref().is_none_or(|m| m.as_str() == request.method);
         let fault = if applies { lock(&shared.schedule).next_fault() } else { Fault::Pass };
         // Counted from before the record is visible, so `settle` never misses a request.
-        let _pending = Pending::new(&shared.pending);
+        let _pending = Pending::new(&shared);
         lock(&shared.log).push(ProxyRecord {
             method: request.method.clone(),
             path: request.path.clone(),
@@ -335,14 +363,7 @@ async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
             body: request.body.clone(),
             fault,
         });
-        let stopped = lock(&shared.gate).as_mut().and_then(|gate| {
-            gate.method.as_ref().is_none_or(|m| m.as_str() == request.method).then(|| {
-                let (go, wait) = tokio::sync::oneshot::channel();
-                gate.held.push_back(go);
-                wait
-            })
-        });
-        if let Some(wait) = stopped {
+        if let Some(wait) = shared.hold_at_gate(&request) {
             shared.gate_news.notify_waiters();
             if wait.await.is_err() {
                 // Discarded: the client's connection is reset, the server never hears of it.
@@ -350,52 +371,7 @@ async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
                 return;
             }
         }
-        let keep_open = match fault {
-            Fault::Pass => pass(&mut client, &shared, &request, Duration::ZERO).await,
-            Fault::Delay(hold) if shared.travel.is_some() => {
-                // In time-travel mode the request lands, then the time passes: a client whose
-                // limit is shorter times out after the server acted, never racing it in real time.
-                match forward(&shared, &request).await {
-                    Ok(response) => {
-                        shared.pass_time(hold).await;
-                        client.write_all(&response.raw).await.is_ok() && !response.close && !request.close
-                    }
-                    Err(_) => false,
-                }
-            }
-            Fault::Delay(hold) => {
-                shared.pass_time(hold).await;
-                pass(&mut client, &shared, &request, Duration::ZERO).await
-            }
-            Fault::HoldResponse(hold) => pass(&mut client, &shared, &request, hold).await,
-            Fault::StallBody(stall) => {
-                if let Ok(response) = forward(&shared, &request).await {
-                    let head = response.raw.windows(4).position(|w| w == b"\r\n\r\n").map_or(0, |i| i + 4);
-                    let half = head + (response.raw.len() - head) / 2;
-                    if client.write_all(&response.raw[..half]).await.is_ok() {
-                        shared.pass_time(stall).await;
-                        let wait = if shared.travel.is_some() { SAFETY } else { stall };
-                        hang_up_or(&mut client, wait).await;
-                    }
-                }
-                false
-            }
-            Fault::HugeBody { status, len } => {
-                let _ = huge(&mut client, status, len).await;
-                false
-            }
-            Fault::Lose => {
-                // Let the server answer (and commit), then throw the answer away.
-                let _ = forward(&shared, &request).await;
-                false
-            }
-            Fault::Reset => false,
-            Fault::Status { status, retry_after } => {
-                let answer = injected(status, retry_after, &*shared.clock);
-                client.write_all(answer.as_bytes()).await.is_ok() && !request.close
-            }
-        };
-        if !keep_open {
+        if !inject(fault, &mut client, &shared, &request).await {
             if matches!(fault, Fault::Lose | Fault::Reset) {
                 reset(client);
             }
@@ -404,23 +380,86 @@ async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
     }
 }
 
+/// Carries `request` through `fault`. Whether the client's connection stays open.
+async fn inject(fault: Fault, client: &mut TcpStream, shared: &Shared, request: &Message) -> bool {
+    match fault {
+        Fault::Pass => pass(client, shared, request, Duration::ZERO).await,
+        Fault::Delay(hold) if shared.travel.is_some() => {
+            // In time-travel mode the request lands, then the time passes: a client whose
+            // limit is shorter times out after the server acted, never racing it in real time.
+            match forward(shared, request).await {
+                Ok(response) => {
+                    shared.pass_time(hold).await;
+                    client.write_all(&response.raw).await.is_ok() && !response.close && !request.close
+                }
+                Err(_) => false,
+            }
+        }
+        Fault::Delay(hold) => {
+            shared.pass_time(hold).await;
+            pass(client, shared, request, Duration::ZERO).await
+        }
+        Fault::HoldResponse(hold) => pass(client, shared, request, hold).await,
+        Fault::StallBody(stall) => {
+            if let Ok(response) = forward(shared, request).await {
+                let head = response.raw.windows(4).position(|w| w == b"\r\n\r\n").map_or(0, |i| i + 4);
+                let half = head + (response.raw.len() - head) / 2;
+                if client.write_all(&response.raw[..half]).await.is_ok() {
+                    shared.pass_time(stall).await;
+                    let wait = if shared.travel.is_some() { SAFETY } else { stall };
+                    hang_up_or(client, wait).await;
+                }
+            }
+            false
+        }
+        Fault::HugeBody { status, len } => {
+            let _ = huge(client, status, len).await;
+            false
+        }
+        Fault::Lose => {
+            // Let the server answer (and commit), then throw the answer away.
+            let _ = forward(shared, request).await;
+            false
+        }
+        Fault::Reset => false,
+        Fault::Status { status, retry_after } => {
+            let answer = injected(status, retry_after, &*shared.clock);
+            client.write_all(answer.as_bytes()).await.is_ok() && !request.close
+        }
+    }
+}
+
 /// Counts a request as pending for as long as it lives.
-struct Pending<'a>(&'a AtomicUsize);
+struct Pending<'a>(&'a Shared);
 
 impl<'a> Pending<'a> {
-    fn new(counter: &'a AtomicUsize) -> Self {
-        counter.fetch_add(1, Ordering::SeqCst);
-        Self(counter)
+    fn new(shared: &'a Shared) -> Self {
+        shared.pending.fetch_add(1, Ordering::SeqCst);
+        Self(shared)
     }
 }
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        if self.0.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
     }
 }
 
 impl Shared {
+    /// Holds `request` at the gate, if one is shut for its method: the receiver hears when it
+    /// may go on, or fails when it is discarded.
+    fn hold_at_gate(&self, request: &Message) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        lock(&self.gate).as_mut().and_then(|gate| {
+            gate.method.as_ref().is_none_or(|m| m.as_str() == request.method).then(|| {
+                let (go, wait) = tokio::sync::oneshot::channel();
+                gate.held.push_back(go);
+                wait
+            })
+        })
+    }
+
     /// Lets `duration` pass: moves the time-travel clock, or waits in real time.
     async fn pass_time(&self, duration: Duration) {
         match &self.travel {
@@ -430,7 +469,7 @@ impl Shared {
                 tokio::task::yield_now().await;
             }
             None if duration.is_zero() => {}
-            None => tokio::time::sleep(duration).await,
+            None => TokioSleeper.sleep(duration).await,
         }
     }
 }

@@ -40,8 +40,14 @@ pub(crate) struct Answer {
 }
 
 impl Answer {
-    fn json(status: StatusCode, body: Value) -> Self {
+    /// A JSON answer, sent at once.
+    pub(crate) fn json(status: StatusCode, body: Value) -> Self {
         Self { status, body: Bytes::from(body.to_string()), headers: Vec::new(), processing: Duration::ZERO }
+    }
+
+    /// An answer with no body, sent at once.
+    pub(crate) fn empty(status: StatusCode) -> Self {
+        Self { status, body: Bytes::new(), headers: Vec::new(), processing: Duration::ZERO }
     }
 }
 
@@ -142,14 +148,7 @@ impl Store {
             KeyRead::Key(key) => key,
         };
         let fingerprint = payload_fingerprint(profile, incoming.body);
-        let id = EntryId {
-            key,
-            authorization: profile.scope.authorization.then(|| {
-                incoming.headers.get(http::header::AUTHORIZATION).map_or_else(Vec::new, |v| v.as_bytes().to_vec())
-            }),
-            request: profile.scope.request.then(|| format!("{} {}", incoming.method, incoming.path)),
-            body: profile.scope.body.then_some(fingerprint),
-        };
+        let id = EntryId::new(profile, incoming, key, fingerprint);
         if let Some(retention) = profile.retention
             && self.entries.get(&id).is_some_and(|e| now >= e.started + retention)
         {
@@ -163,82 +162,98 @@ impl Store {
             self.entries.insert(id, Entry { fingerprint, started: now, ready_at, answer });
             return fresh(handled, profile.processing);
         };
-
         if now < entry.ready_at {
-            return match profile.in_flight {
-                InFlight::Status409 => Answer::json(
-                    StatusCode::CONFLICT,
-                    json!({"error": "a request with this idempotency key is in progress; retry later"}),
-                ),
-                InFlight::Status423 => Answer::json(
-                    StatusCode::LOCKED,
-                    json!({"detail": "the idempotency key is locked by a request in progress"}),
-                ),
-                InFlight::Status429 => Answer::json(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    json!({"error": "lock_wait: a request with this idempotency key is in progress"}),
-                ),
-                InFlight::Status503 => {
-                    Answer::json(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "database is locked"}))
-                }
-                InFlight::RunsAgain => fresh(run(), profile.processing),
-            };
+            return in_flight(profile.in_flight).unwrap_or_else(|| fresh(run(), profile.processing));
         }
-
-        if entry.fingerprint != fingerprint {
-            let mismatch = |status, body| Some(Answer::json(status, body));
-            let refused = match profile.mismatch {
-                Mismatch::Status422 => mismatch(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    json!({"title": "Idempotency-Key is already used with a different request payload"}),
-                ),
-                Mismatch::Status417 => mismatch(
-                    StatusCode::EXPECTATION_FAILED,
-                    json!({"error": "idempotency key reused with a different request payload"}),
-                ),
-                Mismatch::Status409 => mismatch(
-                    StatusCode::CONFLICT,
-                    json!({"message": "There was a mismatch between this request's parameters and the parameters of a previously stored request with the same Idempotency-Key."}),
-                ),
-                Mismatch::Stripe400 => mismatch(
-                    StatusCode::BAD_REQUEST,
-                    json!({"error": {"type": "idempotency_error", "message": "Keys for idempotent requests can only be used with the same parameters they were first used with."}}),
-                ),
-                Mismatch::NotChecked => None,
-            };
-            if let Some(answer) = refused {
-                return answer;
-            }
+        if entry.fingerprint != fingerprint
+            && let Some(refused) = mismatch(profile.mismatch)
+        {
+            return refused;
         }
-
-        let Some(stored) = entry.answer.clone() else {
-            // Not cached (an error the server does not keep): the request runs again.
+        let replayed = entry.answer.clone().and_then(|stored| replay(&profile.replay, stored, render));
+        replayed.unwrap_or_else(|| {
+            // Not cached (an error the server does not keep), or the object is gone (or was
+            // never made): this is a new request.
             self.entries.remove(&id);
-            return self.handle(profile, incoming, now, run, render);
-        };
-        match &profile.replay {
-            Replay::Stored { marker } => Answer {
-                status: stored.status,
-                body: stored.body,
-                headers: marker.iter().map(|m| (m.clone(), HeaderValue::from_static("true"))).collect(),
-                processing: Duration::ZERO,
-            },
-            Replay::StoredAs409 => Answer {
-                status: StatusCode::CONFLICT,
-                body: stored.body,
-                headers: Vec::new(),
-                processing: Duration::ZERO,
-            },
-            Replay::ExistingObject => match stored.created.as_deref().and_then(render) {
-                Some(body) => {
-                    Answer { status: StatusCode::CREATED, body, headers: Vec::new(), processing: Duration::ZERO }
-                }
-                None => {
-                    // The object is gone (or was never made): this is a new request.
-                    self.entries.remove(&id);
-                    self.handle(profile, incoming, now, run, render)
-                }
-            },
+            self.handle(profile, incoming, now, run, render)
+        })
+    }
+}
+
+impl EntryId {
+    /// What the server's stored keys are scoped to.
+    fn new(profile: &ServerProfile, incoming: &Incoming<'_>, key: String, fingerprint: [u8; 32]) -> Self {
+        let authorization = incoming.headers.get(http::header::AUTHORIZATION);
+        EntryId {
+            key,
+            authorization: profile
+                .scope
+                .authorization
+                .then(|| authorization.map_or_else(Vec::new, |v| v.as_bytes().to_vec())),
+            request: profile.scope.request.then(|| format!("{} {}", incoming.method, incoming.path)),
+            body: profile.scope.body.then_some(fingerprint),
+        }
+    }
+}
+
+/// The answer to a key whose first request is still being processed; `None` when the server
+/// runs the request again.
+fn in_flight(in_flight: InFlight) -> Option<Answer> {
+    Some(match in_flight {
+        InFlight::Status409 => Answer::json(
+            StatusCode::CONFLICT,
+            json!({"error": "a request with this idempotency key is in progress; retry later"}),
+        ),
+        InFlight::Status423 => Answer::json(
+            StatusCode::LOCKED,
+            json!({"detail": "the idempotency key is locked by a request in progress"}),
+        ),
+        InFlight::Status429 => Answer::json(
+            StatusCode::TOO_MANY_REQUESTS,
+            json!({"error": "lock_wait: a request with this idempotency key is in progress"}),
+        ),
+        InFlight::Status503 => Answer::json(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "database is locked"})),
+        InFlight::RunsAgain => return None,
+    })
+}
+
+/// The refusal of a key reused with another payload; `None` when the server does not check.
+fn mismatch(mismatch: Mismatch) -> Option<Answer> {
+    let (status, body) = match mismatch {
+        Mismatch::Status422 => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"title": "Idempotency-Key is already used with a different request payload"}),
+        ),
+        Mismatch::Status417 => (
+            StatusCode::EXPECTATION_FAILED,
+            json!({"error": "idempotency key reused with a different request payload"}),
+        ),
+        Mismatch::Status409 => (
+            StatusCode::CONFLICT,
+            json!({"message": "There was a mismatch between this request's parameters and the parameters of a previously stored request with the same Idempotency-Key."}),
+        ),
+        Mismatch::Stripe400 => (
+            StatusCode::BAD_REQUEST,
+            json!({"error": {"type": "idempotency_error", "message": "Keys for idempotent requests can only be used with the same parameters they were first used with."}}),
+        ),
+        Mismatch::NotChecked => return None,
+    };
+    Some(Answer::json(status, body))
+}
+
+/// The stored answer replayed as `replay` says; `None` when an existing object is gone.
+fn replay(replay: &Replay, stored: Handled, render: &dyn Fn(&str) -> Option<Bytes>) -> Option<Answer> {
+    let answer = |status, body, headers| Answer { status, body, headers, processing: Duration::ZERO };
+    match replay {
+        Replay::Stored { marker } => Some(answer(
+            stored.status,
+            stored.body,
+            marker.iter().map(|m| (m.clone(), HeaderValue::from_static("true"))).collect(),
+        )),
+        Replay::StoredAs409 => Some(answer(StatusCode::CONFLICT, stored.body, Vec::new())),
+        Replay::ExistingObject => {
+            let body = stored.created.as_deref().and_then(render)?;
+            Some(answer(StatusCode::CREATED, body, Vec::new()))
         }
     }
 }

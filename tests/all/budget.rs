@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use idempotent_retry::{Error, RetryBudget};
+use idempotent_retry::{Error, budget::RetryBudget};
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -20,7 +20,7 @@ async fn outage() -> MockServer {
 async fn sustained_503_amplification_is_bounded_by_the_budget() {
     let server = outage().await;
     let budget = Arc::new(RetryBudget::new());
-    let client = client(Time::new().layer().policy(fast_policy().no_deadline()).budget(budget.clone()));
+    let client = client(Time::new().layer().policy(fast_policy().without_deadline()).budget(budget.clone()));
 
     let mut budget_errors = 0;
     for _ in 0..OPS {
@@ -45,7 +45,7 @@ async fn sustained_503_amplification_is_bounded_by_the_budget() {
 #[tokio::test]
 async fn without_a_budget_only_the_policy_bounds_retries() {
     let server = outage().await;
-    let client = client(Time::new().layer().policy(fast_policy().no_deadline()).no_budget());
+    let client = client(Time::new().layer().policy(fast_policy().without_deadline()).no_budget());
     for _ in 0..20 {
         client.post(server.uri()).body("{}").send().await.unwrap_err();
     }

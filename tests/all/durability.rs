@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 
 use idempotent_retry::testing::{ChaosProxy, FakeCloud, Fault, Schedule, ServerProfile};
 use idempotent_retry::{
-    ExponentialBackoff, GitKeyMode, IdempotentRetry, Jitter, JournalError, KeyStore, NoGitKey, OpState, OperationError,
-    Operations, Outcome, RetryPolicy, SqliteJournal, key_from_git,
+    IdempotentRetry, Operations, RetryPolicy,
+    backoff::{ExponentialBackoff, Jitter},
+    journal::{JournalError, KeyStore, OpState, SqliteJournal},
+    operation::{GitKeyMode, NoGitKey, OperationError, Resolution, key_from_git},
 };
 use serde_json::{Value, json};
 
@@ -25,10 +27,9 @@ async fn child_operation(spec: &Value) -> Value {
     let journal = SqliteJournal::open(spec["journal"].as_str().unwrap()).unwrap();
     // Retries every 100 ms for up to 20 s: a first request still in flight (the server holds it
     // for 500 ms of real time) is waited out, however the retries happen to be timed.
-    let patient = RetryPolicy::standard()
-        .max_attempts(200)
-        .deadline(Duration::from_secs(20))
-        .backoff(ExponentialBackoff::new(Duration::from_millis(100), Duration::from_millis(100)).jitter(Jitter::None));
+    let patient = RetryPolicy::standard().with_max_attempts(200).with_deadline(Duration::from_secs(20)).with_backoff(
+        ExponentialBackoff::new(Duration::from_millis(100), Duration::from_millis(100)).jitter(Jitter::None),
+    );
     let layer = IdempotentRetry::builder().policy(patient).build();
     let ops = Operations::with_layer(reqwest::Client::new(), layer, journal);
     let result = ops
@@ -38,7 +39,7 @@ async fn child_operation(spec: &Value) -> Value {
         .send()
         .await;
     match result {
-        Ok(done) => json!({"ok": true, "outcome": done.outcome, "key": done.key, "resumed": done.resumed}),
+        Ok(done) => json!({"ok": true, "outcome": done.resolution, "key": done.key, "resumed": done.resumed}),
         Err(e) => json!({"ok": false, "error": e.to_string()}),
     }
 }
@@ -46,6 +47,8 @@ async fn child_operation(spec: &Value) -> Value {
 /// What a child process runs to race another one opening journals: opens `count` journals
 /// under `dir`, new or existing, each at the same moment as the other child (a rendezvous
 /// through marker files), and reports the failures.
+// A barrier between two real processes: each waits, in real time, for the other to be ready.
+#[allow(clippy::disallowed_methods)]
 fn child_opens(spec: &Value) -> Value {
     let dir = PathBuf::from(spec["dir"].as_str().unwrap());
     let (me, round) = (spec["me"].as_u64().unwrap(), spec["round"].as_str().unwrap());
@@ -97,6 +100,8 @@ async fn child_result(child: Child) -> Value {
     serde_json::from_str(line).unwrap()
 }
 
+// Polls what real processes and a real server do, in real time.
+#[allow(clippy::disallowed_methods)]
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
     while !done() {
@@ -191,6 +196,8 @@ async fn an_unwritable_journal_is_a_clear_error() {
 }
 
 #[tokio::test]
+// SQLite waits out a lock on the real clock: the test checks it waited.
+#[allow(clippy::disallowed_methods)]
 async fn a_journal_locked_past_the_timeout_is_a_clear_error_and_nothing_is_sent() {
     let path = temp_dir("locked").join("journal.sqlite3");
     let journal = SqliteJournal::open_with_lock_timeout(&path, Duration::from_millis(200)).unwrap();
@@ -267,10 +274,10 @@ async fn git_keys_clean_dirty_untracked_and_no_repo() {
     // Through an operation: a dirty tree sends no key and says why.
     let cloud = FakeCloud::start(ServerProfile::tower()).await;
     let layer = ServerProfile::tower().configure(IdempotentRetry::builder()).build();
-    let ops = Operations::with_layer(reqwest::Client::new(), layer, idempotent_retry::MemoryStore::new());
+    let ops = Operations::with_layer(reqwest::Client::new(), layer, idempotent_retry::journal::MemoryStore::new());
     let deploy = |name: &str| ops.operation(name).post(format!("{}/cvms", cloud.uri())).json(&json!({"name": "api"}));
     let done = deploy("deploy/dirty").key_from_git(&repo, GitKeyMode::CleanOnly).send().await.unwrap();
-    assert_eq!((done.outcome, done.key.clone()), (Outcome::Created, None));
+    assert_eq!((done.resolution, done.key.clone()), (Resolution::Created, None));
     assert!(done.no_key_reason.unwrap().contains("uncommitted"));
     std::fs::remove_file(repo.join("notes.txt")).unwrap();
     let done = deploy("deploy/clean").key_from_git(&repo, GitKeyMode::CleanOnly).send().await.unwrap();

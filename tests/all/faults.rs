@@ -5,7 +5,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use idempotent_retry::testing::{CacheErrors, Fault, Schedule, ServerProfile};
-use idempotent_retry::{Error, RequestOptions, RetryOutcome, Sleep, Sleeper};
+use idempotent_retry::{
+    Error, RequestOptions, RetryOutcome,
+    time::{Sleep, Sleeper},
+};
 
 use crate::support::*;
 
@@ -53,11 +56,14 @@ async fn keyless_post_reset_is_an_unknown_outcome_after_one_request() {
     assert_eq!(server.requests()[0].header("idempotency-key"), None);
     assert!(time.delays().is_empty());
     let cause = match &err.failure().unwrap().last {
-        idempotent_retry::LastAttempt::Transport { cause, .. } => *cause,
+        idempotent_retry::error::LastAttempt::Transport { cause, .. } => *cause,
         other => panic!("{other:?}"),
     };
     assert!(
-        matches!(cause, idempotent_retry::TransportCause::Reset | idempotent_retry::TransportCause::Closed),
+        matches!(
+            cause,
+            idempotent_retry::classify::TransportCause::Reset | idempotent_retry::classify::TransportCause::Closed
+        ),
         "{cause:?}"
     );
 }
@@ -119,7 +125,7 @@ async fn connection_refused_is_retried_even_without_a_key() {
 async fn refused_throughout_is_exhausted_and_not_applied() {
     let port = closed_port();
     let time = Time::new();
-    let client = client(time.layer().policy(fast_policy().max_attempts(3)));
+    let client = client(time.layer().policy(fast_policy().with_max_attempts(3)));
 
     let err = client.post(format!("http://127.0.0.1:{port}/cvms")).body("{}").send().await.unwrap_err();
 
@@ -134,7 +140,7 @@ async fn refused_throughout_is_exhausted_and_not_applied() {
 /// moves it, the client's timer fires, nothing waits in real time).
 #[tokio::test]
 async fn attempt_timeout_is_retried_with_the_same_key() {
-    let policy = fast_policy().attempt_timeout(ms(500));
+    let policy = fast_policy().with_attempt_timeout(ms(500));
     let rig = Rig::with_policy(ServerProfile::stripe(), Schedule::script([Fault::Delay(ms(1000))]), policy).await;
 
     let response = rig.create("web-1").await.unwrap();
@@ -149,7 +155,7 @@ async fn attempt_timeout_is_retried_with_the_same_key() {
 
 #[tokio::test]
 async fn keyless_attempt_timeout_is_an_unknown_outcome() {
-    let policy = fast_policy().attempt_timeout(ms(200));
+    let policy = fast_policy().with_attempt_timeout(ms(200));
     let rig = Rig::with_policy(ServerProfile::no_keys(), Schedule::script([Fault::Delay(ms(1000))]), policy).await;
 
     let err = rig.create_keyless("web-1").await.unwrap_err();
@@ -180,11 +186,11 @@ async fn idempotent_get_is_retried_after_a_reset_without_a_key() {
 async fn a_huge_error_body_is_not_read_past_the_limit() {
     const LEN: u64 = 400 << 20;
     let server = HugeBodyServer::start(500, LEN).await;
-    let client = client(Time::new().layer().policy(fast_policy().max_attempts(2)));
+    let client = client(Time::new().layer().policy(fast_policy().with_max_attempts(2)));
 
     let err = client.post(format!("{}/cvms", server.url)).body("{}").send().await.unwrap_err();
     let body_len = match &Error::find(&err).expect("typed error").failure().unwrap().last {
-        idempotent_retry::LastAttempt::Status { body, .. } => body.len(),
+        idempotent_retry::error::LastAttempt::Status { body, .. } => body.len(),
         other => panic!("{other:?}"),
     };
 
@@ -197,7 +203,7 @@ async fn a_huge_error_body_is_not_read_past_the_limit() {
 /// and the retry with the same key creates the CVM once.
 #[tokio::test]
 async fn a_stalled_error_body_times_the_attempt_out() {
-    let policy = fast_policy().attempt_timeout(ms(500));
+    let policy = fast_policy().with_attempt_timeout(ms(500));
     // A server that does not keep failed answers: the retry runs the handler again.
     let profile = ServerProfile::stripe().with_cache(CacheErrors::SuccessOnly);
     let rig = Rig::with_policy(profile, Schedule::script([Fault::StallBody(ms(1000))]), policy).await;
@@ -214,7 +220,7 @@ async fn a_stalled_error_body_times_the_attempt_out() {
 /// A buffered success whose body stalls is a lost answer: retried with the key, replayed.
 #[tokio::test]
 async fn a_stalled_success_body_is_a_lost_answer_when_buffered() {
-    let policy = fast_policy().attempt_timeout(ms(500));
+    let policy = fast_policy().with_attempt_timeout(ms(500));
     let rig = Rig::with_policy(ServerProfile::stripe(), Schedule::script([Fault::StallBody(ms(1000))]), policy).await;
 
     let response = rig

@@ -3,6 +3,7 @@
 
 use http::StatusCode;
 use idempotent_retry::testing::{ChaosProxy, FakeCloud, Fault, RetryAfter, Schedule, ServerProfile, replicas};
+use idempotent_retry::time::{Clock, ManualClock};
 use serde_json::{Value, json};
 
 async fn list(client: &reqwest::Client, url: &str) -> Vec<String> {
@@ -65,7 +66,8 @@ async fn proxy_faults_as_a_plain_client_sees_them() {
         Fault::throttled(RetryAfter::DateIn(std::time::Duration::from_secs(30))),
         Fault::Pass,
     ]);
-    let proxy = ChaosProxy::start(cloud.address(), schedule).await;
+    let clock = ManualClock::new(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_795_305_607));
+    let proxy = ChaosProxy::builder(cloud.address()).schedule(schedule).clock(clock.clone()).start().await;
     let http = reqwest::Client::new();
     let url = format!("{}/cvms", proxy.uri());
     let post = || http.post(&url).json(&json!({"name": "web-1"})).send();
@@ -83,7 +85,7 @@ async fn proxy_faults_as_a_plain_client_sees_them() {
     let throttled = post().await.unwrap();
     assert_eq!(throttled.status(), StatusCode::TOO_MANY_REQUESTS);
     let date = httpdate::parse_http_date(throttled.headers()["retry-after"].to_str().unwrap()).unwrap();
-    assert!(date > std::time::SystemTime::now());
+    assert_eq!(date, clock.now() + std::time::Duration::from_secs(30), "30 s from the proxy's clock");
     assert_eq!(post().await.unwrap().status(), StatusCode::CREATED);
 
     assert_eq!(cloud.created(), 2);

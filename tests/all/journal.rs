@@ -4,8 +4,8 @@
 //! another operation still held it (pinning bypassed, where `SqliteJournal` refused), and a late
 //! `finish` of an older run overwrote a newer run's record in both.
 
+use idempotent_retry::journal::{MemoryStore, SqliteJournal};
 use idempotent_retry::testing::check_key_store;
-use idempotent_retry::{MemoryStore, SqliteJournal};
 
 #[test]
 fn memory_store_follows_the_rules() {

@@ -38,8 +38,12 @@ use std::time::Duration;
 
 use idempotent_retry::testing::{ChaosProxy, FakeCloud, FaultMix, RetryAfter, Schedule, ServerProfile, replicas};
 use idempotent_retry::{
-    Clock, Desired, ExponentialBackoff, GitKeyMode, IdempotencyKey, Jitter, KeyStore, OpState, OperationError,
-    Operations, ReadBack, Reconciler, RetryPolicy, SqliteJournal,
+    IdempotencyKey, Operations, Reconciler, RetryPolicy,
+    backoff::{ExponentialBackoff, Jitter},
+    journal::{KeyStore, OpState, SqliteJournal},
+    operation::{GitKeyMode, OperationError, ReadBack},
+    reconcile::{Desired, Prune},
+    time::Clock,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -176,9 +180,9 @@ struct World {
 
 fn policy() -> RetryPolicy {
     RetryPolicy::standard()
-        .max_attempts(4)
-        .attempt_timeout(Duration::from_secs(2))
-        .backoff(ExponentialBackoff::new(Duration::from_millis(100), Duration::from_secs(2)).jitter(Jitter::None))
+        .with_max_attempts(4)
+        .with_attempt_timeout(Duration::from_secs(2))
+        .with_backoff(ExponentialBackoff::new(Duration::from_millis(100), Duration::from_secs(2)).jitter(Jitter::None))
 }
 
 fn collection(coll: usize) -> String {
@@ -362,7 +366,7 @@ impl World {
                 // 5. Success names a resource that is on the server, made for this instance.
                 let id = done.identity.get("id").and_then(Value::as_str).unwrap_or_default().to_owned();
                 let ours = self.ids_named(&name);
-                prop_assert!(ours.contains(&id), "{:?} returned id {id:?}; {name} has {ours:?}", done.outcome);
+                prop_assert!(ours.contains(&id), "{:?} returned id {id:?}; {name} has {ours:?}", done.resolution);
                 // 6. The journal agrees: its record of this run, when this run's key is the
                 // operation's current one (a fixed key used before another run's is kept
                 // among the operation's retired records, as it was).
@@ -431,12 +435,16 @@ impl World {
                     .create_body(json!({"name": "ours"}))
                     .clock(self.time.clock.clone())
                     .sleeper(self.time.sleeper.clone())
-                    .rng(idempotent_retry::SeededRng::new(7))
+                    .rng(idempotent_retry::time::SeededRng::new(7))
                     .deadline(Duration::from_secs(300));
                 if s.keyless { r.keyless() } else { r }
             }
         };
-        r = r.prune(s.prune).prune_foreign(s.prune_foreign);
+        r = r.prune(match (s.prune, s.prune_foreign) {
+            (false, _) => Prune::Never,
+            (true, false) => Prune::Ours,
+            (true, true) => Prune::Any,
+        });
         let desired = Desired::Count(s.count);
         let run = async move {
             let result = r.reconcile(&desired).await;
@@ -543,9 +551,9 @@ struct ReconcileSettings {
     keyless: bool,
 }
 
-fn describe(result: &Result<idempotent_retry::Completed, OperationError>) -> String {
+fn describe(result: &Result<idempotent_retry::operation::Completed, OperationError>) -> String {
     match result {
-        Ok(done) => format!("{:?} {:?}", done.outcome, done.identity.get("id")),
+        Ok(done) => format!("{:?} {:?}", done.resolution, done.identity.get("id")),
         Err(e) => format!("error: {e}"),
     }
 }

@@ -6,7 +6,12 @@ use std::time::Duration;
 
 use http::StatusCode;
 use idempotent_retry::testing::{Fault, Schedule, ServerProfile};
-use idempotent_retry::{Clock, IdempotencyKey, MemoryStore, OpState, OperationError, Operations, Outcome, ReadBack};
+use idempotent_retry::{
+    IdempotencyKey, Operations,
+    journal::{MemoryStore, OpState},
+    operation::{OperationError, ReadBack, Resolution},
+    time::Clock,
+};
 use serde_json::json;
 
 use crate::support::*;
@@ -35,7 +40,7 @@ async fn created_then_replayed_with_a_derived_key_new_with_a_random_one() {
     let first = create().derived_key(1).send().await.unwrap();
     let again = create().derived_key(1).send().await.unwrap();
 
-    assert_eq!((first.outcome, again.outcome), (Outcome::Created, Outcome::Replayed));
+    assert_eq!((first.resolution, again.resolution), (Resolution::Created, Resolution::Replayed));
     assert_eq!(first.identity["id"], again.identity["id"]);
     assert_eq!(first.key, Some(ops.derived_key("create-cvm/web-1", 1)));
     assert_eq!(rig.cloud.created(), 1);
@@ -45,7 +50,7 @@ async fn created_then_replayed_with_a_derived_key_new_with_a_random_one() {
     let a = random.send().await.unwrap();
     let b = ops.operation("create-cvm/web-2").post(rig.cvms()).json(&json!({"name": "web-2"})).send().await.unwrap();
     assert_ne!(a.key, b.key);
-    assert_eq!((a.outcome, b.outcome), (Outcome::Created, Outcome::Created));
+    assert_eq!((a.resolution, b.resolution), (Resolution::Created, Resolution::Created));
     assert_eq!(rig.cloud.created_named("web-2"), 2);
 }
 
@@ -88,7 +93,7 @@ async fn s06_a_key_pinned_to_another_payload_is_refused_before_sending() {
     // Same key, same payload: fine, and the server replays.
     let again =
         ops.operation("deploy/api").post(rig.cvms()).json(&json!({"name": "api"})).key(key).send().await.unwrap();
-    assert_eq!(again.outcome, Outcome::Created, "the IETF profile replays without a marker");
+    assert_eq!(again.resolution, Resolution::Created, "the IETF profile replays without a marker");
     assert_eq!(rig.cloud.created(), 1);
 
     // A derived key with a changed payload is refused too; a new generation is a new operation.
@@ -97,7 +102,7 @@ async fn s06_a_key_pinned_to_another_payload_is_refused_before_sending() {
     };
     derived(1, "x").await.unwrap();
     assert!(derived(1, "x-renamed").await.unwrap_err().is_payload_mismatch());
-    assert_eq!(derived(2, "x-renamed").await.unwrap().outcome, Outcome::Created);
+    assert_eq!(derived(2, "x-renamed").await.unwrap().resolution, Resolution::Created);
 }
 
 /// 9. The key expires mid-retry: past the declared retention it is not resent; a read-back
@@ -105,9 +110,12 @@ async fn s06_a_key_pinned_to_another_payload_is_refused_before_sending() {
 #[tokio::test]
 async fn s09_an_expired_key_is_settled_by_reading_back() {
     for (first_faults, applied) in [([Fault::Lose, Fault::Lose], true), ([Fault::Reset, Fault::Reset], false)] {
-        let rig =
-            Rig::with_policy(ServerProfile::stripe(), Schedule::script(first_faults), fast_policy().max_attempts(2))
-                .await;
+        let rig = Rig::with_policy(
+            ServerProfile::stripe(),
+            Schedule::script(first_faults),
+            fast_policy().with_max_attempts(2),
+        )
+        .await;
         let ops = ops(&rig);
         let create = || ops.operation("create-cvm/web-1").post(rig.cvms()).json(&json!({"name": "web-1"}));
 
@@ -130,10 +138,10 @@ async fn s09_an_expired_key_is_settled_by_reading_back() {
 
         assert_eq!(rig.cloud.created_named("web-1"), 1, "applied first time: {applied}");
         if applied {
-            assert_eq!(done.outcome, Outcome::Recovered);
+            assert_eq!(done.resolution, Resolution::Recovered);
             assert_eq!(posts(&rig), sent_before, "found: nothing sent");
         } else {
-            assert_eq!(done.outcome, Outcome::Created);
+            assert_eq!(done.resolution, Resolution::Created);
             assert_ne!(done.key, first_key, "a fresh create gets a fresh key");
         }
         assert_eq!(ops.store().get("create-cvm/web-1").unwrap().unwrap().state, OpState::Succeeded);
@@ -167,7 +175,7 @@ async fn s12_two_step_create_reads_back_before_committing_again() {
         .await
         .unwrap();
 
-    assert_eq!(commit.outcome, Outcome::Recovered);
+    assert_eq!(commit.resolution, Resolution::Recovered);
     assert_eq!(commit.identity["app_id"], "app-9");
     assert_eq!(rig.cloud.created(), 1);
     assert_eq!(posts(&rig), 2, "provision once, commit once");
@@ -186,7 +194,7 @@ async fn s13_a_replay_is_refreshed_by_the_read_back() {
     let stale = create().send().await.unwrap();
     let fresh = create().read_back(find_cvm(&rig, "web-1")).send().await.unwrap();
 
-    assert_eq!((stale.outcome, fresh.outcome), (Outcome::Replayed, Outcome::Replayed));
+    assert_eq!((stale.resolution, fresh.resolution), (Resolution::Replayed, Resolution::Replayed));
     assert_eq!(stale.resource["status"], "starting", "the server replays what it stored");
     assert_eq!(fresh.resource["status"], "running", "re-read");
     assert_eq!(fresh.identity["id"], first.identity["id"]);
@@ -207,7 +215,7 @@ async fn a_keyless_rerun_reads_back_before_sending_again() {
     assert_eq!(posts(&rig), 1);
 
     let done = create().read_back(find_cvm(&rig, "web-1")).send().await.unwrap();
-    assert_eq!(done.outcome, Outcome::Recovered);
+    assert_eq!(done.resolution, Resolution::Recovered);
     assert_eq!((posts(&rig), rig.cloud.created()), (1, 1));
 }
 
@@ -227,7 +235,7 @@ async fn a_keyless_lost_response_not_found_is_created_once() {
         .await
         .unwrap();
 
-    assert_eq!(done.outcome, Outcome::Created);
+    assert_eq!(done.resolution, Resolution::Created);
     assert_eq!((posts(&rig), rig.cloud.created()), (2, 1));
     assert_eq!(rig.time.delays().last(), Some(&Operations::DEFAULT_IN_FLIGHT_WINDOW), "waited for stragglers first");
 }
@@ -238,7 +246,7 @@ async fn a_keyless_lost_response_not_found_is_created_once() {
 /// found instead of duplicated.
 #[tokio::test]
 async fn a_keyless_straggler_is_found_not_duplicated() {
-    let policy = fast_policy().attempt_timeout(Duration::from_secs(2));
+    let policy = fast_policy().with_attempt_timeout(Duration::from_secs(2));
     let rig = Rig::with_policy(ServerProfile::no_keys(), Schedule::pass(), policy).await;
     let ops = ops(&rig);
     let gate = rig.proxy.gate(None);
@@ -270,7 +278,7 @@ async fn a_keyless_straggler_is_found_not_duplicated() {
     let done = run.await.unwrap().unwrap();
 
     assert!(read_back_at.duration_since(sent).unwrap() >= Operations::DEFAULT_IN_FLIGHT_WINDOW, "the read-back waited");
-    assert_eq!(done.outcome, Outcome::Recovered);
+    assert_eq!(done.resolution, Resolution::Recovered);
     assert_eq!((posts(&rig), rig.cloud.created()), (1, 1));
 }
 
@@ -301,7 +309,7 @@ async fn rejections_and_bad_options() {
     let err =
         ops.operation("bad-route").post(format!("{}/nowhere", rig.proxy.uri())).body("{}").send().await.unwrap_err();
     assert!(matches!(&err, OperationError::Rejected { status, .. } if *status == StatusCode::NOT_FOUND), "{err}");
-    assert_eq!(ops.store().get("bad-route").unwrap().unwrap().state, OpState::Failed);
+    assert_eq!(ops.store().get("bad-route").unwrap().unwrap().state, OpState::NotApplied);
 
     let key = IdempotencyKey::new("k-123").unwrap();
     let err = ops.operation("x").post(rig.cvms()).body("{}").key(key).no_key().send().await.unwrap_err();
@@ -337,7 +345,7 @@ async fn what_cannot_be_sent_is_invalid_and_not_journaled() {
         assert!(!err.may_have_been_applied());
         assert!(ops.store().get(url).unwrap().is_none(), "{url}: nothing journaled");
     }
-    let zero = fast_policy().deadline(Duration::ZERO);
+    let zero = fast_policy().with_deadline(Duration::ZERO);
     let err = ops.operation("zero").post(rig.cvms()).json(&json!({})).no_key().policy(zero).send().await.unwrap_err();
     assert!(matches!(err, OperationError::InvalidOptions { .. }), "{err}");
     assert!(err.to_string().contains("deadline is zero"), "{err}");
@@ -354,21 +362,21 @@ async fn a_succeeded_fixed_key_past_retention_is_not_resent() {
     let ops = ops(&rig);
     let create = || ops.operation("create-cvm/web-1").post(rig.cvms()).json(&json!({"name": "web-1"})).derived_key(1);
     let first = create().send().await.unwrap();
-    assert_eq!(first.outcome, Outcome::Created);
+    assert_eq!(first.resolution, Resolution::Created);
 
     // Within the retention the server replays.
     rig.time.clock.advance(Duration::from_secs(20 * 3600));
-    assert_eq!(create().send().await.unwrap().outcome, Outcome::Replayed);
+    assert_eq!(create().send().await.unwrap().resolution, Resolution::Replayed);
 
     // 49 h after the key was first used, the server has forgotten it.
     rig.time.clock.advance(Duration::from_secs(29 * 3600));
     let sent = posts(&rig);
     let again = create().send().await.unwrap();
-    assert_ne!(again.outcome, Outcome::Created, "{again:?}");
+    assert_ne!(again.resolution, Resolution::Created, "{again:?}");
     assert_eq!(again.identity["id"], first.identity["id"], "what the journal recorded");
     assert_eq!(posts(&rig), sent, "nothing resent");
     let fresh = create().read_back(find_cvm(&rig, "web-1")).send().await.unwrap();
-    assert_eq!((fresh.outcome, &fresh.identity["id"]), (Outcome::Recovered, &first.identity["id"]));
+    assert_eq!((fresh.resolution, &fresh.identity["id"]), (Resolution::Recovered, &first.identity["id"]));
     assert_eq!(rig.cloud.created(), 1);
 }
 
@@ -376,23 +384,30 @@ async fn a_succeeded_fixed_key_past_retention_is_not_resent() {
 #[derive(Debug, Default)]
 struct FinishFails(MemoryStore);
 
-impl idempotent_retry::KeyStore for FinishFails {
+impl idempotent_retry::journal::KeyStore for FinishFails {
     fn begin(
         &self,
-        intent: &idempotent_retry::Intent<'_>,
-    ) -> Result<idempotent_retry::Begun, idempotent_retry::JournalError> {
+        intent: &idempotent_retry::journal::Intent<'_>,
+    ) -> Result<idempotent_retry::journal::Begun, idempotent_retry::journal::JournalError> {
         self.0.begin(intent)
     }
-    fn finish(&self, _: &str, _: &idempotent_retry::Finish) -> Result<bool, idempotent_retry::JournalError> {
-        Err(idempotent_retry::JournalError::Corrupt { path: "/tmp/broken.sqlite3".into() })
+    fn finish(
+        &self,
+        _: &str,
+        _: &idempotent_retry::journal::Finish,
+    ) -> Result<bool, idempotent_retry::journal::JournalError> {
+        Err(idempotent_retry::journal::JournalError::Corrupt { path: "/tmp/broken.sqlite3".into() })
     }
-    fn get(&self, operation: &str) -> Result<Option<idempotent_retry::Record>, idempotent_retry::JournalError> {
+    fn get(
+        &self,
+        operation: &str,
+    ) -> Result<Option<idempotent_retry::journal::Record>, idempotent_retry::journal::JournalError> {
         self.0.get(operation)
     }
-    fn list(&self) -> Result<Vec<idempotent_retry::Record>, idempotent_retry::JournalError> {
+    fn list(&self) -> Result<Vec<idempotent_retry::journal::Record>, idempotent_retry::journal::JournalError> {
         self.0.list()
     }
-    fn forget(&self, operation: &str) -> Result<bool, idempotent_retry::JournalError> {
+    fn forget(&self, operation: &str) -> Result<bool, idempotent_retry::journal::JournalError> {
         self.0.forget(operation)
     }
 }
@@ -422,18 +437,19 @@ async fn a_journal_failing_after_the_send_says_it_was_sent() {
 #[tokio::test]
 async fn a_recovery_is_remembered_under_the_fixed_key_of_the_run_that_found_it() {
     let rig =
-        Rig::with_policy(ServerProfile::stripe(), Schedule::script([Fault::Lose]), fast_policy().max_attempts(1)).await;
+        Rig::with_policy(ServerProfile::stripe(), Schedule::script([Fault::Lose]), fast_policy().with_max_attempts(1))
+            .await;
     let ops = ops(&rig);
     let create = || ops.operation("create-cvm/web-1").post(rig.cvms()).json(&json!({"name": "web-1"}));
     let lost = create().random_key().send().await.unwrap_err();
     assert!(lost.may_have_been_applied(), "{lost}");
 
     let found = create().derived_key(1).read_back(find_cvm(&rig, "web-1")).send().await.unwrap();
-    assert_eq!(found.outcome, Outcome::Recovered);
+    assert_eq!(found.resolution, Resolution::Recovered);
     let sent = posts(&rig);
     let again = create().derived_key(1).send().await.unwrap();
 
-    assert_eq!(again.outcome, Outcome::Recorded, "{again:?}");
+    assert_eq!(again.resolution, Resolution::Recorded, "{again:?}");
     assert_eq!(again.identity["id"], found.identity["id"]);
     assert_eq!((posts(&rig), rig.cloud.created()), (sent, 1), "nothing sent, one CVM");
 }
@@ -445,7 +461,7 @@ async fn a_recovery_stands_when_the_runs_key_is_pinned_elsewhere() {
     let rig = Rig::with_policy(
         ServerProfile::stripe(),
         Schedule::script([Fault::Pass, Fault::Lose]),
-        fast_policy().max_attempts(1),
+        fast_policy().with_max_attempts(1),
     )
     .await;
     let ops = ops(&rig);
@@ -456,6 +472,6 @@ async fn a_recovery_stands_when_the_runs_key_is_pinned_elsewhere() {
 
     let done = send("v2").key(key).read_back(find_cvm(&rig, "v2")).send().await.unwrap();
 
-    assert_eq!(done.outcome, Outcome::Recovered);
+    assert_eq!(done.resolution, Resolution::Recovered);
     assert_eq!((rig.cloud.created_named("v1"), rig.cloud.created_named("v2")), (1, 1));
 }

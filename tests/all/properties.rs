@@ -115,7 +115,7 @@ async fn run(case: Case) -> Result<(), TestCaseError> {
         .time_travel(time.clock.clone())
         .start()
         .await;
-    let policy = fast_policy().attempt_timeout(ATTEMPT_TIMEOUT).max_attempts(6);
+    let policy = fast_policy().with_attempt_timeout(ATTEMPT_TIMEOUT).with_max_attempts(6);
     let client = client(profile.configure(time.layer().policy(policy)));
 
     let mut reported = Vec::new();
@@ -164,7 +164,11 @@ proptest! {
 mod reconcile {
     use super::*;
     use idempotent_retry::testing::replicas;
-    use idempotent_retry::{Desired, MemoryStore, Operations, Reconciler};
+    use idempotent_retry::{
+        Operations, Reconciler,
+        journal::MemoryStore,
+        reconcile::{Desired, Prune},
+    };
 
     #[derive(Debug, Clone)]
     struct Steps {
@@ -202,8 +206,7 @@ mod reconcile {
         // out (that could create), and a lost keyless create's item is only presumed ours.
         let mut reconciler = Reconciler::new(ops, format!("{}/{collection}", proxy.uri()), "replicas")
             .expect_field("vm_uuid", "vm-1")
-            .prune(true)
-            .prune_foreign(true)
+            .prune(Prune::Any)
             .expectation_ttl(Duration::from_secs(30))
             .clock(time.clock.clone())
             .sleeper(time.sleeper.clone());

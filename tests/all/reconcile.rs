@@ -4,7 +4,12 @@
 use std::time::Duration;
 
 use idempotent_retry::testing::{ChaosProxy, FakeCloud, Fault, Schedule, ServerProfile, replicas};
-use idempotent_retry::{Clock, Desired, MemoryStore, Operations, ReconcileFailure, Reconciler, RetryPolicy};
+use idempotent_retry::{
+    Operations, Reconciler, RetryPolicy,
+    journal::MemoryStore,
+    reconcile::{Desired, Prune, StopReason},
+    time::Clock,
+};
 use serde_json::json;
 
 use crate::support::*;
@@ -50,7 +55,7 @@ fn live(rig: &Rig) -> usize {
 #[tokio::test]
 async fn scales_up_down_and_up_again_with_generations() {
     let rig = Rig::new(ServerProfile::stripe(), Schedule::pass()).await;
-    let mut r = reconciler(&rig, "tenant-1").prune(true);
+    let mut r = reconciler(&rig, "tenant-1").prune(Prune::Ours);
 
     let up = r.reconcile(&Desired::Count(5)).await.unwrap();
     assert!(up.converged, "{up}");
@@ -146,8 +151,7 @@ async fn s05_a_late_item_is_detected_and_pruned_only_when_allowed() {
         rig.cloud.set_list_lag(4);
         let mut r = reconciler(&rig, "tenant-1")
             .expectation_ttl(Duration::from_secs(3))
-            .prune(prune)
-            .prune_foreign(true)
+            .prune(if prune { Prune::Any } else { Prune::Never })
             .protect(|item| item["name"] == "gpu-pinned");
 
         let first = r.reconcile(&Desired::Count(2)).await.unwrap();
@@ -204,8 +208,8 @@ async fn s10_two_appliers_with_different_keys() {
     assert_eq!(ra.overshoot_ids, rb.overshoot_ids, "the same three, newest first");
     assert!(ra.deleted.is_empty() && rb.deleted.is_empty(), "no pruning asked for");
 
-    let mut a = a.prune(true).prune_foreign(true);
-    let mut b = b.prune(true).prune_foreign(true);
+    let mut a = a.prune(Prune::Any);
+    let mut b = b.prune(Prune::Any);
     let (ra, rb) = tokio::join!(a.reconcile(&Desired::Count(3)), b.reconcile(&Desired::Count(3)));
     let (ra, rb) = (ra.unwrap(), rb.unwrap());
     assert!(ra.converged && rb.converged, "{ra}\n{rb}");
@@ -219,7 +223,7 @@ async fn named_slots_adopt_what_exists_and_create_the_rest() {
     let existing: serde_json::Value =
         reqwest::Client::new().post(&url).json(&json!({"name": "web-1"})).send().await.unwrap().json().await.unwrap();
     let names = || Desired::Names(vec!["web-1".into(), "web-2".into(), "web-3".into()]);
-    let mut r = reconciler(&rig, "tenant-1").prune(true).prune_foreign(true);
+    let mut r = reconciler(&rig, "tenant-1").prune(Prune::Any);
 
     let report = r.reconcile(&names()).await.unwrap();
 
@@ -246,7 +250,7 @@ async fn an_identity_mismatch_stops_further_creates() {
 
     let err = r.reconcile(&Desired::Count(8)).await.unwrap_err();
 
-    assert!(matches!(err.failure, ReconcileFailure::Identity(_)), "{err}");
+    assert!(matches!(err.failure, StopReason::Identity(_)), "{err}");
     assert_eq!(rig.cloud.created(), 1, "slow start: the first batch of one showed the problem");
     assert!(!err.report.converged);
 }
@@ -258,7 +262,7 @@ async fn prune_spares_foreign_members_unless_told() {
     for name in ["foreign-1", "foreign-2"] {
         reqwest::Client::new().post(&url).json(&json!({"name": name})).send().await.unwrap();
     }
-    let mut r = reconciler(&rig, "tenant-1").prune(true);
+    let mut r = reconciler(&rig, "tenant-1").prune(Prune::Ours);
     r.reconcile(&Desired::Count(4)).await.unwrap();
     assert_eq!(live(&rig), 4);
 
@@ -269,12 +273,14 @@ async fn prune_spares_foreign_members_unless_told() {
     let names: Vec<String> = rig.cloud.resources(&replicas(APP, VM)).into_iter().map(|r| r.name).collect();
     assert!(names.contains(&"foreign-1".into()) && names.contains(&"foreign-2".into()), "{names:?}");
 
-    let mut r = r.prune_foreign(true);
+    let mut r = r.prune(Prune::Any);
     let report = r.reconcile(&Desired::Count(1)).await.unwrap();
     assert!(report.converged, "{report}");
     assert_eq!(live(&rig), 1);
 }
 
+// A wrong batch's extra creates travel real sockets: the test gives them real time to show.
+#[allow(clippy::disallowed_methods)]
 #[tokio::test]
 async fn slow_start_doubles_batches_and_a_refusal_stops_the_run() {
     // Unhindered: one list, then batches of 1, 2, 4 and 1. The gate holds every create: each
@@ -313,7 +319,7 @@ async fn slow_start_doubles_batches_and_a_refusal_stops_the_run() {
     let (mut r, result) = run.await.unwrap();
 
     let err = result.unwrap_err();
-    assert!(matches!(&err.failure, ReconcileFailure::Rejected { status, .. } if *status == 403), "{err}");
+    assert!(matches!(&err.failure, StopReason::Rejected { status, .. } if *status == 403), "{err}");
     assert_eq!(rig.attempts(), 3, "batch of 1, batch of 2 with the refusal, nothing more");
     assert_eq!(err.report.created.len(), 2);
 
@@ -341,8 +347,7 @@ async fn hostile_ids_are_one_path_segment() {
     let ops = Operations::new(client(time.layer().policy(fast_policy())), MemoryStore::new()).clock(time.clock.clone());
     let collection = format!("{}/apps/a/cvms/v/replicas", server.uri());
     let mut r = Reconciler::new(ops, &collection, "replicas")
-        .prune(true)
-        .prune_foreign(true)
+        .prune(Prune::Any)
         .clock(time.clock.clone())
         .sleeper(time.sleeper.clone());
 
@@ -382,14 +387,13 @@ async fn an_empty_listed_id_is_an_identity_error_and_nothing_is_deleted() {
         let time = Time::new();
         let ops = Operations::new(client(time.layer()), MemoryStore::new()).clock(time.clock.clone());
         let mut r = Reconciler::new(ops, format!("{}/cvms", server.uri()), "cvms")
-            .prune(true)
-            .prune_foreign(true)
+            .prune(Prune::Any)
             .clock(time.clock.clone())
             .sleeper(time.sleeper.clone());
 
         let err = r.reconcile(&Desired::Count(0)).await.unwrap_err();
 
-        assert!(matches!(err.failure, ReconcileFailure::List(_)), "{id:?}: {err}");
+        assert!(matches!(err.failure, StopReason::List(_)), "{id:?}: {err}");
         assert!(err.to_string().contains("cannot name"), "{id:?}: {err}");
         let requests = server.received_requests().await.unwrap();
         assert!(requests.iter().all(|r| r.method.as_str() == "GET"), "{id:?}: nothing deleted");
@@ -397,7 +401,7 @@ async fn an_empty_listed_id_is_an_identity_error_and_nothing_is_deleted() {
 }
 
 /// A reconciler like `reconciler`, on a store shared across "processes".
-fn reconciler_on(rig: &Rig, store: std::sync::Arc<dyn idempotent_retry::KeyStore>) -> Reconciler {
+fn reconciler_on(rig: &Rig, store: std::sync::Arc<dyn idempotent_retry::journal::KeyStore>) -> Reconciler {
     let ops = Operations::with_store(rig.client.clone(), store).clock(rig.time.clock.clone()).scope("tenant-1");
     let r = Reconciler::new(ops, format!("{}/{}", rig.proxy.uri(), replicas(APP, VM)), format!("replicas/{APP}/{VM}"))
         .clock(rig.time.clock.clone())
@@ -431,9 +435,9 @@ async fn kill_after_posts(rig: &Rig, mut r: Reconciler, desired: usize, posts: u
 #[tokio::test]
 async fn a_met_count_creates_nothing_after_a_killed_run() {
     let rig =
-        rig_for_creates(ServerProfile::stripe(), Schedule::always(Fault::Reset), 0, fast_policy().max_attempts(1))
+        rig_for_creates(ServerProfile::stripe(), Schedule::always(Fault::Reset), 0, fast_policy().with_max_attempts(1))
             .await;
-    let store: std::sync::Arc<dyn idempotent_retry::KeyStore> = std::sync::Arc::new(MemoryStore::new());
+    let store: std::sync::Arc<dyn idempotent_retry::journal::KeyStore> = std::sync::Arc::new(MemoryStore::new());
     kill_after_posts(&rig, reconciler_on(&rig, store.clone()), 3, 2).await;
     assert_eq!(live(&rig), 0, "nothing reached the server");
     foreign_item(&rig, "foreign").await;
@@ -453,7 +457,7 @@ async fn a_met_count_creates_nothing_after_a_killed_run() {
 #[tokio::test]
 async fn a_foreign_item_meeting_the_count_stops_creates() {
     let faults = Schedule::script([Fault::Pass, Fault::Reset, Fault::Reset]);
-    let rig = rig_for_creates(ServerProfile::stripe(), faults, 0, fast_policy().max_attempts(1)).await;
+    let rig = rig_for_creates(ServerProfile::stripe(), faults, 0, fast_policy().with_max_attempts(1)).await;
     let gate = rig.proxy.gate(Some(http::Method::GET));
     let mut r = reconciler(&rig, "tenant-1");
     let run = tokio::spawn(async move { r.reconcile(&Desired::Count(2)).await });
@@ -478,17 +482,17 @@ async fn a_foreign_item_meeting_the_count_stops_creates() {
 #[tokio::test]
 async fn an_inherited_expectation_never_claims_an_older_foreign_item() {
     let unavailable = Schedule::always(Fault::Status { status: 503, retry_after: None });
-    let rig = rig_for_creates(ServerProfile::no_keys(), unavailable, 0, fast_policy().max_attempts(1)).await;
+    let rig = rig_for_creates(ServerProfile::no_keys(), unavailable, 0, fast_policy().with_max_attempts(1)).await;
     let old = foreign_item(&rig, "from-last-year").await;
     rig.time.clock.advance(Duration::from_secs(365 * 24 * 3600));
-    let store: std::sync::Arc<dyn idempotent_retry::KeyStore> = std::sync::Arc::new(MemoryStore::new());
+    let store: std::sync::Arc<dyn idempotent_retry::journal::KeyStore> = std::sync::Arc::new(MemoryStore::new());
     // Desired 2, one present: one create, answered 503 by a proxy (it never arrived), then killed.
     kill_after_posts(&rig, reconciler_on(&rig, store.clone()), 2, 1).await;
     rig.proxy.set_schedule(Schedule::pass());
 
-    let first = reconciler_on(&rig, store.clone()).prune(true).reconcile(&Desired::Count(2)).await.unwrap();
+    let first = reconciler_on(&rig, store.clone()).prune(Prune::Ours).reconcile(&Desired::Count(2)).await.unwrap();
     assert!(!first.created.contains(&old), "the year-old item is not this run's: {first}");
-    let down = reconciler_on(&rig, store).prune(true).reconcile(&Desired::Count(0)).await.unwrap();
+    let down = reconciler_on(&rig, store).prune(Prune::Ours).reconcile(&Desired::Count(0)).await.unwrap();
 
     assert!(!down.deleted.contains(&old), "{down}");
     assert!(rig.cloud.resources(&replicas(APP, VM)).iter().any(|r| r.id == old), "never delete what is not ours");
@@ -500,11 +504,11 @@ async fn an_inherited_expectation_never_claims_an_older_foreign_item() {
 #[tokio::test]
 async fn an_identity_mismatch_is_recorded_as_ours_and_not_created_again() {
     let rig = Rig::new(ServerProfile::stripe(), Schedule::pass()).await;
-    let store: std::sync::Arc<dyn idempotent_retry::KeyStore> = std::sync::Arc::new(MemoryStore::new());
+    let store: std::sync::Arc<dyn idempotent_retry::journal::KeyStore> = std::sync::Arc::new(MemoryStore::new());
     let mismatched = || reconciler_on(&rig, store.clone()).expect_field("vm_uuid", "vm-other");
 
     let err = mismatched().reconcile(&Desired::Count(3)).await.unwrap_err();
-    assert!(matches!(err.failure, ReconcileFailure::Identity(_)), "{err}");
+    assert!(matches!(err.failure, StopReason::Identity(_)), "{err}");
     let made = rig.cloud.resources(&replicas(APP, VM));
     assert_eq!(made.len(), 1);
     assert_eq!(err.report.created, [made[0].id.clone()], "reported: {}", err.report);
@@ -516,7 +520,7 @@ async fn an_identity_mismatch_is_recorded_as_ours_and_not_created_again() {
 
     for _ in 0..2 {
         let again = mismatched().reconcile(&Desired::Count(3)).await.unwrap_err();
-        assert!(matches!(again.failure, ReconcileFailure::Identity(_)), "{again}");
+        assert!(matches!(again.failure, StopReason::Identity(_)), "{again}");
     }
     assert_eq!(rig.cloud.created(), 1, "no re-run created another");
 }

@@ -119,7 +119,9 @@ async fn unprocessable_422_is_a_key_reuse_error_after_one_request() {
     assert_eq!(err.attempts(), 1);
     let sent = one_key(&keys_seen(&server, "idempotency-key").await);
     assert_eq!(err.idempotency_key().unwrap().as_str(), sent);
-    let Some(idempotent_retry::LastAttempt::Status { body, .. }) = err.failure().map(|f| &f.last) else { panic!() };
+    let Some(idempotent_retry::error::LastAttempt::Status { body, .. }) = err.failure().map(|f| &f.last) else {
+        panic!()
+    };
     assert_eq!(&body[..], b"Idempotency-Key is already used with another payload");
     assert_eq!(requests_seen(&server).await, 1);
     assert!(time.delays().is_empty());
@@ -193,7 +195,7 @@ async fn retries_exhausted_on_sustained_503_carry_the_last_status() {
     let server = MockServer::start().await;
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(503).set_body_string("down")).mount(&server).await;
     let time = Time::new();
-    let client = client(time.layer().policy(fast_policy().max_attempts(3)));
+    let client = client(time.layer().policy(fast_policy().with_max_attempts(3)));
 
     let err = client.post(server.uri()).body("{}").send().await.unwrap_err();
 
@@ -261,7 +263,7 @@ async fn per_request_overrides_no_retry_and_policy() {
     assert_eq!(Error::find(&err).unwrap().attempts(), 1);
     assert_eq!(requests_seen(&server).await, 1);
 
-    let two = RequestOptions::new().policy(fast_policy().max_attempts(2));
+    let two = RequestOptions::new().policy(fast_policy().with_max_attempts(2));
     let err = client.post(server.uri()).body("{}").with_extension(two).send().await.unwrap_err();
     assert_eq!(Error::find(&err).unwrap().attempts(), 2);
     assert_eq!(requests_seen(&server).await, 3);

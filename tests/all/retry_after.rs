@@ -56,7 +56,8 @@ async fn over_the_cap_it_is_capped() {
     let server = once_then_created(503, "3600").await;
     let time = Time::new();
     let client = client(
-        time.layer().policy(fast_policy().max_retry_after(Duration::from_secs(5)).deadline(Duration::from_secs(60))),
+        time.layer()
+            .policy(fast_policy().with_max_retry_after(Duration::from_secs(5)).with_deadline(Duration::from_secs(60))),
     );
 
     let response = client.post(server.uri()).body("{}").send().await.unwrap();
@@ -70,7 +71,8 @@ async fn past_the_deadline_it_fails_at_once_with_the_hint() {
     let server = once_then_created(503, "30").await;
     let time = Time::new();
     let client = client(
-        time.layer().policy(fast_policy().max_retry_after(Duration::from_secs(60)).deadline(Duration::from_secs(10))),
+        time.layer()
+            .policy(fast_policy().with_max_retry_after(Duration::from_secs(60)).with_deadline(Duration::from_secs(10))),
     );
 
     let err = client.post(server.uri()).body("{}").send().await.unwrap_err();
@@ -92,7 +94,8 @@ async fn the_deadline_also_bounds_backoff_across_attempts() {
         .mount(&server)
         .await;
     let time = Time::new();
-    let client = client(time.layer().policy(fast_policy().max_attempts(10).deadline(Duration::from_secs(10))));
+    let client =
+        client(time.layer().policy(fast_policy().with_max_attempts(10).with_deadline(Duration::from_secs(10))));
 
     let err = client.post(server.uri()).body("{}").send().await.unwrap_err();
 

@@ -69,7 +69,7 @@ async fn s02_first_request_still_running() {
         bencher_busy,
     ];
     for profile in profiles {
-        let policy = fast_policy().max_attempts(10);
+        let policy = fast_policy().with_max_attempts(10);
         let rig =
             Rig::with_policy(profile.clone().with_processing(processing), Schedule::script([Fault::Lose]), policy)
                 .await;
@@ -293,7 +293,7 @@ async fn s08_ambiguous_conflict() {
         let rig = Rig::with_policy(
             profile.clone().with_processing(Duration::from_millis(500)),
             Schedule::script([Fault::Lose]),
-            fast_policy().max_attempts(10),
+            fast_policy().with_max_attempts(10),
         )
         .await;
         let response = rig.create("web-1").await.unwrap_or_else(|e| panic!("{}: {e}", profile.name));
@@ -327,7 +327,7 @@ async fn s08_ambiguous_conflict() {
     // Domain conflict: the name is taken. Final at once, on every profile.
     for profile in [ServerProfile::ietf(), ServerProfile::stripe(), ServerProfile::express(), ServerProfile::tower()] {
         let time = Time::new();
-        let cloud = FakeCloud::builder(profile.clone()).clock(time.clock.clone()).unique_names(true).start().await;
+        let cloud = FakeCloud::builder(profile.clone()).clock(time.clock.clone()).unique_names().start().await;
         let client = client(profile.configure(time.layer().policy(fast_policy())));
         let url = format!("{}/cvms", cloud.uri());
         client.post(&url).json(&serde_json::json!({"name": "web-1"})).send().await.unwrap();
@@ -358,7 +358,7 @@ async fn s11_retry_after_is_honoured_within_the_deadline() {
             Fault::throttled(RetryAfter::DateIn(Duration::from_secs(5))),
         ]);
         let deadline = Duration::from_secs(20);
-        let rig = Rig::with_policy(profile.clone(), schedule, fast_policy().deadline(deadline)).await;
+        let rig = Rig::with_policy(profile.clone(), schedule, fast_policy().with_deadline(deadline)).await;
 
         let response = rig.create("web-1").await.unwrap_or_else(|e| panic!("{name}: {e}"));
 
@@ -370,7 +370,8 @@ async fn s11_retry_after_is_honoured_within_the_deadline() {
 
         // A wait that cannot fit: fail now, with the server's hint, having slept not at all.
         let schedule = Schedule::script([Fault::unavailable(RetryAfter::DateIn(Duration::from_secs(120)))]);
-        let policy = fast_policy().deadline(Duration::from_secs(60)).max_retry_after(Duration::from_secs(300));
+        let policy =
+            fast_policy().with_deadline(Duration::from_secs(60)).with_max_retry_after(Duration::from_secs(300));
         let rig = Rig::with_policy(profile.clone(), schedule, policy).await;
 
         let err = rig.create("web-1").await.unwrap_err();
@@ -440,7 +441,7 @@ async fn s16_sustained_outage_is_not_amplified() {
     for profile in [ServerProfile::ietf(), ServerProfile::stripe(), ServerProfile::django(), ServerProfile::bencher()] {
         let name = profile.name;
         let outage = Schedule::always(Fault::Status { status: 503, retry_after: None });
-        let rig = Rig::with_policy(profile.clone(), outage, fast_policy().no_deadline()).await;
+        let rig = Rig::with_policy(profile.clone(), outage, fast_policy().without_deadline()).await;
 
         let mut last = None;
         for i in 0..OPS {

@@ -5,7 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use idempotent_retry::{
-    IdempotentRetry, IdempotentRetryBuilder, ManualClock, RecordingSleeper, RetryPolicy, SeededRng,
+    IdempotentRetry, IdempotentRetryBuilder, RetryPolicy,
+    time::{ManualClock, RecordingSleeper, SeededRng},
 };
 use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -50,9 +51,9 @@ pub fn client(layer: IdempotentRetryBuilder) -> ClientWithMiddleware {
 
 /// The standard policy with short, deterministic delays: 100 ms doubling, no jitter.
 pub fn fast_policy() -> RetryPolicy {
-    use idempotent_retry::{ExponentialBackoff, Jitter};
+    use idempotent_retry::backoff::{ExponentialBackoff, Jitter};
     RetryPolicy::standard()
-        .backoff(ExponentialBackoff::new(Duration::from_millis(100), Duration::from_secs(5)).jitter(Jitter::None))
+        .with_backoff(ExponentialBackoff::new(Duration::from_millis(100), Duration::from_secs(5)).jitter(Jitter::None))
 }
 
 pub fn ms(n: u64) -> Duration {

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use idempotent_retry::{
-    IdempotentRetry, KeyCarrier, KeyStore, MemoryStore, Operations, RetryPolicy, ServerConvention, SqliteJournal,
+    IdempotentRetry, KeyCarrier, Operations, RetryPolicy, ServerConvention,
+    journal::{KeyStore, MemoryStore, SqliteJournal},
 };
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
@@ -55,22 +56,7 @@ pub fn fail(exit: Exit, message: impl std::fmt::Display) -> Exit {
 
 /// Prints an error with its causes on one line, and returns the exit code.
 pub fn fail_with(exit: Exit, error: &dyn std::error::Error) -> Exit {
-    fail(exit, chain(error))
-}
-
-/// An error and its causes on one line, each cause once.
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let part = e.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = e.source();
-    }
-    text
+    fail(exit, idempotent_retry::error::chain(error))
 }
 
 /// How the server takes keys.
@@ -118,7 +104,7 @@ impl CarrierArgs {
         }
         if self.ietf_quote {
             let carrier = convention.carrier.take().unwrap_or_else(KeyCarrier::standard);
-            convention.carrier = Some(carrier.structured_field(true));
+            convention.carrier = Some(carrier.quoted());
         }
         for name in &self.replay_header {
             let name = HeaderName::from_bytes(name.as_bytes())
@@ -208,9 +194,9 @@ pub fn layer(
     quiet: bool,
 ) -> Result<IdempotentRetry, Exit> {
     let policy = RetryPolicy::standard()
-        .max_attempts(retry.max_attempts)
-        .deadline(deadline)
-        .attempt_timeout(seconds(retry.attempt_timeout, "--attempt-timeout")?);
+        .with_max_attempts(retry.max_attempts)
+        .with_deadline(deadline)
+        .with_attempt_timeout(seconds(retry.attempt_timeout, "--attempt-timeout")?);
     let mut builder = IdempotentRetry::builder().convention(convention).policy(policy);
     if !quiet {
         builder = builder.on_retry(|e| {
@@ -237,8 +223,8 @@ pub fn store(journal: &JournalArgs) -> Result<(Arc<dyn KeyStore>, Option<PathBuf
             fail(Exit::Usage, "no home directory for the journal; pass --journal PATH or --no-journal")
         })?,
     };
-    let store =
-        SqliteJournal::open(&path).map_err(|e| fail(Exit::Usage, format!("{}; nothing was sent", chain(&e))))?;
+    let store = SqliteJournal::open(&path)
+        .map_err(|e| fail(Exit::Usage, format!("{}; nothing was sent", idempotent_retry::error::chain(&e))))?;
     Ok((Arc::new(store), Some(path)))
 }
 
@@ -308,13 +294,13 @@ pub fn headers(values: &[String]) -> Result<HeaderMap, Exit> {
 }
 
 /// A short, stable hash of a request, for default operation names: the first 12 hex digits of
-/// its journal [`fingerprint`](idempotent_retry::fingerprint).
+/// its journal [`fingerprint`](idempotent_retry::journal::fingerprint).
 pub fn short_hash(method: &str, url: &str, body: &[u8]) -> String {
-    idempotent_retry::fingerprint(method, url, body)[..12].to_owned()
+    idempotent_retry::journal::fingerprint(method, url, body)[..12].to_owned()
 }
 
 /// The default name of an operation on `url`: the method, the URL without its secrets, and a
 /// hash of the whole request.
 pub fn operation_name(method: &str, url: &str, body: &[u8]) -> String {
-    format!("{method} {} #{}", idempotent_retry::redact_url(url), short_hash(method, url, body))
+    format!("{method} {} #{}", idempotent_retry::journal::redact_url(url), short_hash(method, url, body))
 }

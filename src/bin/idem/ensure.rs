@@ -3,7 +3,10 @@
 use std::io::IsTerminal;
 
 use clap::Args;
-use idempotent_retry::{Desired, ReconcileFailure, Reconciler};
+use idempotent_retry::{
+    Reconciler,
+    reconcile::{Desired, Prune, StopReason},
+};
 use serde_json::Value;
 
 use crate::common::{self, Exit, Format, SharedArgs, fail};
@@ -75,21 +78,71 @@ pub async fn run(args: EnsureArgs) -> Exit {
 }
 
 async fn ensure(args: EnsureArgs) -> Result<Exit, Exit> {
+    let (reconciler, bar) = reconciler(&args)?;
+    let mut reconciler = match &bar {
+        Some(bar) => {
+            let bar = bar.clone();
+            reconciler.on_progress(move |r| bar.set_position(r.after as u64))
+        }
+        None if !args.shared.output.quiet => reconciler.on_progress(|r| {
+            eprintln!(
+                "idem: ensure-count: round {}: {}/{} present, {} created, {} deleted",
+                r.rounds,
+                r.after,
+                r.desired,
+                r.created.len(),
+                r.deleted.len()
+            );
+        }),
+        None => reconciler,
+    };
+    let result = reconciler.reconcile(&Desired::Count(args.count)).await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let (report, exit) = match result {
+        Ok(report) if report.converged => (report, Exit::Ok),
+        Ok(report) => {
+            eprintln!(
+                "idem: {} surplus item(s) ({}) not deleted: {}",
+                report.overshoot,
+                report.overshoot_ids.join(", "),
+                if args.prune {
+                    "nothing proves this operation created them (see --prune-foreign)"
+                } else {
+                    "pass --prune to delete them"
+                }
+            );
+            (report, Exit::Refused)
+        }
+        Err(e) => {
+            eprintln!("idem: {}", idempotent_retry::error::chain(&e));
+            let exit = match e.failure {
+                StopReason::Identity(_)
+                | StopReason::BadId { .. }
+                | StopReason::Rejected { .. }
+                | StopReason::Delete { .. } => Exit::Refused,
+                StopReason::Operation(_) | StopReason::InvalidOptions(_) => Exit::Usage,
+                _ => Exit::Unknown,
+            };
+            (*e.report, exit)
+        }
+    };
+    match args.shared.output.output {
+        Format::Json => println!("{}", serde_json::to_string(&report).expect("a report serializes")),
+        Format::Text => println!("{report}"),
+    }
+    Ok(exit)
+}
+
+/// The reconciler the arguments describe, and a progress bar when stderr is a terminal.
+fn reconciler(args: &EnsureArgs) -> Result<(Reconciler, Option<indicatif::ProgressBar>), Exit> {
     let body_bytes = common::json_body(&args.json)?;
     let body: Value = serde_json::from_slice(&body_bytes).expect("checked by json_body");
     if !body.is_object() {
         return Err(fail(Exit::Usage, "--json must be a JSON object"));
     }
-    let mut expect = Vec::new();
-    for e in &args.expect {
-        let (field, value) =
-            e.split_once('=').ok_or_else(|| fail(Exit::Usage, format!("--expect {e:?}: expected FIELD=VALUE")))?;
-        let value = serde_json::from_str::<Value>(value)
-            .ok()
-            .filter(|v| !v.is_object() && !v.is_array())
-            .unwrap_or_else(|| Value::String(value.to_owned()));
-        expect.push((field.to_owned(), value));
-    }
+    let expect = expectations(&args.expect)?;
     let headers = common::headers(&args.headers)?;
     let convention = args.shared.carrier.convention()?;
     if let Some(name) = convention.carrier.as_ref().and_then(|c| c.header_name()).filter(|n| headers.contains_key(*n)) {
@@ -113,8 +166,7 @@ async fn ensure(args: EnsureArgs) -> Result<Exit, Exit> {
         .generation(args.generation)
         .create_body(body)
         .id_field(&args.id_field)
-        .prune(args.prune)
-        .prune_foreign(args.prune_foreign)
+        .prune(args.prune())
         .deadline(deadline);
     if let Some(field) = &args.items_field {
         reconciler = reconciler.items_field(field);
@@ -135,56 +187,32 @@ async fn ensure(args: EnsureArgs) -> Result<Exit, Exit> {
         bar.set_message("ensure-count");
         bar
     });
-    if !args.shared.output.quiet {
-        let bar = bar.clone();
-        reconciler = reconciler.on_progress(move |r| match &bar {
-            Some(bar) => bar.set_position(r.after as u64),
-            None => eprintln!(
-                "idem: ensure-count: round {}: {}/{} present, {} created, {} deleted",
-                r.rounds,
-                r.after,
-                r.desired,
-                r.created.len(),
-                r.deleted.len()
-            ),
-        });
-    }
+    Ok((reconciler, bar))
+}
 
-    let result = reconciler.reconcile(&Desired::Count(args.count)).await;
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
-    }
-    let (report, exit) = match result {
-        Ok(report) if report.converged => (report, Exit::Ok),
-        Ok(report) => {
-            eprintln!(
-                "idem: {} surplus item(s) ({}) not deleted: {}",
-                report.overshoot,
-                report.overshoot_ids.join(", "),
-                if args.prune {
-                    "nothing proves this operation created them (see --prune-foreign)"
-                } else {
-                    "pass --prune to delete them"
-                }
-            );
-            (report, Exit::Refused)
+/// `--expect FIELD=VALUE`s: VALUE a JSON scalar, or else a string.
+fn expectations(expect: &[String]) -> Result<Vec<(String, Value)>, Exit> {
+    expect
+        .iter()
+        .map(|e| {
+            let (field, value) =
+                e.split_once('=').ok_or_else(|| fail(Exit::Usage, format!("--expect {e:?}: expected FIELD=VALUE")))?;
+            let value = serde_json::from_str::<Value>(value)
+                .ok()
+                .filter(|v| !v.is_object() && !v.is_array())
+                .unwrap_or_else(|| Value::String(value.to_owned()));
+            Ok((field.to_owned(), value))
+        })
+        .collect()
+}
+
+impl EnsureArgs {
+    /// What `--prune` and `--prune-foreign` allow.
+    fn prune(&self) -> Prune {
+        match (self.prune, self.prune_foreign) {
+            (false, _) => Prune::Never,
+            (true, false) => Prune::Ours,
+            (true, true) => Prune::Any,
         }
-        Err(e) => {
-            eprintln!("idem: {}", common::chain(&e));
-            let exit = match e.failure {
-                ReconcileFailure::Identity(_)
-                | ReconcileFailure::BadId { .. }
-                | ReconcileFailure::Rejected { .. }
-                | ReconcileFailure::Delete { .. } => Exit::Refused,
-                ReconcileFailure::Operation(_) | ReconcileFailure::InvalidOptions(_) => Exit::Usage,
-                _ => Exit::Unknown,
-            };
-            (*e.report, exit)
-        }
-    };
-    match args.shared.output.output {
-        Format::Json => println!("{}", serde_json::to_string(&report).expect("a report serializes")),
-        Format::Text => println!("{report}"),
     }
-    Ok(exit)
 }

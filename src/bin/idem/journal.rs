@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use idempotent_retry::{SqliteJournal, rfc3339};
+use idempotent_retry::{journal::SqliteJournal, time::rfc3339};
 
 use crate::common::{Exit, Format, fail, fail_with};
 
@@ -66,7 +66,7 @@ fn open(at: &Where) -> Result<SqliteJournal, Exit> {
 }
 
 pub fn run(command: JournalCommand) -> Exit {
-    use idempotent_retry::KeyStore;
+    use idempotent_retry::journal::KeyStore;
     match command {
         JournalCommand::List(args) => {
             let journal = match open(&args.at) {

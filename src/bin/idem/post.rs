@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 use idempotent_retry::{
-    Completed, Error, GitKeyMode, IdempotencyKey, OperationBuilder, OperationError, Outcome, ServerConvention,
+    Error, IdempotencyKey, ServerConvention,
+    operation::{Completed, GitKeyMode, OperationBuilder, OperationError, Resolution},
 };
 use reqwest::header::HeaderMap;
 use serde_json::json;
@@ -92,7 +93,7 @@ async fn post(args: PostArgs) -> Result<Exit, Exit> {
     let name = common::operation_name("POST", &args.url, &input.body);
     let result = input.operation(ops.operation(name).post(&args.url)).send().await;
     let report = Report { json: args.shared.output.output == Format::Json, quiet: args.shared.output.quiet };
-    Ok(report.outcome(result, journal_path.as_ref()))
+    Ok(report.tell(result, journal_path.as_ref()))
 }
 
 impl Input {
@@ -173,7 +174,7 @@ struct Report {
 }
 
 impl Report {
-    fn outcome(&self, result: Result<Completed, OperationError>, journal: Option<&PathBuf>) -> Exit {
+    fn tell(&self, result: Result<Completed, OperationError>, journal: Option<&PathBuf>) -> Exit {
         match result {
             Ok(done) => self.done(&done),
             Err(OperationError::Rejected { status, body, attempts, key, key_reuse, .. }) => {
@@ -198,11 +199,11 @@ impl Report {
             ) => fail_with(Exit::Usage, &e),
             Err(e) => {
                 let typed = match &e {
-                    OperationError::Failed { source, .. } => Error::find(source),
+                    OperationError::GaveUp { source, .. } => Error::find(source),
                     _ => None,
                 };
                 let key = e.idempotency_key().cloned();
-                eprintln!("idem: {}", common::chain(&e));
+                eprintln!("idem: {}", idempotent_retry::error::chain(&e));
                 explain_rerun(e.may_have_been_applied(), key.as_ref(), journal);
                 let status = typed.and_then(Error::status).map(|s| s.as_u16());
                 self.emit("unknown", status, typed.map_or(0, Error::attempts), key.as_ref(), b"");
@@ -215,16 +216,16 @@ impl Report {
         if let Some(why) = &done.no_key_reason {
             eprintln!("idem: no idempotency key from git: {why}; it was sent without one");
         }
-        let outcome = match done.outcome {
-            Outcome::Created => "created",
-            Outcome::Replayed => "replayed",
-            Outcome::Recovered => "recovered",
-            Outcome::Recorded => "recorded",
+        let outcome = match done.resolution {
+            Resolution::Created => "created",
+            Resolution::Replayed => "replayed",
+            Resolution::Recovered => "recovered",
+            Resolution::Recorded => "recorded",
         };
-        if done.outcome != Outcome::Created && !self.quiet {
+        if done.resolution != Resolution::Created && !self.quiet {
             let key = done.key.as_ref().map(|k| format!(" (key sha256:{})", k.fingerprint())).unwrap_or_default();
-            match done.outcome {
-                Outcome::Replayed => eprintln!("idem: the server replayed its earlier response{key}"),
+            match done.resolution {
+                Resolution::Replayed => eprintln!("idem: the server replayed its earlier response{key}"),
                 _ => eprintln!("idem: done earlier, by the journal's record{key}; nothing was sent"),
             }
         }

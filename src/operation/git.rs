@@ -5,7 +5,6 @@
 //! is told why), or, with [`GitKeyMode::HashDirty`], a key that hashes HEAD together with the
 //! changes, so an identical dirty tree gets an identical key.
 
-use std::fmt;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -26,34 +25,26 @@ pub enum GitKeyMode {
 }
 
 /// Why there is no key from git.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum NoGitKey {
     /// The tree has changes (modified, staged or untracked files).
+    #[error(
+        "the working tree has {changes} uncommitted change(s), so it is not a commit; commit them, or hash the changes into the key"
+    )]
     Dirty {
         /// How many paths `git status` lists.
         changes: usize,
     },
     /// The directory is not inside a git repository.
+    #[error("the directory is not inside a git repository")]
     NotARepository,
     /// The repository has no commit yet.
+    #[error("the repository has no commits")]
     NoCommits,
     /// `git` could not be run.
+    #[error("git could not be run: {0}")]
     GitUnavailable(String),
-}
-
-impl fmt::Display for NoGitKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            NoGitKey::Dirty { changes } => write!(
-                f,
-                "the working tree has {changes} uncommitted change(s), so it is not a commit; commit them, or hash the changes into the key"
-            ),
-            NoGitKey::NotARepository => f.write_str("the directory is not inside a git repository"),
-            NoGitKey::NoCommits => f.write_str("the repository has no commits"),
-            NoGitKey::GitUnavailable(why) => write!(f, "git could not be run: {why}"),
-        }
-    }
 }
 
 /// The key for the working tree at `dir`, or why there is none.
@@ -61,7 +52,7 @@ impl fmt::Display for NoGitKey {
 /// Runs `git` (`rev-parse`, `status`, and for [`GitKeyMode::HashDirty`] `diff` and `ls-files`).
 ///
 /// ```no_run
-/// use idempotent_retry::{GitKeyMode, key_from_git};
+/// use idempotent_retry::operation::{GitKeyMode, key_from_git};
 ///
 /// match key_from_git(".".as_ref(), GitKeyMode::CleanOnly) {
 ///     Ok(key) => println!("deploying with key {key}"),
@@ -124,4 +115,15 @@ fn git_ok(dir: &Path, args: &[&str]) -> Result<Vec<u8>, NoGitKey> {
         )));
     }
     Ok(out.stdout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_git_key_is_an_error_that_says_why() {
+        let error: Box<dyn std::error::Error + Send + Sync> = Box::new(NoGitKey::Dirty { changes: 2 });
+        assert!(error.to_string().starts_with("the working tree has 2 uncommitted change(s)"), "{error}");
+    }
 }

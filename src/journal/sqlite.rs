@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 
-use crate::journal::{Begun, Finish, Intent, JournalError, KeyPlan, KeyStore, OpState, Record, from_millis, to_millis};
+use super::{Begun, Finish, Intent, JournalError, KeyPlan, KeyStore, OpState, Record, from_millis, to_millis};
 use crate::key::IdempotencyKey;
 use crate::time::lock;
 
@@ -71,7 +71,7 @@ const COLUMNS: &str =
 /// # Examples
 ///
 /// ```
-/// use idempotent_retry::{KeyStore, SqliteJournal};
+/// use idempotent_retry::journal::{KeyStore, SqliteJournal};
 ///
 /// let dir = std::env::temp_dir().join(format!("idem-doc-{}", std::process::id()));
 /// let journal = SqliteJournal::open(dir.join("journal.sqlite3")).unwrap();

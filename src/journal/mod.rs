@@ -2,20 +2,28 @@
 //!
 //! Every retry library keeps its key in memory for one call; when the process dies, a re-run
 //! mints a new key and the server creates a duplicate. A [`KeyStore`] keeps the key with the
-//! *operation*: it is written (and, for [`SqliteJournal`](crate::SqliteJournal), committed to disk)
+//! *operation*: it is written (and, for [`SqliteJournal`], committed to disk)
 //! before the request goes out, so a crash, a re-run or a CI retry resumes with the same key.
 //!
-//! The rules for choosing the key are on [`KeyStore`](crate::KeyStore).
+//! The rules for choosing the key are on [`KeyStore`].
 
-use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+mod memory;
+#[cfg(feature = "journal")]
+mod sqlite;
+
+pub use crate::target::redact_url;
+pub use memory::MemoryStore;
+#[cfg(feature = "journal")]
+pub use sqlite::SqliteJournal;
+
 use crate::key::IdempotencyKey;
-use crate::time::{lock, rfc3339};
+use crate::time::rfc3339;
 
 /// Where an operation stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -27,8 +35,10 @@ pub enum OpState {
     Pending,
     /// The server created it (or replayed its creation), or a read-back found it.
     Succeeded,
-    /// The server refused it, or it certainly did not take effect.
-    Failed,
+    /// It certainly did not take effect: the server refused it, the request never left, or a
+    /// read-back settled that it was not applied.
+    #[serde(rename = "not_applied", alias = "failed")]
+    NotApplied,
     /// It may have taken effect and nothing settled it.
     Unknown,
 }
@@ -39,7 +49,7 @@ impl OpState {
         match self {
             OpState::Pending => "pending",
             OpState::Succeeded => "succeeded",
-            OpState::Failed => "failed",
+            OpState::NotApplied => "not_applied",
             OpState::Unknown => "unknown",
         }
     }
@@ -49,7 +59,8 @@ impl OpState {
         Some(match s {
             "pending" => OpState::Pending,
             "succeeded" => OpState::Succeeded,
-            "failed" => OpState::Failed,
+            // "failed" is how journals written before 0.2 say it.
+            "not_applied" | "failed" => OpState::NotApplied,
             "unknown" => OpState::Unknown,
             _ => return None,
         })
@@ -261,7 +272,7 @@ pub enum JournalError {
         reason: String,
     },
     /// There is no journal where one was to be opened (not created: see
-    /// [`SqliteJournal::open_existing`](crate::SqliteJournal::open_existing)).
+    /// [`SqliteJournal::open_existing`](crate::journal::SqliteJournal::open_existing)).
     #[error("there is no journal at {path}")]
     Missing {
         /// The path looked at.
@@ -304,7 +315,7 @@ impl Intent<'_> {
             return Err(mismatch(other, Some(key)));
         }
         let fixed = matches!(self.key, KeyPlan::Fixed(_));
-        let send = |key: Option<IdempotencyKey>, created_at: SystemTime, resumed: bool| {
+        let planned = |key: Option<IdempotencyKey>, created_at: SystemTime, resumed: bool| {
             let claim = Claim { key, created_at };
             let write = self.pending(&claim, fixed);
             // A settled run whose fixed key this run does not reuse is remembered.
@@ -313,6 +324,8 @@ impl Intent<'_> {
                 .cloned();
             Planned { write: Some(write), retire, begun: Begun::Send { claim, resumed } }
         };
+        let start = |key: Option<IdempotencyKey>, created_at: SystemTime| planned(key, created_at, false);
+        let resume = |key: IdempotencyKey, created_at: SystemTime| planned(Some(key), created_at, true);
         let nothing = |begun: Begun| Planned { write: None, retire: None, begun };
         let Some(r) = existing else {
             let key = match &self.key {
@@ -320,7 +333,7 @@ impl Intent<'_> {
                 KeyPlan::Fixed(key) => Some(key.clone()),
                 KeyPlan::None => None,
             };
-            return Ok(send(key, self.now, false));
+            return Ok(start(key, self.now));
         };
         let holds = |record: &Record| matches!((&self.key, &record.key), (KeyPlan::Fixed(k), Some(held)) if k == held);
         // The record that used the fixed key: the current one, or a retired one.
@@ -332,7 +345,7 @@ impl Intent<'_> {
                     if r.fingerprint != self.fingerprint {
                         return Err(mismatch(r, Some(key)));
                     }
-                    send(Some(key.clone()), r.created_at, true)
+                    resume(key.clone(), r.created_at)
                 }
                 _ => nothing(Begun::Unsettled(r.clone())),
             },
@@ -345,12 +358,12 @@ impl Intent<'_> {
                 if used.state == OpState::Succeeded {
                     nothing(Begun::Succeeded(used.clone()))
                 } else {
-                    send(Some(key.clone()), used.created_at, false)
+                    start(Some(key.clone()), used.created_at)
                 }
             }
             // A settled operation run again with a new key, or none: a new run.
-            KeyPlan::Random => send(Some(IdempotencyKey::random()), self.now, false),
-            KeyPlan::Fixed(key) => send(Some(key.clone()), self.now, false),
+            KeyPlan::Random => start(Some(IdempotencyKey::random()), self.now),
+            KeyPlan::Fixed(key) => start(Some(key.clone()), self.now),
             // Two keyless runs must not share a claim: the new one is recorded as later.
             KeyPlan::None => {
                 let later = if r.key.is_none() && to_millis(self.now) <= to_millis(r.created_at) {
@@ -358,7 +371,7 @@ impl Intent<'_> {
                 } else {
                     self.now
                 };
-                send(None, later, false)
+                start(None, later)
             }
         })
     }
@@ -454,7 +467,7 @@ impl Finish {
 /// [`finish`](Self::finish) is a compare-and-set on the run's [`Claim`]: a run that reports
 /// late never overwrites the record of a newer run.
 ///
-/// Implemented by [`MemoryStore`] and [`SqliteJournal`](crate::SqliteJournal); implement it to keep
+/// Implemented by [`MemoryStore`] and [`SqliteJournal`]; implement it to keep
 /// keys elsewhere, e.g. in Terraform state, and check the implementation with
 /// `testing::check_key_store` (feature `test-util`). [`begin`](Self::begin) must be atomic
 /// with respect to other processes using the same store, and durable before it returns: the
@@ -464,7 +477,7 @@ impl Finish {
 ///
 /// ```
 /// use std::time::SystemTime;
-/// use idempotent_retry::{Begun, Intent, KeyPlan, KeyStore, MemoryStore, fingerprint};
+/// use idempotent_retry::journal::{Begun, Intent, KeyPlan, KeyStore, MemoryStore, fingerprint};
 ///
 /// let store = MemoryStore::new();
 /// let fp = fingerprint("POST", "https://api.test/cvms", b"{}");
@@ -518,128 +531,6 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// in place, saving two thread hand-offs per operation. Default: `true`.
     fn is_blocking(&self) -> bool {
         true
-    }
-}
-
-/// Keys in memory, for one process. Useful in tests and where durability is not wanted; it
-/// protects retries within the process, not re-runs.
-#[derive(Debug, Default)]
-pub struct MemoryStore {
-    inner: std::sync::Mutex<Memory>,
-}
-
-#[derive(Debug, Default)]
-struct Memory {
-    /// Records by operation name.
-    records: HashMap<String, Record>,
-    /// Retired records (settled runs with fixed keys that later runs replaced), by operation and
-    /// key.
-    retired: HashMap<(String, IdempotencyKey), Record>,
-    /// The operations holding each key, current or retired, for the pinning check. Several
-    /// operations may hold a key (with the same payload); each keeps it until it lets go.
-    by_key: HashMap<IdempotencyKey, BTreeSet<String>>,
-}
-
-impl MemoryStore {
-    /// An empty store.
-    pub fn new() -> Self {
-        Self::default()
-    }
-}
-
-impl Memory {
-    /// Whether `operation` still holds `key`, in its current record or a retired one.
-    fn holds(&self, operation: &str, key: &IdempotencyKey) -> bool {
-        self.records.get(operation).is_some_and(|r| r.key.as_ref() == Some(key))
-            || self.retired.contains_key(&(operation.to_owned(), key.clone()))
-    }
-
-    fn index(&mut self, operation: &str, key: Option<&IdempotencyKey>) {
-        if let Some(key) = key {
-            self.by_key.entry(key.clone()).or_default().insert(operation.to_owned());
-        }
-    }
-
-    fn unindex(&mut self, operation: &str, key: Option<&IdempotencyKey>) {
-        if let Some(key) = key
-            && !self.holds(operation, key)
-            && let Some(holders) = self.by_key.get_mut(key)
-        {
-            holders.remove(operation);
-            if holders.is_empty() {
-                self.by_key.remove(key);
-            }
-        }
-    }
-
-    /// Another operation's record, current or retired, holding `key` with another payload.
-    fn conflict(&self, intent: &Intent<'_>, key: &IdempotencyKey) -> Option<&Record> {
-        let holders = self.by_key.get(key)?;
-        holders.iter().filter(|op| op.as_str() != intent.operation).find_map(|op| {
-            let current = self.records.get(op).filter(|r| r.key.as_ref() == Some(key));
-            let retired = self.retired.get(&(op.clone(), key.clone()));
-            current.into_iter().chain(retired).find(|r| r.fingerprint != intent.fingerprint)
-        })
-    }
-}
-
-impl KeyStore for MemoryStore {
-    fn begin(&self, intent: &Intent<'_>) -> Result<Begun, JournalError> {
-        let mut memory = lock(&self.inner);
-        let (conflict, earlier) = match &intent.key {
-            KeyPlan::Fixed(key) => {
-                (memory.conflict(intent, key), memory.retired.get(&(intent.operation.to_owned(), key.clone())))
-            }
-            _ => (None, None),
-        };
-        let planned = intent
-            .plan(memory.records.get(intent.operation), earlier, conflict)
-            .map_err(JournalError::PayloadMismatch)?;
-        if let Some(record) = planned.write {
-            if let Some(retired) = planned.retire {
-                let key = retired.key.clone().expect("only keyed records retire");
-                memory.retired.insert((retired.operation.clone(), key), retired);
-            }
-            let old = memory.records.insert(record.operation.clone(), record.clone());
-            memory.index(&record.operation, record.key.as_ref());
-            if let Some(old) = old {
-                memory.unindex(&old.operation, old.key.as_ref());
-            }
-        }
-        Ok(planned.begun)
-    }
-
-    fn finish(&self, operation: &str, finish: &Finish) -> Result<bool, JournalError> {
-        Ok(lock(&self.inner).records.get_mut(operation).is_some_and(|r| finish.apply(r)))
-    }
-
-    fn get(&self, operation: &str) -> Result<Option<Record>, JournalError> {
-        Ok(lock(&self.inner).records.get(operation).cloned())
-    }
-
-    fn list(&self) -> Result<Vec<Record>, JournalError> {
-        let mut records: Vec<Record> = lock(&self.inner).records.values().cloned().collect();
-        records.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.operation.cmp(&b.operation)));
-        Ok(records)
-    }
-
-    fn is_blocking(&self) -> bool {
-        false
-    }
-
-    fn forget(&self, operation: &str) -> Result<bool, JournalError> {
-        let mut memory = lock(&self.inner);
-        let retired: Vec<(String, IdempotencyKey)> =
-            memory.retired.keys().filter(|(op, _)| op == operation).cloned().collect();
-        for id in &retired {
-            memory.retired.remove(id);
-        }
-        let record = memory.records.remove(operation);
-        let keys = retired.into_iter().map(|(_, key)| Some(key)).chain(record.as_ref().map(|r| r.key.clone()));
-        for key in keys.collect::<Vec<_>>() {
-            memory.unindex(operation, key.as_ref());
-        }
-        Ok(record.is_some())
     }
 }
 

@@ -1,0 +1,377 @@
+//! The engine behind the layer: one request's attempts, each sent, classified, decided on, and
+//! slept after, read top-down as those steps.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{Extensions, Method};
+use reqwest::{Request, Response};
+use reqwest_middleware::Next;
+use tracing::Instrument;
+use tracing::field::Empty;
+
+use crate::attempt::{self, Ended, Reading};
+use crate::budget::{RetryBudget, RetryCost, Withdrawal};
+use crate::carrier::KeyCarrier;
+use crate::classify::{AttemptContext, Classifier, RetryKind, TransportCause, Verdict};
+use crate::decide::{Decision, Setback, decide};
+use crate::error::{Error, Failure};
+use crate::key::IdempotencyKey;
+use crate::middleware::RetryEvent;
+use crate::options::RequestOptions;
+use crate::outcome::RetryOutcome;
+use crate::policy::RetryPolicy;
+use crate::replay::ReplayDetector;
+use crate::retry_after::retry_after;
+use crate::time::{Clock, Random, Sleeper};
+
+pub(crate) type OnRetry = dyn Fn(&RetryEvent) + Send + Sync;
+
+/// What the layer was built with.
+#[derive(Clone)]
+pub(crate) struct Engine {
+    pub policy: RetryPolicy,
+    pub carrier: KeyCarrier,
+    pub keyed_methods: Vec<Method>,
+    pub max_key_len: usize,
+    pub max_body: usize,
+    pub budget: Option<Arc<RetryBudget>>,
+    pub classifier: Arc<dyn Classifier>,
+    pub replay: ReplayDetector,
+    pub clock: Arc<dyn Clock>,
+    pub sleeper: Arc<dyn Sleeper>,
+    pub rng: Arc<dyn Random>,
+    pub on_retry: Option<Arc<OnRetry>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("policy", &self.policy)
+            .field("carrier", &self.carrier)
+            .field("keyed_methods", &self.keyed_methods)
+            .field("max_key_len", &self.max_key_len)
+            .field("max_body", &self.max_body)
+            .field("budget", &self.budget)
+            .field("replay", &self.replay)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One request while the engine works on it.
+struct Exchange<'a> {
+    options: &'a RequestOptions,
+    policy: Cow<'a, RetryPolicy>,
+    /// What every attempt sends (a body-less copy when the body is a stream).
+    template: Request,
+    /// A stream body, sent once, by the first attempt.
+    stream: Option<Request>,
+    /// The body can be sent again.
+    replayable: bool,
+    /// The request carries a key or its method is idempotent.
+    resendable: bool,
+    started: SystemTime,
+    tally: Tally,
+    /// Tokens the last retry took from the budget, to hand back on success.
+    withdrawal: Option<Withdrawal>,
+    /// The request's span, looked up once (a thread-local read each time).
+    span: tracing::Span,
+    /// The current attempt's span.
+    attempt_span: tracing::Span,
+}
+
+/// What the attempts have come to so far.
+struct Tally {
+    key: Option<IdempotencyKey>,
+    attempts: u32,
+    total_delay: Duration,
+    may_have_been_applied: bool,
+    retry_after: Option<Duration>,
+}
+
+impl Tally {
+    fn failure(&self, ended: Ended) -> Box<Failure> {
+        Box::new(Failure {
+            attempts: self.attempts,
+            key: self.key.clone(),
+            may_have_been_applied: self.may_have_been_applied,
+            last: ended.into_last(),
+            retry_after: self.retry_after,
+            total_delay: self.total_delay,
+        })
+    }
+}
+
+impl Engine {
+    /// Sends `request` until it is answered for good, the rules stop it, or its time runs out.
+    pub(crate) async fn execute(
+        &self,
+        request: Request,
+        extensions: &mut Extensions,
+        next: Next<'_>,
+        options: &RequestOptions,
+    ) -> Result<Response, Error> {
+        let mut exchange = self.prepare(request, options)?;
+        loop {
+            let ended = self.attempt(&mut exchange, extensions, next.clone()).await;
+            let replayed = self.is_replay(&exchange, &ended);
+            let delay = match self.classify(&exchange, &ended, replayed) {
+                Verdict::Done => return self.finish(ended, exchange, replayed),
+                Verdict::KeyReuse => {
+                    exchange.span.record("outcome", "key_reuse");
+                    return Err(Error::KeyReuse(exchange.tally.failure(ended)));
+                }
+                Verdict::Retry { kind, may_have_been_applied } => {
+                    exchange.tally.may_have_been_applied |= may_have_been_applied;
+                    match self.decide(&mut exchange, &ended, kind, may_have_been_applied, replayed) {
+                        Ok(delay) => delay,
+                        Err(stop) => return Err(stop(exchange.tally.failure(ended))),
+                    }
+                }
+            };
+            self.sleep(&mut exchange, ended, delay, replayed).await;
+        }
+    }
+
+    /// Checks the options and the policy, settles the key and puts it on the request. Nothing
+    /// is sent when this fails.
+    fn prepare<'a>(&'a self, mut request: Request, options: &'a RequestOptions) -> Result<Exchange<'a>, Error> {
+        options.validate()?;
+        let policy = options.policy_or(&self.policy);
+        policy.check().map_err(Error::InvalidRequest)?;
+        let key = self.prepare_key(&mut request, options)?;
+        let replayable = request.body().is_none_or(|b| b.as_bytes().is_some());
+        let resendable = key.is_some() || request.method().is_idempotent();
+        let span = tracing::Span::current();
+        if !span.is_disabled()
+            && let Some(key) = &key
+        {
+            span.record("key", key.fingerprint());
+        }
+        // A stream goes out once, as is; the classifier sees a body-less copy of it.
+        let (template, stream) = if replayable { (request, None) } else { (without_body(&request), Some(request)) };
+        Ok(Exchange {
+            options,
+            policy,
+            template,
+            stream,
+            replayable,
+            resendable,
+            started: self.clock.now(),
+            tally: Tally {
+                key,
+                attempts: 0,
+                total_delay: Duration::ZERO,
+                may_have_been_applied: false,
+                retry_after: None,
+            },
+            withdrawal: None,
+            span,
+            attempt_span: tracing::Span::none(),
+        })
+    }
+
+    /// Settles the key: the one already on the request (never overwritten), the one in the
+    /// options, or a fresh one for keyed methods. Validates it and puts it on the request.
+    fn prepare_key(&self, request: &mut Request, options: &RequestOptions) -> Result<Option<IdempotencyKey>, Error> {
+        let wants_key = options.explicit_key().is_some()
+            || (!options.is_keyless() && self.keyed_methods.contains(request.method()));
+        let existing = if self.carrier.in_body() && !wants_key {
+            None
+        } else {
+            let body = match request.body() {
+                None => Some(&[][..]),
+                Some(b) => b.as_bytes(),
+            };
+            self.carrier.existing_key(request.headers(), body, self.max_key_len)?
+        };
+        let key = match (existing, options.explicit_key()) {
+            (Some(have), Some(want)) if have != *want => {
+                return Err(Error::InvalidRequest(format!(
+                    "the request already carries idempotency key sha256:{} and RequestOptions sets another, sha256:{}",
+                    have.fingerprint(),
+                    want.fingerprint()
+                )));
+            }
+            (Some(have), _) => return Ok(Some(have)),
+            (None, Some(want)) => want.clone(),
+            (None, None) if wants_key => IdempotencyKey::random(),
+            (None, None) => return Ok(None),
+        };
+        key.check_max_len(self.max_key_len)?;
+        self.carrier.attach(request, &key)?;
+        Ok(Some(key))
+    }
+
+    /// One attempt, within what is left of the deadline.
+    async fn attempt(&self, x: &mut Exchange<'_>, extensions: &mut Extensions, next: Next<'_>) -> Ended {
+        let elapsed = since(x.started, self.clock.now());
+        let limit = match (x.policy.attempt_timeout(), x.policy.deadline()) {
+            (t, None) => t,
+            (t, Some(deadline)) => Some(t.unwrap_or(Duration::MAX).min(deadline.saturating_sub(elapsed))),
+        };
+        let request = match x.stream.take() {
+            Some(original) => original,
+            None => x.template.try_clone().expect("only replayable requests are attempted more than once"),
+        };
+        x.tally.attempts += 1;
+        x.attempt_span = tracing::debug_span!(
+            "attempt",
+            attempt = x.tally.attempts,
+            cause = Empty,
+            delay_ms = Empty,
+            replayed = Empty
+        );
+        let reading = Reading { all_bodies: x.options.is_buffered(), max_body: self.max_body };
+        attempt::send(next, request, extensions, limit, &*self.sleeper, reading)
+            .instrument(x.attempt_span.clone())
+            .await
+    }
+
+    /// Whether the server answered from its idempotency store.
+    fn is_replay(&self, x: &Exchange<'_>, ended: &Ended) -> bool {
+        match (ended.status(), ended.headers()) {
+            (Some(status), Some(headers)) => self.replay.is_replay(status, headers, x.tally.key.as_ref()),
+            _ => false,
+        }
+    }
+
+    /// What the attempt was, by the classifier.
+    fn classify(&self, x: &Exchange<'_>, ended: &Ended, replayed: bool) -> Verdict {
+        let context =
+            AttemptContext::new(&x.template, x.tally.attempts, x.tally.key.as_ref(), ended.as_result(replayed));
+        let verdict = self.classifier.classify(&context);
+        if !x.attempt_span.is_disabled() {
+            x.attempt_span.record("cause", ended.cause()).record("replayed", replayed);
+        }
+        if !x.span.is_disabled() {
+            x.span.record("attempts", x.tally.attempts).record("replayed", replayed);
+        }
+        verdict
+    }
+
+    /// Whether to retry a transient failure, and after how long: the pure rules, then the
+    /// budget. `Err` holds how to stop.
+    fn decide(
+        &self,
+        x: &mut Exchange<'_>,
+        ended: &Ended,
+        kind: RetryKind,
+        may_have_been_applied: bool,
+        replayed: bool,
+    ) -> Result<Duration, fn(Box<Failure>) -> Error> {
+        let now = self.clock.now();
+        let server_delay = ended.headers().and_then(|h| retry_after(h, now));
+        x.tally.retry_after = server_delay.or(x.tally.retry_after);
+        let setback = Setback {
+            attempts: x.tally.attempts,
+            may_have_been_applied,
+            replayed_server_error: replayed && ended.status().is_some_and(|s| s.is_server_error()),
+            resendable: x.resendable,
+            replayable: x.replayable,
+            server_delay,
+            elapsed: since(x.started, now),
+        };
+        let delay = match decide(&x.policy, &setback, &*self.rng) {
+            Decision::Retry { delay } => delay,
+            Decision::Stop(stop) => {
+                x.span.record("outcome", stop.name());
+                return Err(stop.error());
+            }
+        };
+        if let Some(budget) = &self.budget {
+            let cost = match kind {
+                RetryKind::Transport(TransportCause::Timeout) => RetryCost::AfterTimeout,
+                _ => RetryCost::Retry,
+            };
+            match budget.try_acquire(budget_host(&x.template), cost) {
+                Some(withdrawal) => x.withdrawal = Some(withdrawal),
+                None => {
+                    x.span.record("outcome", "budget_exhausted");
+                    return Err(Error::BudgetExhausted);
+                }
+            }
+        }
+        Ok(delay)
+    }
+
+    /// Tells whoever listens, then waits `delay`.
+    async fn sleep(&self, x: &mut Exchange<'_>, ended: Ended, delay: Duration, replayed: bool) {
+        if let Some(hook) = &self.on_retry {
+            let url = x.template.url();
+            hook(&RetryEvent {
+                attempt: x.tally.attempts,
+                max_attempts: x.policy.max_attempts(),
+                cause: ended.cause(),
+                delay,
+                key_fingerprint: x.tally.key.as_ref().map(IdempotencyKey::fingerprint),
+                target: format!("{} {}{}", x.template.method(), url.origin().ascii_serialization(), url.path()),
+            });
+        }
+        x.attempt_span.record("delay_ms", delay.as_millis() as u64);
+        tracing::debug!(
+            parent: &x.attempt_span,
+            attempt = x.tally.attempts,
+            cause = %ended.cause(),
+            delay_ms = delay.as_millis() as u64,
+            replayed,
+            "retrying"
+        );
+        drop(ended);
+        self.sleeper.sleep(delay).await;
+        x.tally.total_delay += delay;
+    }
+
+    /// Hands a final answer to the caller, with the outcome record attached.
+    fn finish(&self, ended: Ended, mut x: Exchange<'_>, replayed: bool) -> Result<Response, Error> {
+        let mut response = match ended {
+            Ended::Streaming(response) => response,
+            Ended::Buffered(buffered) if x.options.is_buffered() && buffered.is_truncated() => {
+                // The caller asked for the whole body in memory, and it does not fit. An answer
+                // that is not a refusal may mean the request took effect.
+                x.tally.may_have_been_applied |= !buffered.status().is_client_error();
+                x.span.record("outcome", "response_too_large");
+                let failure = x.tally.failure(Ended::Buffered(buffered));
+                return Err(Error::ResponseTooLarge { limit: self.max_body, failure });
+            }
+            Ended::Buffered(buffered) => buffered.into_response(),
+            failed @ Ended::Transport { .. } => {
+                x.span.record("outcome", "transport_error");
+                return Err(Error::Transport(x.tally.failure(failed)));
+            }
+        };
+        if let Some(budget) = &self.budget {
+            budget.on_success(budget_host(&x.template), x.withdrawal);
+        }
+        x.span.record("outcome", if replayed { "replayed" } else { "done" });
+        let status = response.status();
+        let key = x.tally.key.as_ref();
+        response.extensions_mut().insert(RetryOutcome {
+            attempts: x.tally.attempts,
+            succeeded: status.is_success() || (replayed && self.replay.is_success_replay(status, key)),
+            key: x.tally.key.clone(),
+            replayed,
+            total_delay: x.tally.total_delay,
+        });
+        Ok(response)
+    }
+}
+
+fn since(start: SystemTime, now: SystemTime) -> Duration {
+    now.duration_since(start).unwrap_or(Duration::ZERO)
+}
+
+/// The budget is per host and port: `host[:port]` as the URL spells it, sliced, not built.
+pub(crate) fn budget_host(request: &Request) -> &str {
+    &request.url()[url::Position::BeforeHost..url::Position::AfterPort]
+}
+
+/// A copy of `request` without its body, for classifiers to look at when the original (a
+/// stream) has been sent.
+fn without_body(request: &Request) -> Request {
+    let mut copy = Request::new(request.method().clone(), request.url().clone());
+    *copy.headers_mut() = request.headers().clone();
+    *copy.version_mut() = request.version();
+    copy
+}

@@ -1,0 +1,606 @@
+//! Running one operation: ask the journal, settle what stands in the way, send, settle what
+//! came back.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::StatusCode;
+use serde_json::Value;
+
+use super::git::key_from_git;
+use super::{Completed, IdentityMismatch, KeySource, OperationBuilder, OperationError, ReadBack, Resolution};
+use crate::error::Error;
+use crate::journal::{Begun, Claim, Finish, Intent, JournalError, KeyPlan, OpState, Record, fingerprint};
+use crate::key::IdempotencyKey;
+use crate::options::RequestOptions;
+use crate::outcome::RetryOutcome;
+
+impl OperationBuilder<'_> {
+    pub(super) async fn run(self) -> Result<Completed, OperationError> {
+        let url = self.checked_url()?;
+        let (plan, no_key_reason) = self.key_plan().await?;
+        let fp = fingerprint(self.method.as_str(), &url, &self.body);
+        let stored_url = crate::target::redact_str(&url);
+        let run = match self.start(&stored_url, &fp, &plan, no_key_reason.clone()).await? {
+            Start::Done(done) => return Ok(*done),
+            Start::Send(run) => run,
+        };
+        tracing::Span::current().record("key", run.claim.key.as_ref().map(IdempotencyKey::fingerprint));
+        self.send_until_settled(&url, run, no_key_reason).await
+    }
+
+    /// The URL, the options and the operation's own policy, checked before anything else.
+    fn checked_url(&self) -> Result<String, OperationError> {
+        if let Some(reason) = &self.invalid {
+            return Err(self.invalid(reason.clone()));
+        }
+        let Some(url) = self.url.clone() else {
+            return Err(self.invalid("no URL: call post(), patch(), put() or request()"));
+        };
+        crate::target::http_url(&url).map_err(|why| self.invalid(why))?;
+        if let Some(policy) = &self.policy {
+            policy.check().map_err(|why| self.invalid(why))?;
+        }
+        if self.sources.len() > 1 {
+            return Err(self.invalid(format!("conflicting key sources: {:?}", self.sources)));
+        }
+        Ok(url)
+    }
+
+    /// How the key is chosen, and why there is none when a source found none. Git runs off the
+    /// async thread.
+    async fn key_plan(&self) -> Result<(KeyPlan, Option<String>), OperationError> {
+        Ok(match self.sources.first().cloned().unwrap_or(KeySource::Random) {
+            KeySource::Random => (KeyPlan::Random, None),
+            KeySource::Derived { generation } => (KeyPlan::Fixed(self.ops.derived_key(&self.name, generation)), None),
+            KeySource::Explicit(key) => (KeyPlan::Fixed(key), None),
+            KeySource::Git { dir, mode } => {
+                let found = tokio::task::spawn_blocking(move || key_from_git(&dir, mode))
+                    .await
+                    .map_err(|e| self.invalid(format!("reading the git key failed: {e}")))?;
+                match found {
+                    Ok(key) => (KeyPlan::Fixed(key), None),
+                    Err(why) => {
+                        tracing::warn!(operation = %self.name, "no idempotency key from git: {why}");
+                        (KeyPlan::None, Some(why.to_string()))
+                    }
+                }
+            }
+            KeySource::None => (KeyPlan::None, None),
+        })
+    }
+
+    /// Asks the journal what this run does, settling what stands in the way first: a previous
+    /// run that may have taken effect, a key the server may have forgotten.
+    async fn start(
+        &self,
+        url: &str,
+        fp: &str,
+        plan: &KeyPlan,
+        no_key_reason: Option<String>,
+    ) -> Result<Start, OperationError> {
+        // Another process may change the record between two looks; a few rounds settle that.
+        for _ in 0..4 {
+            match self.begin(url, fp, plan.clone()).await? {
+                Begun::Send { claim, resumed } => {
+                    if !resumed || !self.past_retention(&claim) {
+                        return Ok(Start::Send(Run { claim, resumed, resending_success: false }));
+                    }
+                    // The server may have forgotten the key: it is not resent blind.
+                    let Some(read_back) = &self.read_back else {
+                        self.finish(&claim, Finish::new(claim.clone(), OpState::Unknown, self.ops.clock.now())).await?;
+                        return Err(self.unknown(claim.key.clone(), self.retention_reason(&claim)));
+                    };
+                    if let Some(found) = self.lookup(read_back).await? {
+                        return self.recovered(found, &claim, no_key_reason).await.map(Start::done);
+                    }
+                    // Not there: nothing was created. A random key is renewed; a fixed one is
+                    // sent again (the server no longer knows it).
+                    if *plan != KeyPlan::Random {
+                        return Ok(Start::Send(Run { claim, resumed, resending_success: false }));
+                    }
+                    self.settle_as_failed(&claim).await?;
+                }
+                Begun::Succeeded(record) => {
+                    let claim = record.claim();
+                    // A success the server answered under this key, which it still holds: it
+                    // replays. One found by reading back (no status) may never have reached the
+                    // server under this key: never sent blind.
+                    if record.status.is_some() && !self.past_retention(&claim) {
+                        return Ok(Start::Send(Run { claim, resumed: false, resending_success: true }));
+                    }
+                    return self.succeeded_earlier(record, no_key_reason).await.map(Start::done);
+                }
+                Begun::Unsettled(previous) => {
+                    let claim = previous.claim();
+                    let Some(read_back) = &self.read_back else {
+                        return Err(self.unknown(
+                            previous.key.clone(),
+                            format!(
+                                "a previous run ({}, {}, {}) may have taken effect, and this run cannot resume it; attach a read-back, or check the server and then forget the operation (`idem journal forget`, KeyStore::forget)",
+                                previous.state,
+                                previous.key.as_ref().map_or_else(|| "no key".to_owned(), |k| format!("key sha256:{}", k.fingerprint())),
+                                crate::time::rfc3339(previous.updated_at)
+                            ),
+                        ));
+                    };
+                    // The previous run's request may still be on its way.
+                    self.wait_in_flight(previous.updated_at).await;
+                    if let Some(found) = self.lookup(read_back).await? {
+                        let done = self.recovered(found, &claim, no_key_reason).await?;
+                        // The previous run did this run's work: a fixed key remembers it, as a
+                        // success it never sent (so it is never sent blind after).
+                        if let KeyPlan::Fixed(_) = plan {
+                            self.bind_recovery(url, fp, plan, &done).await?;
+                        }
+                        return Ok(Start::done(done));
+                    }
+                    // Not there: the previous run did not take effect. Settle it, then plan again.
+                    self.settle_as_failed(&claim).await?;
+                }
+            }
+        }
+        Err(self
+            .unknown(None, "the journal's record kept changing under this run (another process is running it?)".into()))
+    }
+
+    /// Records `done` (found by reading back, for a previous run) as the outcome of this run's
+    /// fixed key, without a status: the key itself was never sent.
+    ///
+    /// A key pinned to another payload stays as it is (it is refused for this payload anyway):
+    /// the previous run's outcome, found and recorded, is this run's answer either way.
+    async fn bind_recovery(&self, url: &str, fp: &str, plan: &KeyPlan, done: &Completed) -> Result<(), OperationError> {
+        let claim = match self.begin(url, fp, plan.clone()).await {
+            Ok(Begun::Send { claim, .. }) => claim,
+            Ok(_) | Err(OperationError::PayloadMismatch(_)) => return Ok(()),
+            Err(OperationError::Journal(source)) => {
+                return Err(OperationError::Unrecorded { operation: self.name.clone(), key: done.key.clone(), source });
+            }
+            Err(other) => return Err(other),
+        };
+        let identity = Some(self.identity_record(&done.resource));
+        let finish = Finish::new(claim.clone(), OpState::Succeeded, self.ops.clock.now()).identity(identity);
+        self.record(finish).await.map_err(OperationError::journal)
+    }
+
+    /// Sends; if the outcome is unknown, reads back; if not found, sends once more.
+    async fn send_until_settled(
+        &self,
+        url: &str,
+        run: Run,
+        mut no_key_reason: Option<String>,
+    ) -> Result<Completed, OperationError> {
+        let mut read_back_done = false;
+        loop {
+            let error = match self.send_once(url, run.claim.key.as_ref()).await {
+                Ok(response) => return self.answered(response, &run, no_key_reason.take()).await,
+                Err(error) => error,
+            };
+            if run.resending_success {
+                // The journal already knows it succeeded; a failed replay changes nothing there.
+                return Err(self.gave_up(error, &run.claim));
+            }
+            if let Some(why) = never_sent(&error) {
+                // It could not be sent at all: nothing to settle.
+                self.settle_as_failed(&run.claim).await?;
+                return Err(self.invalid(why));
+            }
+            if let Some(refusal) = self.key_refusal(&error, &run.claim).await? {
+                return Err(refusal);
+            }
+            let may_have_been_applied = Error::find(&error).is_none_or(Error::may_have_been_applied);
+            if !may_have_been_applied {
+                let status = error.status().map(|s| s.as_u16());
+                self.finish(
+                    &run.claim,
+                    Finish::new(run.claim.clone(), OpState::NotApplied, self.ops.clock.now()).status(status),
+                )
+                .await?;
+                return Err(self.not_applied(error, &run.claim));
+            }
+            let failed_at = self.ops.clock.now();
+            let Some(read_back) = self.read_back.as_ref().filter(|_| !read_back_done) else {
+                self.finish(&run.claim, Finish::new(run.claim.clone(), OpState::Unknown, failed_at)).await?;
+                return Err(self.gave_up(error, &run.claim));
+            };
+            if run.claim.key.is_none() {
+                // Without a key, "not found" must also mean "not on its way": wait that out.
+                self.wait_in_flight(failed_at).await;
+            }
+            if let Some(found) = self.lookup(read_back).await? {
+                return self.recovered(found, &run.claim, no_key_reason).await;
+            }
+            read_back_done = true;
+            tracing::info!(operation = %self.name, "not found by reading back: sending again");
+        }
+    }
+
+    /// Waits until the in-flight window since `sent` has passed.
+    async fn wait_in_flight(&self, sent: SystemTime) {
+        let until = sent + self.ops.in_flight_window;
+        if let Ok(left) = until.duration_since(self.ops.clock.now())
+            && !left.is_zero()
+        {
+            tracing::info!(operation = %self.name, "waiting {left:?} for a request that may still be on its way before reading back");
+            self.ops.sleeper.sleep(left).await;
+        }
+    }
+
+    /// The server refused the key as used with another payload: a final refusal, with its body.
+    async fn key_refusal(
+        &self,
+        error: &reqwest_middleware::Error,
+        claim: &Claim,
+    ) -> Result<Option<OperationError>, OperationError> {
+        let Some(Error::KeyReuse(failure)) = Error::find(error) else { return Ok(None) };
+        let crate::error::LastAttempt::Status { status, body, .. } = &failure.last else { return Ok(None) };
+        let finish =
+            Finish::new(claim.clone(), OpState::NotApplied, self.ops.clock.now()).status(Some(status.as_u16()));
+        self.finish(claim, finish).await?;
+        Ok(Some(OperationError::Rejected {
+            operation: self.name.clone(),
+            status: *status,
+            body: body.clone(),
+            attempts: failure.attempts,
+            key: claim.key.clone(),
+            key_reuse: true,
+        }))
+    }
+
+    /// Whether the key's age is past the server's retention, less the margin.
+    fn past_retention(&self, claim: &Claim) -> bool {
+        let (retention, margin) = self.retention_and_margin();
+        self.key_age(claim) >= retention.saturating_sub(margin)
+    }
+
+    fn retention_and_margin(&self) -> (Duration, Duration) {
+        let retention = self.retention.unwrap_or(self.ops.retention);
+        (retention, self.ops.margin.unwrap_or(retention / 10))
+    }
+
+    fn key_age(&self, claim: &Claim) -> Duration {
+        self.ops.clock.now().duration_since(claim.created_at).unwrap_or_default()
+    }
+
+    fn retention_reason(&self, claim: &Claim) -> String {
+        format!(
+            "the key was recorded {}s ago, past the server's retention ({}s) less the margin; the server may have forgotten it, so it is not resent. Attach a read-back",
+            self.key_age(claim).as_secs(),
+            self.retention_and_margin().0.as_secs()
+        )
+    }
+
+    /// A fixed key that succeeded, past the server's retention: the journal's record, refreshed
+    /// by the read-back when there is one. Nothing is sent.
+    async fn succeeded_earlier(
+        &self,
+        record: Record,
+        no_key_reason: Option<String>,
+    ) -> Result<Completed, OperationError> {
+        let claim = record.claim();
+        if let Some(read_back) = &self.read_back {
+            return match self.lookup(read_back).await? {
+                Some(found) => self.recovered(found, &claim, no_key_reason).await,
+                None => Err(OperationError::Gone {
+                    operation: self.name.clone(),
+                    identity: record.identity.unwrap_or(Value::Null),
+                }),
+            };
+        }
+        tracing::Span::current().record("outcome", "recorded");
+        let identity: BTreeMap<String, Value> = match &record.identity {
+            Some(Value::Object(map)) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            _ => BTreeMap::new(),
+        };
+        Ok(Completed {
+            resolution: Resolution::Recorded,
+            status: record.status.and_then(|s| StatusCode::from_u16(s).ok()),
+            resource: record.identity.clone().unwrap_or(Value::Null),
+            body: Bytes::new(),
+            identity,
+            key: record.key,
+            resumed: false,
+            attempts: 0,
+            no_key_reason,
+        })
+    }
+
+    async fn begin(&self, url: &str, fp: &str, plan: KeyPlan) -> Result<Begun, OperationError> {
+        let (operation, method, url, fp) =
+            (self.name.clone(), self.method.as_str().to_owned(), url.to_owned(), fp.to_owned());
+        let now = self.ops.clock.now();
+        self.ops
+            .journal(move |store| {
+                store.begin(&Intent {
+                    operation: &operation,
+                    method: &method,
+                    url: &url,
+                    fingerprint: &fp,
+                    key: plan,
+                    now,
+                })
+            })
+            .await
+            .map_err(OperationError::journal)
+    }
+
+    /// Records how the run ended, once its request was sent.
+    async fn finish(&self, claim: &Claim, finish: Finish) -> Result<(), OperationError> {
+        self.record(finish).await.map_err(|source| OperationError::Unrecorded {
+            operation: self.name.clone(),
+            key: claim.key.clone(),
+            source,
+        })
+    }
+
+    /// Records that a run took no effect, before anything of this run was sent.
+    async fn settle_as_failed(&self, claim: &Claim) -> Result<(), OperationError> {
+        let finish = Finish::new(claim.clone(), OpState::NotApplied, self.ops.clock.now());
+        self.record(finish).await.map_err(OperationError::journal)
+    }
+
+    /// `finish` as a compare-and-set: a newer run's record is left alone.
+    async fn record(&self, finish: Finish) -> Result<(), JournalError> {
+        let operation = self.name.clone();
+        let applied = self.ops.journal(move |store| store.finish(&operation, &finish)).await?;
+        if !applied {
+            tracing::info!(operation = %self.name, "the journal's record moved on to a newer run: this run's outcome is not recorded over it");
+        }
+        Ok(())
+    }
+
+    fn unknown(&self, key: Option<IdempotencyKey>, reason: String) -> OperationError {
+        OperationError::Unknown { operation: self.name.clone(), key, reason }
+    }
+
+    async fn send_once(
+        &self,
+        url: &str,
+        key: Option<&IdempotencyKey>,
+    ) -> reqwest_middleware::Result<reqwest::Response> {
+        // The answer is read within the attempt: a body that stalls or is cut short is a lost
+        // answer (retried with the key), and its size is bounded.
+        let options = RequestOptions::new().buffer_body();
+        let mut options = match key {
+            Some(key) => options.key(key.clone()),
+            None => options.no_key(),
+        };
+        if let Some(policy) = &self.policy {
+            options = options.policy(policy.clone());
+        }
+        if let Some(deadline) = self.deadline {
+            options = options.deadline(deadline);
+        }
+        self.ops
+            .client
+            .request(self.method.clone(), url)
+            .headers(self.headers.clone())
+            .body(self.body.clone())
+            .with_extension(options)
+            .send()
+            .await
+    }
+
+    async fn lookup(&self, read_back: &ReadBack) -> Result<Option<Value>, OperationError> {
+        read_back
+            .lookup(&self.ops.client)
+            .await
+            .map_err(|source| OperationError::ReadBack { operation: self.name.clone(), source })
+    }
+
+    /// Gave up on a request that may have been applied.
+    fn gave_up(&self, source: reqwest_middleware::Error, claim: &Claim) -> OperationError {
+        OperationError::GaveUp {
+            operation: self.name.clone(),
+            key: claim.key.clone(),
+            may_have_been_applied: true,
+            source,
+        }
+    }
+
+    /// Gave up on a request that was not applied.
+    fn not_applied(&self, source: reqwest_middleware::Error, claim: &Claim) -> OperationError {
+        OperationError::GaveUp {
+            operation: self.name.clone(),
+            key: claim.key.clone(),
+            may_have_been_applied: false,
+            source,
+        }
+    }
+
+    /// The identity fields of `resource` as the journal keeps them: `id` and the declared and
+    /// expected fields, as found (`null` where missing), whether or not they match.
+    fn identity_record(&self, resource: &Value) -> Value {
+        let mut identity = serde_json::Map::new();
+        let fields = std::iter::once("id").chain(self.identity.iter().map(String::as_str));
+        for field in fields.chain(self.expect.iter().map(|(f, _)| f.as_str())) {
+            if let Some(value) = resource.get(field) {
+                identity.insert(field.to_owned(), value.clone());
+            } else if field != "id" {
+                identity.insert(field.to_owned(), Value::Null);
+            }
+        }
+        Value::Object(identity)
+    }
+
+    /// Identity fields of `resource`, checked against the expectations.
+    fn identity_of(&self, resource: &Value) -> Result<BTreeMap<String, Value>, OperationError> {
+        let mut identity = BTreeMap::new();
+        if let Some(id) = resource.get("id") {
+            identity.insert("id".to_owned(), id.clone());
+        }
+        for field in &self.identity {
+            let Some(value) = resource.get(field) else {
+                let expected = Value::String("a value".into());
+                return Err(IdentityMismatch::error(&self.name, field, expected, Value::Null, resource.clone()));
+            };
+            identity.insert(field.clone(), value.clone());
+        }
+        for (field, expected) in &self.expect {
+            let found = resource.get(field).cloned().unwrap_or(Value::Null);
+            if found != *expected {
+                return Err(IdentityMismatch::error(&self.name, field, expected.clone(), found, resource.clone()));
+            }
+            identity.insert(field.clone(), found);
+        }
+        Ok(identity)
+    }
+
+    /// Records how a run whose answer came back ended, unless it was a resend of a success
+    /// the journal already knows.
+    async fn ended(
+        &self,
+        run: &Run,
+        state: OpState,
+        status: StatusCode,
+        now: SystemTime,
+    ) -> Result<(), OperationError> {
+        if run.resending_success {
+            return Ok(());
+        }
+        self.finish(&run.claim, Finish::new(run.claim.clone(), state, now).status(Some(status.as_u16()))).await
+    }
+
+    /// Records that the run created `resource`, with its identity as found.
+    async fn succeeded(
+        &self,
+        claim: &Claim,
+        status: StatusCode,
+        resource: &Value,
+        now: SystemTime,
+    ) -> Result<(), OperationError> {
+        let finish = Finish::new(claim.clone(), OpState::Succeeded, now)
+            .status(Some(status.as_u16()))
+            .identity(Some(self.identity_record(resource)));
+        self.finish(claim, finish).await
+    }
+
+    async fn answered(
+        &self,
+        response: reqwest::Response,
+        run: &Run,
+        no_key_reason: Option<String>,
+    ) -> Result<Completed, OperationError> {
+        let claim = &run.claim;
+        let now = self.ops.clock.now();
+        let Some(record) = RetryOutcome::of(&response).cloned() else {
+            self.ended(run, OpState::Unknown, response.status(), now).await?;
+            return Err(self.invalid(
+                "the client has no IdempotentRetry layer, so the request went out without its key; build it with Operations::with_layer",
+            ));
+        };
+        let status = response.status();
+        // In memory already: the layer read it within the attempt (`buffer_body`).
+        let body = match response.bytes().await {
+            Ok(body) => body,
+            Err(e) => {
+                self.ended(run, OpState::Unknown, status, now).await?;
+                return Err(self.gave_up(e.into(), claim));
+            }
+        };
+        if !record.succeeded {
+            self.ended(run, OpState::NotApplied, status, now).await?;
+            return Err(OperationError::Rejected {
+                operation: self.name.clone(),
+                status,
+                body,
+                attempts: record.attempts,
+                key: claim.key.clone(),
+                key_reuse: false,
+            });
+        }
+        let mut resource = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let resolution = if record.replayed { Resolution::Replayed } else { Resolution::Created };
+        // A replay carries the state of its time: trust its identity, re-read the state.
+        if resolution == Resolution::Replayed
+            && let Some(read_back) = &self.read_back
+            && let Some(fresh) = self.lookup(read_back).await?
+        {
+            if fresh.get("id").is_some() && fresh.get("id") != resource.get("id") {
+                let expected = resource.get("id").cloned().unwrap_or(Value::Null);
+                self.succeeded(claim, status, &resource, now).await?;
+                let found = fresh.get("id").cloned().unwrap_or(Value::Null);
+                return Err(IdentityMismatch::error(&self.name, "id", expected, found, fresh));
+            }
+            resource = fresh;
+        }
+        // What was created is recorded, whether or not its identity is the one expected: it is
+        // this operation's, and a re-run must not create another.
+        self.succeeded(claim, status, &resource, now).await?;
+        let identity = self.identity_of(&resource)?;
+        tracing::Span::current().record("outcome", if record.replayed { "replayed" } else { "created" });
+        Ok(Completed {
+            resolution,
+            status: Some(status),
+            resource,
+            body,
+            identity,
+            key: claim.key.clone(),
+            resumed: run.resumed,
+            attempts: record.attempts,
+            no_key_reason,
+        })
+    }
+
+    async fn recovered(
+        &self,
+        found: Value,
+        claim: &Claim,
+        no_key_reason: Option<String>,
+    ) -> Result<Completed, OperationError> {
+        let finish = Finish::new(claim.clone(), OpState::Succeeded, self.ops.clock.now())
+            .identity(Some(self.identity_record(&found)));
+        self.finish(claim, finish).await?;
+        let identity = self.identity_of(&found)?;
+        tracing::Span::current().record("outcome", "recovered");
+        Ok(Completed {
+            resolution: Resolution::Recovered,
+            status: None,
+            resource: found,
+            body: Bytes::new(),
+            identity,
+            key: claim.key.clone(),
+            resumed: false,
+            attempts: 0,
+            no_key_reason,
+        })
+    }
+}
+
+/// What a run does once the journal has been asked.
+enum Start {
+    /// Nothing to send: settled by reading back, or by the journal's record.
+    Done(Box<Completed>),
+    /// Send, as this run.
+    Send(Run),
+}
+
+impl Start {
+    fn done(completed: Completed) -> Self {
+        Start::Done(Box::new(completed))
+    }
+}
+
+/// The run about to send.
+struct Run {
+    /// Its key and when that key was first recorded.
+    claim: Claim,
+    /// The key is a previous run's.
+    resumed: bool,
+    /// The key already succeeded (within the server's retention): the server replays, and the
+    /// journal's record is refreshed only by a success.
+    resending_success: bool,
+}
+
+/// Why a request could not be sent at all, if that is how it failed: the request could not be
+/// built, or the layer refused it before the first attempt.
+fn never_sent(error: &reqwest_middleware::Error) -> Option<String> {
+    match error {
+        reqwest_middleware::Error::Reqwest(e) if e.is_builder() => Some(e.to_string()),
+        _ => match Error::find(error) {
+            Some(e @ (Error::InvalidKey(_) | Error::InvalidRequest(_))) => Some(crate::error::chain(e)),
+            _ => None,
+        },
+    }
+}

@@ -117,6 +117,7 @@ impl RetryBudget {
             return None;
         }
         *available -= cost;
+        crate::telemetry::budget_tokens(host, *available);
         Some(Withdrawal(cost))
     }
 
@@ -130,6 +131,7 @@ impl RetryBudget {
         }
         let available = tokens.entry(host.to_owned()).or_insert(self.capacity);
         *available = available.saturating_add(refill).min(self.capacity);
+        crate::telemetry::budget_tokens(host, *available);
     }
 
     /// Tokens currently available for `host`.

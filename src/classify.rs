@@ -37,9 +37,20 @@ pub enum TransportCause {
     Reset,
     /// The connection closed before a complete response arrived.
     Closed,
+    /// The server refused the request unprocessed: an HTTP/2 `REFUSED_STREAM`, or a `GOAWAY`
+    /// whose last stream id is below the request's (RFC 9113 §8.7). Safe to send again, key or
+    /// not; the engine does so at most [`MAX_REFUSALS`] times per request.
+    Refused,
+    /// The server's TLS certificate was not accepted. Final: another attempt would meet the
+    /// same certificate.
+    Certificate,
     /// Any other failure.
     Other,
 }
+
+/// How many times one request is sent again after the server [refused](TransportCause::Refused)
+/// it unprocessed.
+pub const MAX_REFUSALS: u32 = 3;
 
 impl TransportCause {
     /// A short lowercase name, as used in traces.
@@ -49,6 +60,8 @@ impl TransportCause {
             TransportCause::Timeout => "timeout",
             TransportCause::Reset => "reset",
             TransportCause::Closed => "closed",
+            TransportCause::Refused => "refused",
+            TransportCause::Certificate => "certificate",
             TransportCause::Other => "transport",
         }
     }
@@ -114,11 +127,13 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    /// A retry verdict with the usual answer to "may it have been applied": no for a 429 or a
-    /// connect failure, yes for everything else.
+    /// A retry verdict with the usual answer to "may it have been applied": no for a 429, a
+    /// connect failure or a refused stream, yes for everything else.
     pub fn retry(kind: RetryKind) -> Self {
-        let may_have_been_applied =
-            !matches!(kind, RetryKind::Throttled | RetryKind::Transport(TransportCause::Connect));
+        let may_have_been_applied = !matches!(
+            kind,
+            RetryKind::Throttled | RetryKind::Transport(TransportCause::Connect | TransportCause::Refused)
+        );
         Verdict::Retry { kind, may_have_been_applied }
     }
 }
@@ -330,6 +345,9 @@ impl Classifier for DefaultClassifier {
                     // Builder, redirect or another middleware's error: nothing transient about it.
                     return Verdict::Done;
                 }
+                if cause == TransportCause::Certificate {
+                    return Verdict::Done;
+                }
                 return Verdict::Retry {
                     kind: RetryKind::Transport(cause),
                     may_have_been_applied: delivery == Delivery::MaybeApplied,
@@ -372,13 +390,27 @@ pub(crate) fn categorize(error: &reqwest_middleware::Error) -> (Delivery, Transp
         return (Delivery::NotSent, TransportCause::Other);
     }
     if e.is_connect() {
-        return (Delivery::NotSent, if e.is_timeout() { TransportCause::Timeout } else { TransportCause::Connect });
+        let cause = if e.is_timeout() {
+            TransportCause::Timeout
+        } else if causes(e).any(rejects_certificate) {
+            TransportCause::Certificate
+        } else {
+            TransportCause::Connect
+        };
+        return (Delivery::NotSent, cause);
     }
     if e.is_timeout() {
         return (Delivery::MaybeApplied, TransportCause::Timeout);
     }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
+    for err in causes(e) {
+        if let Some(h2) = err.downcast_ref::<h2::Error>()
+            && h2.is_remote()
+            && (h2.is_go_away() || (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)))
+        {
+            // RFC 9113 §8.7: a refused stream, and a stream above a GOAWAY's last stream id
+            // (h2 fails only those with the GOAWAY), were not processed.
+            return (Delivery::NotSent, TransportCause::Refused);
+        }
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
             use std::io::ErrorKind::*;
             match io.kind() {
@@ -394,9 +426,34 @@ pub(crate) fn categorize(error: &reqwest_middleware::Error) -> (Delivery, Transp
         {
             return (Delivery::MaybeApplied, TransportCause::Closed);
         }
-        source = err.source();
     }
     (Delivery::MaybeApplied, TransportCause::Other)
+}
+
+/// An error and its sources, each `io::Error` followed by the error it wraps (which its
+/// `source` skips: a TLS library's error is found only there).
+fn causes<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    let mut stack: Vec<&'a (dyn std::error::Error + 'static)> = vec![error];
+    std::iter::from_fn(move || {
+        let current = stack.pop()?;
+        let wrapped = current.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref());
+        match wrapped {
+            // Its sources are the wrapped error's.
+            Some(wrapped) => stack.push(wrapped),
+            None => stack.extend(current.source()),
+        }
+        Some(current)
+    })
+}
+
+/// Whether `error` is a TLS library refusing the server's certificate: rustls's
+/// `InvalidCertificate` (reqwest's default TLS), or OpenSSL's "certificate verify failed"
+/// (native-tls on Linux).
+fn rejects_certificate(error: &(dyn std::error::Error + 'static)) -> bool {
+    matches!(error.downcast_ref::<rustls::Error>(), Some(rustls::Error::InvalidCertificate(_)))
+        || error.to_string().contains("certificate verify failed")
 }
 
 /// The engine's per-attempt timeout fired before response headers arrived.

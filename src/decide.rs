@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::classify::MAX_REFUSALS;
 use crate::error::{Error, Failure};
 use crate::policy::RetryPolicy;
 use crate::rng::Random;
@@ -25,6 +26,8 @@ pub(crate) struct Setback {
     pub server_delay: Option<Duration>,
     /// Time since the operation started.
     pub elapsed: Duration,
+    /// Attempts the server refused unprocessed so far, this one included.
+    pub refusals: u32,
 }
 
 /// Why the engine stops retrying.
@@ -68,8 +71,8 @@ pub(crate) enum Decision {
 }
 
 /// The rules, in order: a replayed failure is futile; a keyless request that may have been
-/// applied is not resent; a stream cannot be resent; attempts and the schedule bound the
-/// retries; and the wait — `max(backoff, min(Retry-After, cap))` — must fit in the deadline, or
+/// applied is not resent; a stream cannot be resent; attempts, refusals and the schedule bound
+/// the retries; and the wait — `max(backoff, min(Retry-After, cap))` — must fit in the deadline, or
 /// the engine stops now rather than sleep and then fail.
 pub(crate) fn decide(policy: &RetryPolicy, f: &Setback, rng: &dyn Random) -> Decision {
     if f.replayed_server_error {
@@ -81,7 +84,7 @@ pub(crate) fn decide(policy: &RetryPolicy, f: &Setback, rng: &dyn Random) -> Dec
     if !f.replayable {
         return Decision::Stop(Stop::NotReplayable);
     }
-    if f.attempts >= policy.max_attempts() {
+    if f.attempts >= policy.max_attempts() || f.refusals > MAX_REFUSALS {
         return Decision::Stop(Stop::AttemptsExhausted);
     }
     let Some(backoff) = policy.backoff().delay(f.attempts, rng) else {
@@ -121,6 +124,7 @@ mod tests {
             replayable: true,
             server_delay: None,
             elapsed: Duration::ZERO,
+            refusals: 0,
         }
     }
 
@@ -177,5 +181,14 @@ mod tests {
         assert_eq!(run(Setback { attempts: 5, ..setback() }), Decision::Stop(Stop::AttemptsExhausted));
         let ended = policy().with_backoff(crate::backoff::backoff_fn(|_, _| None));
         assert_eq!(decide(&ended, &setback(), &SeededRng::new(0)), Decision::Stop(Stop::AttemptsExhausted));
+    }
+
+    #[test]
+    fn refusals_are_retried_three_times_key_or_not() {
+        let refused = |refusals| Setback { resendable: false, may_have_been_applied: false, refusals, ..setback() };
+        for refusals in 1..=MAX_REFUSALS {
+            assert_eq!(run(Setback { attempts: refusals, ..refused(refusals) }), retry_ms(100 << (refusals - 1)));
+        }
+        assert_eq!(run(Setback { attempts: 2, ..refused(MAX_REFUSALS + 1) }), Decision::Stop(Stop::AttemptsExhausted));
     }
 }

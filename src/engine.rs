@@ -24,6 +24,7 @@ use crate::outcome::RetryOutcome;
 use crate::policy::RetryPolicy;
 use crate::replay::ReplayDetector;
 use crate::retry_after::retry_after;
+use crate::telemetry;
 use crate::time::{Clock, Random, Sleeper};
 
 pub(crate) type OnRetry = dyn Fn(&RetryEvent) + Send + Sync;
@@ -88,6 +89,8 @@ struct Tally {
     total_delay: Duration,
     may_have_been_applied: bool,
     retry_after: Option<Duration>,
+    /// Attempts the server refused unprocessed.
+    refusals: u32,
 }
 
 impl Tally {
@@ -165,6 +168,7 @@ impl Engine {
                 total_delay: Duration::ZERO,
                 may_have_been_applied: false,
                 retry_after: None,
+                refusals: 0,
             },
             withdrawal: None,
             span,
@@ -216,13 +220,7 @@ impl Engine {
             None => x.template.try_clone().expect("only replayable requests are attempted more than once"),
         };
         x.tally.attempts += 1;
-        x.attempt_span = tracing::debug_span!(
-            "attempt",
-            attempt = x.tally.attempts,
-            cause = Empty,
-            delay_ms = Empty,
-            replayed = Empty
-        );
+        x.attempt_span = attempt_span(&x.template, x.tally.attempts);
         let reading = Reading { all_bodies: x.options.is_buffered(), max_body: self.max_body };
         attempt::send(next, request, extensions, limit, &*self.sleeper, reading)
             .instrument(x.attempt_span.clone())
@@ -243,7 +241,20 @@ impl Engine {
             AttemptContext::new(&x.template, x.tally.attempts, x.tally.key.as_ref(), ended.as_result(replayed));
         let verdict = self.classifier.classify(&context);
         if !x.attempt_span.is_disabled() {
-            x.attempt_span.record("cause", ended.cause()).record("replayed", replayed);
+            let span = &x.attempt_span;
+            span.record("cause", ended.cause()).record("replayed", replayed);
+            match (ended.status(), ended) {
+                (Some(status), _) => {
+                    span.record("http.response.status_code", status.as_u16());
+                    if status.as_u16() >= 400 {
+                        span.record("error.type", status.as_str());
+                    }
+                }
+                (None, Ended::Transport { cause, .. }) => {
+                    span.record("error.type", cause.as_str());
+                }
+                (None, _) => {}
+            }
         }
         if !x.span.is_disabled() {
             x.span.record("attempts", x.tally.attempts).record("replayed", replayed);
@@ -264,6 +275,7 @@ impl Engine {
         let now = self.clock.now();
         let server_delay = ended.headers().and_then(|h| retry_after(h, now));
         x.tally.retry_after = server_delay.or(x.tally.retry_after);
+        x.tally.refusals += u32::from(kind == RetryKind::Transport(TransportCause::Refused));
         let setback = Setback {
             attempts: x.tally.attempts,
             may_have_been_applied,
@@ -272,6 +284,7 @@ impl Engine {
             replayable: x.replayable,
             server_delay,
             elapsed: since(x.started, now),
+            refusals: x.tally.refusals,
         };
         let delay = match decide(&x.policy, &setback, &*self.rng) {
             Decision::Retry { delay } => delay,
@@ -293,6 +306,7 @@ impl Engine {
                 }
             }
         }
+        telemetry::retry(kind.as_str(), delay);
         Ok(delay)
     }
 
@@ -356,6 +370,36 @@ impl Engine {
         });
         Ok(response)
     }
+}
+
+/// An attempt's span, with OpenTelemetry's HTTP client attributes: `url.full` without
+/// credentials or query values, `http.request.resend_count` from the second attempt on; the
+/// status and `error.type` are recorded when the attempt ends.
+fn attempt_span(request: &Request, attempt: u32) -> tracing::Span {
+    let method = request.method().as_str();
+    let span = tracing::info_span!(
+        "attempt",
+        otel.name = method,
+        otel.kind = "client",
+        http.request.method = method,
+        url.full = Empty,
+        server.address = request.url().host_str(),
+        server.port = request.url().port_or_known_default(),
+        http.request.resend_count = Empty,
+        http.response.status_code = Empty,
+        error.type = Empty,
+        attempt,
+        cause = Empty,
+        delay_ms = Empty,
+        replayed = Empty
+    );
+    if !span.is_disabled() {
+        span.record("url.full", crate::target::otel_url(request.url()));
+        if attempt > 1 {
+            span.record("http.request.resend_count", attempt - 1);
+        }
+    }
+    span
 }
 
 fn since(start: SystemTime, now: SystemTime) -> Duration {

@@ -109,10 +109,12 @@ mod replay;
 mod retry_after;
 mod rng;
 mod target;
+mod telemetry;
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod testing;
 pub mod time;
+pub mod wait;
 
 pub use crate::carrier::KeyCarrier;
 pub use crate::convention::ServerConvention;

@@ -16,6 +16,7 @@ use crate::classify::{Classifier, DefaultClassifier};
 use crate::engine::Engine;
 use crate::key::IdempotencyKey;
 use crate::options::RequestOptions;
+use crate::outcome::RetryOutcome;
 use crate::policy::RetryPolicy;
 use crate::replay::ReplayDetector;
 use crate::time::{Clock, Random, SeededRng, Sleeper, SystemClock, TokioSleeper};
@@ -244,10 +245,15 @@ impl Middleware for IdempotentRetry {
             replayed = Empty,
             outcome = Empty,
         );
-        self.engine
-            .execute(req, extensions, next, &options)
-            .instrument(span)
-            .await
-            .map_err(reqwest_middleware::Error::middleware)
+        let method = req.method().clone();
+        let result = self.engine.execute(req, extensions, next, &options).instrument(span).await;
+        let attempts = match &result {
+            Ok(response) => RetryOutcome::of(response).map_or(1, |o| o.attempts),
+            Err(e) => e.attempts(),
+        };
+        if attempts > 0 {
+            crate::telemetry::attempts(&method, attempts);
+        }
+        result.map_err(reqwest_middleware::Error::middleware)
     }
 }

@@ -53,16 +53,34 @@ pub(crate) fn redact(url: &Url) -> String {
     if shown.password().is_some() {
         let _ = shown.set_password(Some("***"));
     }
+    mask_query(&mut shown, "***");
+    shown.set_fragment(None);
+    shown.to_string()
+}
+
+/// The URL as OpenTelemetry's `url.full` wants it: user name, password and every query value
+/// replaced by `REDACTED`, no fragment.
+pub(crate) fn otel_url(url: &Url) -> String {
+    let mut shown = url.clone();
+    if !shown.username().is_empty() || shown.password().is_some() {
+        let _ = shown.set_username("REDACTED");
+        let _ = shown.set_password(Some("REDACTED"));
+    }
+    mask_query(&mut shown, "REDACTED");
+    shown.set_fragment(None);
+    shown.to_string()
+}
+
+/// Replaces every query value with `mask`, keeping the names.
+fn mask_query(shown: &mut Url, mask: &str) {
     if shown.query().is_some() {
         let names: Vec<String> = shown.query_pairs().map(|(name, _)| name.into_owned()).collect();
         if names.is_empty() {
             shown.set_query(None);
         } else {
-            shown.query_pairs_mut().clear().extend_pairs(names.iter().map(|n| (n.as_str(), "***")));
+            shown.query_pairs_mut().clear().extend_pairs(names.iter().map(|n| (n.as_str(), mask)));
         }
     }
-    shown.set_fragment(None);
-    shown.to_string()
 }
 
 /// A URL as it may be shown, logged or stored: its password and every query value replaced by
@@ -89,6 +107,15 @@ pub(crate) fn redact_str(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn otel_urls_redact_userinfo_and_query_values() {
+        let url = Url::parse("https://ci:s3cret@api.example/runs?token=abc&page=2#frag").unwrap();
+        assert_eq!(otel_url(&url), "https://REDACTED:REDACTED@api.example/runs?token=REDACTED&page=REDACTED");
+        assert_eq!(redact(&url), "https://ci:***@api.example/runs?token=***&page=***");
+        let plain = Url::parse("https://api.example/cvms").unwrap();
+        assert_eq!(otel_url(&plain), "https://api.example/cvms");
+    }
 
     #[test]
     fn only_absolute_http_urls_with_a_host() {

@@ -24,6 +24,7 @@ pub use sqlite::SqliteJournal;
 
 use crate::key::IdempotencyKey;
 use crate::time::rfc3339;
+use crate::wait::Handle;
 
 /// Where an operation stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -41,6 +42,10 @@ pub enum OpState {
     NotApplied,
     /// It may have taken effect and nothing settled it.
     Unknown,
+    /// The server created it, and the run waits for it to be ready: the record's
+    /// [`handle`](Record::handle) says where to poll. Never sent again: a re-run resumes the
+    /// wait.
+    Waiting,
 }
 
 impl OpState {
@@ -51,6 +56,7 @@ impl OpState {
             OpState::Succeeded => "succeeded",
             OpState::NotApplied => "not_applied",
             OpState::Unknown => "unknown",
+            OpState::Waiting => "waiting",
         }
     }
 
@@ -62,6 +68,7 @@ impl OpState {
             // "failed" is how journals written before 0.2 say it.
             "not_applied" | "failed" => OpState::NotApplied,
             "unknown" => OpState::Unknown,
+            "waiting" => OpState::Waiting,
             _ => return None,
         })
     }
@@ -110,6 +117,10 @@ pub struct Record {
     /// other keys.
     #[serde(default)]
     pub fixed_key: bool,
+    /// Where to poll while the operation is [waiting](OpState::Waiting) (as
+    /// [stored](crate::wait::Handle::stored)).
+    #[serde(default)]
+    pub handle: Option<Handle>,
 }
 
 /// The payload fingerprint: SHA-256 of method, URL and body, in hex.
@@ -202,6 +213,9 @@ pub enum Begun {
     },
     /// This operation already succeeded with this (fixed) key. Nothing was written.
     Succeeded(Record),
+    /// The server created this operation's resource and a run was waiting for it: resume the
+    /// wait at the record's handle, send nothing. Nothing was written.
+    Waiting(Record),
     /// A previous run may have taken effect and this run cannot resume it: it had another key,
     /// or none, or this run has none. Nothing was written, and nothing may be sent until it is
     /// settled: found by reading back, or finished as failed once a read-back did not find it,
@@ -327,6 +341,14 @@ impl Intent<'_> {
         let start = |key: Option<IdempotencyKey>, created_at: SystemTime| planned(key, created_at, false);
         let resume = |key: IdempotencyKey, created_at: SystemTime| planned(Some(key), created_at, true);
         let nothing = |begun: Begun| Planned { write: None, retire: None, begun };
+        if let Some(r) = existing.filter(|r| r.state == OpState::Waiting) {
+            // Created already: whatever the key source, the run resumes the wait, on the same
+            // payload only.
+            if r.fingerprint != self.fingerprint {
+                return Err(mismatch(r, r.key.as_ref()));
+            }
+            return Ok(nothing(Begun::Waiting(r.clone())));
+        }
         let Some(r) = existing else {
             let key = match &self.key {
                 KeyPlan::Random => Some(IdempotencyKey::random()),
@@ -390,6 +412,7 @@ impl Intent<'_> {
             status: None,
             identity: None,
             fixed_key,
+            handle: None,
         }
     }
 }
@@ -406,6 +429,8 @@ pub struct Finish {
     pub status: Option<u16>,
     /// The identity the server returned, if known.
     pub identity: Option<serde_json::Value>,
+    /// Where to poll, for a run that is [waiting](OpState::Waiting).
+    pub handle: Option<Handle>,
     /// Now, by the caller's clock.
     pub now: SystemTime,
 }
@@ -413,7 +438,7 @@ pub struct Finish {
 impl Finish {
     /// The run with `claim` ended in `state` at `now`.
     pub fn new(claim: Claim, state: OpState, now: SystemTime) -> Self {
-        Self { claim, state, status: None, identity: None, now }
+        Self { claim, state, status: None, identity: None, handle: None, now }
     }
 
     /// With the final HTTP status.
@@ -428,6 +453,12 @@ impl Finish {
         self
     }
 
+    /// With where to poll (stored without secrets: [`Handle::stored`]).
+    pub fn handle(mut self, handle: Option<&Handle>) -> Self {
+        self.handle = handle.map(Handle::stored);
+        self
+    }
+
     /// Applies this to `record` if the record is the claimed run's; whether it was.
     pub fn apply(&self, record: &mut Record) -> bool {
         if !record.is_claimed_by(&self.claim) {
@@ -436,6 +467,7 @@ impl Finish {
         record.state = self.state;
         record.status = self.status;
         record.identity = self.identity.clone();
+        record.handle = self.handle.clone();
         record.updated_at = self.now;
         true
     }
@@ -452,10 +484,11 @@ impl Finish {
 /// | pending or unknown, with a key, same payload | **resume its key** | resume it if it is the fixed key, else *unsettled* | *unsettled* |
 /// | pending or unknown, with a key, other payload | refused | refused if it is the fixed key, else *unsettled* | *unsettled* |
 /// | pending or unknown, without a key | *unsettled* | *unsettled* | *unsettled* |
+/// | waiting (created, not yet ready) | *waiting*: resume the wait (same payload only) | *waiting* (same payload only) | *waiting* (same payload only) |
 /// | succeeded | mint a new key (a new run) | a key this operation used: *succeeded* (or, if that run failed, the key again, same payload only); another key: a new run | a new run |
 /// | failed | mint a new key | as for succeeded | a new run |
 ///
-/// *Unsettled* and *succeeded* write nothing: a record that may have taken effect survives any
+/// *Unsettled*, *waiting* and *succeeded* write nothing: a record that may have taken effect survives any
 /// re-run, whatever key source it names, until a read-back settles it (then
 /// [`finish`](Self::finish) it) or it is [forgotten](Self::forget); a succeeded key is not sent
 /// again blindly once the server may have forgotten it. "A key this operation used" includes

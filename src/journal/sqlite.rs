@@ -11,8 +11,8 @@ use crate::key::IdempotencyKey;
 use crate::time::lock;
 
 /// The schema's version, in `PRAGMA user_version`. 0 is a journal from before versions (1 in
-/// all but name); 2 added `fixed_key` and the retired records.
-const SCHEMA_VERSION: i64 = 2;
+/// all but name); 2 added `fixed_key` and the retired records; 3 the handles of waiting runs.
+const SCHEMA_VERSION: i64 = 3;
 
 /// Version 1: the operations' current records.
 const SCHEMA_1: &str = "
@@ -52,8 +52,14 @@ CREATE TABLE IF NOT EXISTS retired (
 CREATE INDEX IF NOT EXISTS retired_by_key ON retired (key);
 ";
 
+/// Version 3: where a waiting run polls (a `wait::Handle`, as JSON).
+const SCHEMA_3: &str = "
+ALTER TABLE operations ADD COLUMN handle TEXT;
+ALTER TABLE retired ADD COLUMN handle TEXT;
+";
+
 const COLUMNS: &str =
-    "operation, key, method, url, fingerprint, state, created_at, updated_at, status, identity, fixed_key";
+    "operation, key, method, url, fingerprint, state, created_at, updated_at, status, identity, fixed_key, handle";
 
 /// A journal in a SQLite file.
 ///
@@ -177,14 +183,19 @@ impl SqliteJournal {
         }
         if version < SCHEMA_VERSION {
             tx.execute_batch(SCHEMA_1).map_err(fail)?;
-            let has_fixed_key: bool = tx
-                .query_row("SELECT COUNT(*) FROM pragma_table_info('operations') WHERE name = 'fixed_key'", [], |row| {
-                    row.get::<_, i64>(0)
-                })
-                .map(|n| n > 0)
-                .map_err(fail)?;
-            if !has_fixed_key {
-                tx.execute_batch(SCHEMA_2).map_err(fail)?;
+            // Each step once, by the column it adds (a journal from before versions has none).
+            for (column, step) in [("fixed_key", SCHEMA_2), ("handle", SCHEMA_3)] {
+                let has: bool = tx
+                    .query_row(
+                        "SELECT COUNT(*) FROM pragma_table_info('operations') WHERE name = ?1",
+                        [column],
+                        |row| row.get::<_, i64>(0),
+                    )
+                    .map(|n| n > 0)
+                    .map_err(fail)?;
+                if !has {
+                    tx.execute_batch(step).map_err(fail)?;
+                }
             }
             tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(fail)?;
         }
@@ -244,6 +255,7 @@ fn record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
     let key: Option<String> = row.get(1)?;
     let state: String = row.get(5)?;
     let identity: Option<String> = row.get(9)?;
+    let handle: Option<String> = row.get(11)?;
     let bad = |what: &str| rusqlite::Error::InvalidColumnType(0, what.to_owned(), rusqlite::types::Type::Text);
     Ok(Record {
         operation: row.get(0)?,
@@ -257,7 +269,12 @@ fn record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
         status: row.get::<_, Option<i64>>(8)?.map(|s| s as u16),
         identity: identity.map(|s| serde_json::from_str(&s)).transpose().map_err(|_| bad("identity"))?,
         fixed_key: row.get::<_, i64>(10)? != 0,
+        handle: handle.map(|s| serde_json::from_str(&s)).transpose().map_err(|_| bad("handle"))?,
     })
+}
+
+fn handle_json(handle: &crate::wait::Handle) -> String {
+    serde_json::to_string(handle).expect("a handle serializes")
 }
 
 impl KeyStore for SqliteJournal {
@@ -299,7 +316,7 @@ impl KeyStore for SqliteJournal {
         let Some(write) = planned.write else { return Ok(planned.begun) };
         let insert = |table: &str, r: &Record| {
             tx.prepare_cached(&format!(
-                "INSERT OR REPLACE INTO {table} ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+                "INSERT OR REPLACE INTO {table} ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
             ))
             .and_then(|mut insert| {
                 insert.execute(params![
@@ -314,6 +331,7 @@ impl KeyStore for SqliteJournal {
                     r.status.map(i64::from),
                     r.identity.as_ref().map(serde_json::Value::to_string),
                     i64::from(r.fixed_key),
+                    r.handle.as_ref().map(handle_json),
                 ])
             })
         };
@@ -328,6 +346,7 @@ impl KeyStore for SqliteJournal {
     fn finish(&self, operation: &str, finish: &Finish) -> Result<bool, JournalError> {
         let connection = lock(&self.connection);
         let identity = finish.identity.as_ref().map(serde_json::Value::to_string);
+        let handle = finish.handle.as_ref().map(handle_json);
         // The outcome need not survive a power cut: if it is lost, the record stays pending, the
         // next run resumes its key, and the server replays. So this commit skips the fsync
         // (WAL with synchronous = NORMAL is still safe against a crash of the process); the key,
@@ -336,7 +355,7 @@ impl KeyStore for SqliteJournal {
         // Compare-and-set: only the run that holds the record (its key, its first time) ends it.
         let updated = connection
             .prepare_cached(
-                "UPDATE operations SET state = ?2, status = ?3, identity = ?4, updated_at = ?5 \
+                "UPDATE operations SET state = ?2, status = ?3, identity = ?4, updated_at = ?5, handle = ?8 \
                  WHERE operation = ?1 AND key IS ?6 AND created_at = ?7",
             )
             .and_then(|mut update| {
@@ -348,6 +367,7 @@ impl KeyStore for SqliteJournal {
                     to_millis(finish.now),
                     finish.claim.key.as_ref().map(IdempotencyKey::as_str),
                     to_millis(finish.claim.created_at),
+                    handle,
                 ])
             })
             .map(|rows| rows > 0)
@@ -450,6 +470,34 @@ mod tests {
         Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
         let err = SqliteJournal::open(&path).unwrap_err();
         assert!(err.to_string().contains("newer"), "{err}");
+    }
+
+    #[test]
+    fn a_version_2_journal_gains_handles() {
+        let path = temp("upgrade-2");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(SCHEMA_1).unwrap();
+        old.execute_batch(SCHEMA_2).unwrap();
+        old.pragma_update(None, "user_version", 2).unwrap();
+        old.execute(
+            "INSERT INTO operations VALUES ('deploy', 'k-1', 'POST', 'u', 'fp', 'pending', 0, 0, NULL, NULL, 0)",
+            [],
+        )
+        .unwrap();
+        drop(old);
+
+        let journal = SqliteJournal::open(&path).unwrap();
+
+        let record = journal.get("deploy").unwrap().unwrap();
+        assert_eq!((record.state, record.fixed_key, record.handle.clone()), (OpState::Pending, false, None));
+        let waiting = Finish::new(record.claim(), OpState::Waiting, UNIX_EPOCH)
+            .handle(Some(&crate::wait::Handle::Location { url: "https://api.test/ops/1".into() }));
+        assert!(journal.finish("deploy", &waiting).unwrap());
+        let record = journal.get("deploy").unwrap().unwrap();
+        assert_eq!(record.handle, Some(crate::wait::Handle::Location { url: "https://api.test/ops/1".into() }));
+        let version: i64 = lock(&journal.connection).query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, 3);
     }
 
     #[test]

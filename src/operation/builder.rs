@@ -9,9 +9,11 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use super::{Completed, KeySource, OperationError, Operations, ReadBack};
+use crate::journal::Claim;
 use crate::key::IdempotencyKey;
 use crate::operation::git::GitKeyMode;
 use crate::policy::RetryPolicy;
+use crate::wait::WaitFor;
 
 /// Describes one operation; [`send`](Self::send) runs it.
 #[derive(Debug)]
@@ -31,6 +33,7 @@ pub struct OperationBuilder<'a> {
     pub(super) retention: Option<Duration>,
     pub(super) policy: Option<RetryPolicy>,
     pub(super) deadline: Option<Duration>,
+    pub(super) wait: Option<WaitFor>,
 }
 
 impl<'a> OperationBuilder<'a> {
@@ -162,18 +165,94 @@ impl<'a> OperationBuilder<'a> {
         self
     }
 
-    /// Runs the operation.
+    /// After the create answers, waits for the resource to be ready: follows a long-running
+    /// operation the answer starts (a 202, an operation resource, an action) and polls the
+    /// resource until `wait`'s target state. The [`Handle`](crate::wait::Handle) is journaled the moment the create
+    /// answers, before the wait begins, with the identity known so far: a crash, a timeout or
+    /// a failure state during the wait leaves the resource tracked, and a re-run resumes the
+    /// wait ([`Resolution::Resumed`](super::Resolution::Resumed)) instead of creating again.
+    pub fn wait(mut self, wait: WaitFor) -> Self {
+        self.wait = Some(wait);
+        self
+    }
+
+    /// Runs the operation, and the [wait](Self::wait) if there is one.
     ///
     /// # Errors
     ///
     /// [`OperationError`]; its [`may_have_been_applied`](OperationError::may_have_been_applied)
     /// says whether the operation may have taken effect.
     pub async fn send(self) -> Result<Completed, OperationError> {
+        self.start().await?.wait().await
+    }
+
+    /// Runs the operation up to the create's answer (or an earlier run's): the identity and
+    /// the handle to wait on are journaled, and the caller can record them too (a provider's
+    /// state, a log) before [`Started::wait`] waits.
+    ///
+    /// # Errors
+    ///
+    /// As [`send`](Self::send), without the wait's.
+    pub async fn start(self) -> Result<Started<'a>, OperationError> {
         let span = tracing::info_span!("operation", name = %self.name, key = tracing::field::Empty, outcome = tracing::field::Empty);
-        self.run().instrument(span).await
+        match self.run().instrument(span.clone()).await {
+            Ok((completed, claim)) => Ok(Started { op: self, completed, claim, span }),
+            Err(e) => {
+                report(&span, Err(&e));
+                Err(e)
+            }
+        }
     }
 
     pub(super) fn invalid(&self, reason: impl Into<String>) -> OperationError {
         OperationError::InvalidOptions { operation: self.name.clone(), reason: reason.into() }
     }
+}
+
+/// An operation whose create has answered (or an earlier run's had): what it created is
+/// journaled, and so is where to wait for it.
+#[derive(Debug)]
+#[must_use = "the wait happens in `wait`"]
+pub struct Started<'a> {
+    op: OperationBuilder<'a>,
+    completed: Completed,
+    claim: Option<Claim>,
+    span: tracing::Span,
+}
+
+impl Started<'_> {
+    /// What the create answered: the resource, its identity as known so far, and the
+    /// [`handle`](Completed::handle) the wait will poll (`None` when there is nothing to wait
+    /// for).
+    pub fn created(&self) -> &Completed {
+        &self.completed
+    }
+
+    /// Waits until the resource is ready, as the operation's [`WaitFor`] says; at once when
+    /// there is nothing to wait for.
+    ///
+    /// # Errors
+    ///
+    /// [`OperationError::Wait`] when the wait ends without the resource ready (it stays
+    /// tracked: a re-run resumes the wait); [`OperationError::IdentityMismatch`] when the ready
+    /// resource is not the one asked for; [`OperationError::Unrecorded`] when the journal fails.
+    pub async fn wait(self) -> Result<Completed, OperationError> {
+        let Started { op, completed, claim, span } = self;
+        let result = op.wait_until_ready(completed, claim).instrument(span.clone()).await;
+        report(&span, result.as_ref());
+        result
+    }
+}
+
+/// Records how the operation ended on its span and in the metrics.
+fn report(span: &tracing::Span, result: Result<&Completed, &OperationError>) {
+    let outcome = match result {
+        Ok(done) if done.handle.is_some() => "waiting",
+        Ok(done) => done.resolution.as_str(),
+        Err(OperationError::Wait(_)) => "wait_failed",
+        Err(e) if e.may_have_been_applied() => "unknown",
+        Err(_) => "not_applied",
+    };
+    span.record("outcome", outcome);
+    crate::telemetry::operation(outcome);
 }

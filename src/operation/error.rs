@@ -95,6 +95,10 @@ pub enum OperationError {
         /// The identity the journal recorded.
         identity: Value,
     },
+    /// The server created the resource, and the wait for it to be ready ended without it
+    /// being ready. It is tracked: a re-run resumes the wait; it never creates again.
+    #[error(transparent)]
+    Wait(Box<WaitFailed>),
     /// The read-back lookup failed.
     #[error("operation `{operation}`: the read-back failed")]
     ReadBack {
@@ -106,12 +110,31 @@ pub enum OperationError {
     },
 }
 
+/// The server created the resource, and the wait for it to be ready ended without it being
+/// ready (a failure state, the timeout, a failed poll). It is tracked: the journal holds its
+/// handle, and a re-run resumes the wait; it never creates again.
+#[derive(Debug, thiserror::Error)]
+#[error("operation `{operation}` created its resource, but the wait for it ended: {source}")]
+#[non_exhaustive]
+pub struct WaitFailed {
+    /// The operation.
+    pub operation: String,
+    /// The key sent, if any.
+    pub key: Option<IdempotencyKey>,
+    /// Where the wait polled (`None` when the answer named nowhere that can be polled).
+    pub handle: Option<crate::wait::Handle>,
+    /// Why the wait ended.
+    #[source]
+    pub source: crate::wait::WaitError,
+}
+
 impl OperationError {
     /// Whether the operation may have taken effect.
     pub fn may_have_been_applied(&self) -> bool {
         match self {
             OperationError::GaveUp { may_have_been_applied, .. } => *may_have_been_applied,
             OperationError::Unknown { .. }
+            | OperationError::Wait(_)
             | OperationError::IdentityMismatch { .. }
             | OperationError::ReadBack { .. }
             | OperationError::Unrecorded { .. } => true,
@@ -131,6 +154,7 @@ impl OperationError {
             | OperationError::Unknown { key, .. }
             | OperationError::Unrecorded { key, .. }
             | OperationError::Rejected { key, .. } => key.as_ref(),
+            OperationError::Wait(failed) => failed.key.as_ref(),
             _ => None,
         }
     }

@@ -16,6 +16,7 @@
 //!     Resolution::Replayed => println!("it was created earlier: {}", done.identity["id"]),
 //!     Resolution::Recovered => println!("found by reading back: {}", done.identity["id"]),
 //!     Resolution::Recorded => println!("done long ago, by the journal: {}", done.identity["id"]),
+//!     Resolution::Resumed => println!("an earlier run created it; it is ready now: {}", done.identity["id"]),
 //! }
 //! # Ok(()) }
 //! ```
@@ -30,6 +31,7 @@ mod error;
 mod git;
 mod read_back;
 mod run;
+mod waiting;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -42,16 +44,16 @@ use reqwest_middleware::ClientWithMiddleware;
 use serde_json::Value;
 use uuid::Uuid;
 
-pub use builder::OperationBuilder;
-pub use error::{IdentityMismatch, OperationError};
+pub use builder::{OperationBuilder, Started};
+pub use error::{IdentityMismatch, OperationError, WaitFailed};
 pub use git::{GitKeyMode, NoGitKey, key_from_git};
 pub use read_back::{BoxError, ReadBack, items};
 
 use crate::journal::{JournalError, KeyStore};
 use crate::key::IdempotencyKey;
-use crate::time::{Clock, Sleeper, SystemClock, TokioSleeper};
+use crate::time::{Clock, Random, SeededRng, Sleeper, SystemClock, TokioSleeper};
 
-/// How an operation was resolved: where the resource it names came from. The four are the
+/// How an operation was resolved: where the resource it names came from. The five are the
 /// whole set: match them exhaustively. (How one *request* went, attempts and replays, is the
 /// [`RetryOutcome`](crate::RetryOutcome) on its response.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -67,6 +69,22 @@ pub enum Resolution {
     /// The journal says this key succeeded, longer ago than the server keeps keys, so nothing
     /// was sent (the server would have created anew): the identity is the journal's.
     Recorded,
+    /// An earlier run created it and was waiting for it to be ready: this run resumed that wait
+    /// at the journaled [`Handle`](crate::wait::Handle). Nothing was sent.
+    Resumed,
+}
+
+impl Resolution {
+    /// The lowercase name, as in traces and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resolution::Created => "created",
+            Resolution::Replayed => "replayed",
+            Resolution::Recovered => "recovered",
+            Resolution::Recorded => "recorded",
+            Resolution::Resumed => "resumed",
+        }
+    }
 }
 
 /// A finished operation.
@@ -92,6 +110,9 @@ pub struct Completed {
     pub attempts: u32,
     /// Why no key was sent, when a key source found none (e.g. a dirty git tree).
     pub no_key_reason: Option<String>,
+    /// Where the operation polls while it [waits](OperationBuilder::wait) for the resource to
+    /// be ready; `None` once it is (or when it does not wait). Journaled before the wait begins.
+    pub handle: Option<crate::wait::Handle>,
 }
 
 /// Where an operation's key comes from.
@@ -152,6 +173,7 @@ pub struct Operations {
     margin: Option<Duration>,
     clock: Arc<dyn Clock>,
     sleeper: Arc<dyn Sleeper>,
+    rng: Arc<dyn Random>,
     in_flight_window: Duration,
 }
 
@@ -191,6 +213,7 @@ impl Operations {
             margin: None,
             clock: Arc::new(SystemClock),
             sleeper: Arc::new(TokioSleeper),
+            rng: Arc::new(SeededRng::from_entropy()),
             in_flight_window: Self::DEFAULT_IN_FLIGHT_WINDOW,
         }
     }
@@ -233,10 +256,22 @@ impl Operations {
         self
     }
 
-    /// The sleeper for waiting out the in-flight window (default tokio's timer).
+    /// The sleeper for waiting out the in-flight window and between polls (default tokio's
+    /// timer).
     pub fn sleeper(mut self, sleeper: impl Sleeper + 'static) -> Self {
         self.sleeper = Arc::new(sleeper);
         self
+    }
+
+    /// The jitter source for the delays between polls (default seeded from the OS).
+    pub fn rng(mut self, rng: impl Random + 'static) -> Self {
+        self.rng = Arc::new(rng);
+        self
+    }
+
+    /// A waiter on these operations' clock, sleeper and jitter source.
+    pub fn waiter(&self) -> crate::wait::Waiter {
+        crate::wait::Waiter::from_parts(self.clock.clone(), self.sleeper.clone(), self.rng.clone())
     }
 
     /// How long a request may still be on its way after its client gave up on it: queued at a
@@ -299,6 +334,7 @@ impl Operations {
             retention: None,
             policy: None,
             deadline: None,
+            wait: None,
         }
     }
 }

@@ -9,25 +9,52 @@ use http::StatusCode;
 use serde_json::Value;
 
 use super::git::key_from_git;
-use super::{Completed, IdentityMismatch, KeySource, OperationBuilder, OperationError, ReadBack, Resolution};
+use super::{
+    Completed, IdentityMismatch, KeySource, OperationBuilder, OperationError, ReadBack, Resolution, WaitFailed,
+};
 use crate::error::Error;
 use crate::journal::{Begun, Claim, Finish, Intent, JournalError, KeyPlan, OpState, Record, fingerprint};
 use crate::key::IdempotencyKey;
 use crate::options::RequestOptions;
 use crate::outcome::RetryOutcome;
+use crate::wait::{Answered, Handle, WaitError};
 
 impl OperationBuilder<'_> {
-    pub(super) async fn run(self) -> Result<Completed, OperationError> {
+    /// Runs the operation up to the create's answer; the claim of the run when it is to wait.
+    pub(super) async fn run(&self) -> Result<(Completed, Option<Claim>), OperationError> {
         let url = self.checked_url()?;
         let (plan, no_key_reason) = self.key_plan().await?;
         let fp = fingerprint(self.method.as_str(), &url, &self.body);
         let stored_url = crate::target::redact_str(&url);
-        let run = match self.start(&stored_url, &fp, &plan, no_key_reason.clone()).await? {
-            Start::Done(done) => return Ok(*done),
+        let run = match self.begin_run(&stored_url, &fp, &plan, no_key_reason.clone()).await? {
+            Start::Done(done) => return Ok((*done, None)),
+            Start::Resume(record) => return Ok(self.resume(*record, no_key_reason)),
             Start::Send(run) => run,
         };
         tracing::Span::current().record("key", run.claim.key.as_ref().map(IdempotencyKey::fingerprint));
-        self.send_until_settled(&url, run, no_key_reason).await
+        let done = self.send_until_settled(&url, &run, no_key_reason).await?;
+        let claim = done.handle.is_some().then(|| run.claim.clone());
+        Ok((done, claim))
+    }
+
+    /// An earlier run's create, waiting: its record, to resume the wait from. Nothing is sent.
+    fn resume(&self, record: Record, no_key_reason: Option<String>) -> (Completed, Option<Claim>) {
+        let claim = record.claim();
+        tracing::Span::current().record("key", record.key.as_ref().map(IdempotencyKey::fingerprint));
+        let resource = record.identity.clone().unwrap_or(Value::Null);
+        let done = Completed {
+            resolution: Resolution::Resumed,
+            status: record.status.and_then(|s| StatusCode::from_u16(s).ok()),
+            identity: self.identity_seen(&resource),
+            resource,
+            body: Bytes::new(),
+            key: record.key,
+            resumed: true,
+            attempts: 0,
+            no_key_reason,
+            handle: record.handle,
+        };
+        (done, Some(claim))
     }
 
     /// The URL, the options and the operation's own policy, checked before anything else.
@@ -73,7 +100,7 @@ impl OperationBuilder<'_> {
 
     /// Asks the journal what this run does, settling what stands in the way first: a previous
     /// run that may have taken effect, a key the server may have forgotten.
-    async fn start(
+    async fn begin_run(
         &self,
         url: &str,
         fp: &str,
@@ -102,6 +129,7 @@ impl OperationBuilder<'_> {
                     }
                     self.settle_as_failed(&claim).await?;
                 }
+                Begun::Waiting(record) => return Ok(Start::Resume(Box::new(record))),
                 Begun::Succeeded(record) => {
                     let claim = record.claim();
                     // A success the server answered under this key, which it still holds: it
@@ -168,13 +196,13 @@ impl OperationBuilder<'_> {
     async fn send_until_settled(
         &self,
         url: &str,
-        run: Run,
+        run: &Run,
         mut no_key_reason: Option<String>,
     ) -> Result<Completed, OperationError> {
         let mut read_back_done = false;
         loop {
             let error = match self.send_once(url, run.claim.key.as_ref()).await {
-                Ok(response) => return self.answered(response, &run, no_key_reason.take()).await,
+                Ok(response) => return self.answered(response, run, no_key_reason.take()).await,
                 Err(error) => error,
             };
             if run.resending_success {
@@ -288,7 +316,6 @@ impl OperationBuilder<'_> {
                 }),
             };
         }
-        tracing::Span::current().record("outcome", "recorded");
         let identity: BTreeMap<String, Value> = match &record.identity {
             Some(Value::Object(map)) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             _ => BTreeMap::new(),
@@ -303,6 +330,7 @@ impl OperationBuilder<'_> {
             resumed: false,
             attempts: 0,
             no_key_reason,
+            handle: None,
         })
     }
 
@@ -326,7 +354,7 @@ impl OperationBuilder<'_> {
     }
 
     /// Records how the run ended, once its request was sent.
-    async fn finish(&self, claim: &Claim, finish: Finish) -> Result<(), OperationError> {
+    pub(super) async fn finish(&self, claim: &Claim, finish: Finish) -> Result<(), OperationError> {
         self.record(finish).await.map_err(|source| OperationError::Unrecorded {
             operation: self.name.clone(),
             key: claim.key.clone(),
@@ -411,7 +439,7 @@ impl OperationBuilder<'_> {
 
     /// The identity fields of `resource` as the journal keeps them: `id` and the declared and
     /// expected fields, as found (`null` where missing), whether or not they match.
-    fn identity_record(&self, resource: &Value) -> Value {
+    pub(super) fn identity_record(&self, resource: &Value) -> Value {
         let mut identity = serde_json::Map::new();
         let fields = std::iter::once("id").chain(self.identity.iter().map(String::as_str));
         for field in fields.chain(self.expect.iter().map(|(f, _)| f.as_str())) {
@@ -425,7 +453,7 @@ impl OperationBuilder<'_> {
     }
 
     /// Identity fields of `resource`, checked against the expectations.
-    fn identity_of(&self, resource: &Value) -> Result<BTreeMap<String, Value>, OperationError> {
+    pub(super) fn identity_of(&self, resource: &Value) -> Result<BTreeMap<String, Value>, OperationError> {
         let mut identity = BTreeMap::new();
         if let Some(id) = resource.get("id") {
             identity.insert("id".to_owned(), id.clone());
@@ -491,6 +519,7 @@ impl OperationBuilder<'_> {
             ));
         };
         let status = response.status();
+        let headers = response.headers().clone();
         // In memory already: the layer read it within the attempt (`buffer_body`).
         let body = match response.bytes().await {
             Ok(body) => body,
@@ -525,11 +554,20 @@ impl OperationBuilder<'_> {
             }
             resource = fresh;
         }
-        // What was created is recorded, whether or not its identity is the one expected: it is
-        // this operation's, and a re-run must not create another.
-        self.succeeded(claim, status, &resource, now).await?;
-        let identity = self.identity_of(&resource)?;
-        tracing::Span::current().record("outcome", if record.replayed { "replayed" } else { "created" });
+        let handle = if run.resending_success { None } else { self.handle_for(status, &headers, &resource, claim)? };
+        let identity = match &handle {
+            // Journaled before the wait, with the identity known so far; checked once ready.
+            Some(handle) => {
+                self.waiting(claim, status, &resource, handle, now).await?;
+                self.identity_seen(&resource)
+            }
+            // What was created is recorded, whether or not its identity is the one expected:
+            // it is this operation's, and a re-run must not create another.
+            None => {
+                self.succeeded(claim, status, &resource, now).await?;
+                self.identity_of(&resource)?
+            }
+        };
         Ok(Completed {
             resolution,
             status: Some(status),
@@ -540,7 +578,55 @@ impl OperationBuilder<'_> {
             resumed: run.resumed,
             attempts: record.attempts,
             no_key_reason,
+            handle,
         })
+    }
+
+    /// Where to wait for what the answer created, when the operation waits.
+    fn handle_for(
+        &self,
+        status: StatusCode,
+        headers: &http::HeaderMap,
+        resource: &Value,
+        claim: &Claim,
+    ) -> Result<Option<Handle>, OperationError> {
+        let Some(spec) = &self.wait else { return Ok(None) };
+        let create_url =
+            url::Url::parse(self.url.as_deref().unwrap_or_default()).map_err(|e| self.invalid(e.to_string()))?;
+        let answered = Answered { status, headers, resource, create_url: &create_url, id_field: "id" };
+        Handle::detect(&answered, spec).map_err(|why| {
+            OperationError::Wait(Box::new(WaitFailed {
+                operation: self.name.clone(),
+                key: claim.key.clone(),
+                handle: None,
+                source: WaitError::Poll(why.into()),
+            }))
+        })
+    }
+
+    /// Records that the run created `resource` and waits for it at `handle`.
+    async fn waiting(
+        &self,
+        claim: &Claim,
+        status: StatusCode,
+        resource: &Value,
+        handle: &Handle,
+        now: SystemTime,
+    ) -> Result<(), OperationError> {
+        let finish = Finish::new(claim.clone(), OpState::Waiting, now)
+            .status(Some(status.as_u16()))
+            .identity(Some(self.identity_record(resource)))
+            .handle(Some(handle));
+        self.finish(claim, finish).await
+    }
+
+    /// The identity fields `resource` has, unchecked: what is known before a wait.
+    fn identity_seen(&self, resource: &Value) -> BTreeMap<String, Value> {
+        let fields = std::iter::once("id").chain(self.identity.iter().map(String::as_str));
+        fields
+            .chain(self.expect.iter().map(|(f, _)| f.as_str()))
+            .filter_map(|field| resource.get(field).filter(|v| !v.is_null()).map(|v| (field.to_owned(), v.clone())))
+            .collect()
     }
 
     async fn recovered(
@@ -549,11 +635,19 @@ impl OperationBuilder<'_> {
         claim: &Claim,
         no_key_reason: Option<String>,
     ) -> Result<Completed, OperationError> {
-        let finish = Finish::new(claim.clone(), OpState::Succeeded, self.ops.clock.now())
-            .identity(Some(self.identity_record(&found)));
-        self.finish(claim, finish).await?;
-        let identity = self.identity_of(&found)?;
-        tracing::Span::current().record("outcome", "recovered");
+        let handle = self.handle_for(StatusCode::OK, &http::HeaderMap::new(), &found, claim)?;
+        let identity = match &handle {
+            Some(handle) => {
+                self.waiting(claim, StatusCode::OK, &found, handle, self.ops.clock.now()).await?;
+                self.identity_seen(&found)
+            }
+            None => {
+                let finish = Finish::new(claim.clone(), OpState::Succeeded, self.ops.clock.now())
+                    .identity(Some(self.identity_record(&found)));
+                self.finish(claim, finish).await?;
+                self.identity_of(&found)?
+            }
+        };
         Ok(Completed {
             resolution: Resolution::Recovered,
             status: None,
@@ -564,6 +658,7 @@ impl OperationBuilder<'_> {
             resumed: false,
             attempts: 0,
             no_key_reason,
+            handle,
         })
     }
 }
@@ -572,6 +667,8 @@ impl OperationBuilder<'_> {
 enum Start {
     /// Nothing to send: settled by reading back, or by the journal's record.
     Done(Box<Completed>),
+    /// Nothing to send: an earlier run's create is waiting; resume the wait.
+    Resume(Box<Record>),
     /// Send, as this run.
     Send(Run),
 }

@@ -173,6 +173,7 @@ mod tests {
             status: None,
             identity,
             fixed_key: true,
+            handle: None,
         };
         (1, Slot::Index(slot), record)
     }

@@ -7,6 +7,7 @@ use serde_json::json;
 
 use crate::journal::{Begun, Claim, Finish, Intent, JournalError, KeyPlan, KeyStore, OpState, fingerprint};
 use crate::key::IdempotencyKey;
+use crate::wait::Handle;
 
 const URL: &str = "https://api.test/cvms";
 const T0: SystemTime = SystemTime::UNIX_EPOCH;
@@ -43,6 +44,7 @@ pub fn check_key_store<S: KeyStore>(mut make: impl FnMut() -> S) {
         ("a fixed key's run is remembered after other runs of the operation", fixed_keys_are_remembered),
         ("keyless runs after a settled one get claims of their own", keyless_runs_get_distinct_claims),
         ("forgetting settles an unsettled record", forget_settles),
+        ("a waiting record is resumed by any re-run and never sent again", waiting_records_are_resumed),
     ];
     for (name, rule) in rules {
         let store = make();
@@ -233,4 +235,33 @@ fn forget_settles(store: &dyn KeyStore) {
     assert!(!store.forget("op").expect("the store works"));
     assert!(store.get("op").expect("the store works").is_none());
     send(store, "op", "{}", KeyPlan::Random, T0);
+}
+
+fn waiting_records_are_resumed(store: &dyn KeyStore) {
+    let handle = Handle::Resource { url: "https://ci:s3cret@api.test/cvms/c1?token=t&view=full".into() };
+    let (claim, _) = send(store, "op", "{}", KeyPlan::Random, T0);
+    let waiting = Finish::new(claim.clone(), OpState::Waiting, T0)
+        .status(Some(201))
+        .identity(Some(json!({"id": "c1"})))
+        .handle(Some(&handle));
+    assert!(store.finish("op", &waiting).expect("the store works"));
+    let stored = Handle::Resource { url: "https://api.test/cvms/c1?token=***&view=full".into() };
+    for plan in [KeyPlan::Random, fixed("another-key"), KeyPlan::None] {
+        match begin(store, "op", "{}", plan.clone(), T0).expect("the store works") {
+            Begun::Waiting(r) => {
+                assert_eq!(
+                    (r.claim(), r.state, r.handle),
+                    (claim.clone(), OpState::Waiting, Some(stored.clone())),
+                    "{plan:?}"
+                )
+            }
+            other => panic!("{plan:?}: expected to resume the wait, got {other:?}"),
+        }
+    }
+    assert!(is_mismatch(begin(store, "op", r#"{"other":1}"#, KeyPlan::Random, T0)), "another payload is refused");
+    let record = store.get("op").expect("the store works").expect("kept");
+    assert_eq!((record.state, record.identity), (OpState::Waiting, Some(json!({"id": "c1"}))), "nothing was written");
+    assert!(finish(store, "op", &claim, OpState::Succeeded), "the wait ends");
+    let record = store.get("op").expect("the store works").expect("kept");
+    assert_eq!((record.state, record.handle), (OpState::Succeeded, None));
 }

@@ -12,6 +12,7 @@ mod keys;
 mod model;
 mod operations;
 mod properties;
+mod protocols;
 mod reconcile;
 mod retries;
 mod retry_after;

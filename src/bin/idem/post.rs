@@ -216,16 +216,14 @@ impl Report {
         if let Some(why) = &done.no_key_reason {
             eprintln!("idem: no idempotency key from git: {why}; it was sent without one");
         }
-        let outcome = match done.resolution {
-            Resolution::Created => "created",
-            Resolution::Replayed => "replayed",
-            Resolution::Recovered => "recovered",
-            Resolution::Recorded => "recorded",
-        };
+        let outcome = done.resolution.as_str();
         if done.resolution != Resolution::Created && !self.quiet {
             let key = done.key.as_ref().map(|k| format!(" (key sha256:{})", k.fingerprint())).unwrap_or_default();
             match done.resolution {
                 Resolution::Replayed => eprintln!("idem: the server replayed its earlier response{key}"),
+                Resolution::Resumed => {
+                    eprintln!("idem: created by an earlier run{key}, which was waiting for it; nothing was sent")
+                }
                 _ => eprintln!("idem: done earlier, by the journal's record{key}; nothing was sent"),
             }
         }

@@ -554,11 +554,14 @@ impl OperationBuilder<'_> {
             }
             resource = fresh;
         }
-        let handle = if run.resending_success { None } else { self.handle_for(status, &headers, &resource, claim)? };
+        let handle = match run.resending_success {
+            true => None,
+            false => self.handle_or_record(claim, Some(status), &headers, &resource, now).await?,
+        };
         let identity = match &handle {
             // Journaled before the wait, with the identity known so far; checked once ready.
             Some(handle) => {
-                self.waiting(claim, status, &resource, handle, now).await?;
+                self.waiting(claim, Some(status), &resource, handle, now).await?;
                 self.identity_seen(&resource)
             }
             // What was created is recorded, whether or not its identity is the one expected:
@@ -580,6 +583,31 @@ impl OperationBuilder<'_> {
             no_key_reason,
             handle,
         })
+    }
+
+    /// Where to wait for what the answer created, when the operation waits. When the answer
+    /// names nowhere that can be polled, what was created is recorded as it is, then the
+    /// error says why there is no wait.
+    /// `status` is `None` for a resource found by reading back: none is recorded, since this
+    /// key may never have reached the server.
+    async fn handle_or_record(
+        &self,
+        claim: &Claim,
+        status: Option<StatusCode>,
+        headers: &http::HeaderMap,
+        resource: &Value,
+        now: SystemTime,
+    ) -> Result<Option<Handle>, OperationError> {
+        match self.handle_for(status.unwrap_or(StatusCode::OK), headers, resource, claim) {
+            Ok(handle) => Ok(handle),
+            Err(e) => {
+                let finish = Finish::new(claim.clone(), OpState::Succeeded, now)
+                    .status(status.map(|s| s.as_u16()))
+                    .identity(Some(self.identity_record(resource)));
+                self.finish(claim, finish).await?;
+                Err(e)
+            }
+        }
     }
 
     /// Where to wait for what the answer created, when the operation waits.
@@ -608,13 +636,13 @@ impl OperationBuilder<'_> {
     async fn waiting(
         &self,
         claim: &Claim,
-        status: StatusCode,
+        status: Option<StatusCode>,
         resource: &Value,
         handle: &Handle,
         now: SystemTime,
     ) -> Result<(), OperationError> {
         let finish = Finish::new(claim.clone(), OpState::Waiting, now)
-            .status(Some(status.as_u16()))
+            .status(status.map(|s| s.as_u16()))
             .identity(Some(self.identity_record(resource)))
             .handle(Some(handle));
         self.finish(claim, finish).await
@@ -635,10 +663,11 @@ impl OperationBuilder<'_> {
         claim: &Claim,
         no_key_reason: Option<String>,
     ) -> Result<Completed, OperationError> {
-        let handle = self.handle_for(StatusCode::OK, &http::HeaderMap::new(), &found, claim)?;
+        let now = self.ops.clock.now();
+        let handle = self.handle_or_record(claim, None, &http::HeaderMap::new(), &found, now).await?;
         let identity = match &handle {
             Some(handle) => {
-                self.waiting(claim, StatusCode::OK, &found, handle, self.ops.clock.now()).await?;
+                self.waiting(claim, None, &found, handle, now).await?;
                 self.identity_seen(&found)
             }
             None => {

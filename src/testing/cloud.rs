@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use wiremock::{Mock, MockServer, Respond, ResponseTemplate};
 
+use super::long_running::{LongRunning, Progress, Provisioning, number};
 use super::profile::ServerProfile;
 use super::store::{Answer, Handled, Incoming, KeyRead, Store, read_key};
 use crate::time::{Clock, SystemClock, lock, rfc3339};
@@ -82,6 +83,8 @@ struct Item {
     deleted: bool,
     /// Put there by [`FakeCloud::add_foreign`], not created through the API.
     foreign: bool,
+    /// Its provisioning, while it goes on.
+    progress: Option<Progress>,
 }
 
 /// How a fake cloud makes and answers creates.
@@ -92,6 +95,7 @@ struct Shape {
     /// Ids from the number of the item (1, 2, …) instead of UUIDs.
     ids: Option<Arc<dyn Fn(u64) -> String + Send + Sync>>,
     answer: CreateAnswer,
+    provisioning: Provisioning,
 }
 
 /// What a create's successful answer carries.
@@ -227,6 +231,26 @@ impl FakeCloudBuilder {
         self
     }
 
+    /// Creates go on after they answer, as `style` says (see [`LongRunning`]); provisioning
+    /// takes `provisioning` on the server's clock (default: [`LongRunning::Immediate`]).
+    pub fn long_running(mut self, style: LongRunning, provisioning: Duration) -> Self {
+        self.shape.provisioning.style = style;
+        self.shape.provisioning.takes = provisioning;
+        self
+    }
+
+    /// The next `creates` creates fail provisioning: they end in the failure state.
+    pub fn failing_provisioning(mut self, creates: u32) -> Self {
+        self.shape.provisioning.failing = creates;
+        self
+    }
+
+    /// In-progress answers to polls carry `Retry-After: seconds`.
+    pub fn poll_retry_after(mut self, seconds: u64) -> Self {
+        self.shape.provisioning.retry_after = Some(seconds);
+        self
+    }
+
     /// Starts the server.
     pub async fn start(self) -> FakeCloud {
         let hold_responses = self.clock.is_none();
@@ -258,7 +282,13 @@ impl FakeCloud {
 
     /// A builder for a fake cloud with `profile`.
     pub fn builder(profile: ServerProfile) -> FakeCloudBuilder {
-        let shape = Shape { list_lag: 0, unique_names: false, ids: None, answer: CreateAnswer::Json };
+        let shape = Shape {
+            list_lag: 0,
+            unique_names: false,
+            ids: None,
+            answer: CreateAnswer::Json,
+            provisioning: Provisioning::default(),
+        };
         FakeCloudBuilder { profile, clock: None, shape }
     }
 
@@ -289,6 +319,11 @@ impl FakeCloud {
         }
     }
 
+    /// The next `creates` creates fail provisioning (see [`FakeCloudBuilder::long_running`]).
+    pub fn fail_next_provisioning(&self, creates: u32) {
+        lock(&self.shared.state).shape.provisioning.failing = creates;
+    }
+
     /// Changes the list lag for items created from now on.
     pub fn set_list_lag(&self, lists: u32) {
         lock(&self.shared.state).shape.list_lag = lists;
@@ -315,6 +350,7 @@ impl FakeCloud {
             hidden_for: 0,
             deleted: false,
             foreign: true,
+            progress: None,
         });
         resource
     }
@@ -421,10 +457,26 @@ impl Respond for Responder {
 
 enum Route {
     Provision,
-    Create { collection: String, app_id: Option<String>, vm_uuid: Option<String> },
-    List { collection: String },
-    Get { collection: String, id: String },
-    Delete { collection: String, id: String },
+    /// `GET /operations/op-{n}`.
+    Operation(usize),
+    /// `GET /actions/{n}`.
+    Action(usize),
+    Create {
+        collection: String,
+        app_id: Option<String>,
+        vm_uuid: Option<String>,
+    },
+    List {
+        collection: String,
+    },
+    Get {
+        collection: String,
+        id: String,
+    },
+    Delete {
+        collection: String,
+        id: String,
+    },
     NotFound,
 }
 
@@ -437,10 +489,15 @@ fn route(method: &str, path: &str) -> Route {
         ("GET", ["cvms"]) => Route::List { collection: "cvms".into() },
         ("GET", ["cvms", id]) => Route::Get { collection: "cvms".into(), id: (*id).into() },
         ("DELETE", ["cvms", id]) => Route::Delete { collection: "cvms".into(), id: (*id).into() },
+        ("GET", ["operations", op]) => number(op).map_or(Route::NotFound, Route::Operation),
+        ("GET", ["actions", n]) => number(n).map_or(Route::NotFound, Route::Action),
         ("POST", ["apps", app, "cvms", vm, "replicas"]) => {
             Route::Create { collection: replicas(app, vm), app_id: Some((*app).into()), vm_uuid: Some((*vm).into()) }
         }
         ("GET", ["apps", app, "cvms", vm, "replicas"]) => Route::List { collection: replicas(app, vm) },
+        ("GET", ["apps", app, "cvms", vm, "replicas", id]) => {
+            Route::Get { collection: replicas(app, vm), id: (*id).into() }
+        }
         ("DELETE", ["apps", app, "cvms", vm, "replicas", id]) => {
             Route::Delete { collection: replicas(app, vm), id: (*id).into() }
         }
@@ -484,6 +541,7 @@ impl Shared {
         let method = request.method.as_str();
         let path = request.url.path();
         let mut state = lock(&self.state);
+        state.provision(now);
         let answer = match route(method, path) {
             Route::Create { collection, app_id, vm_uuid } => {
                 let spec = CreateSpec {
@@ -494,7 +552,15 @@ impl Shared {
                 };
                 self.create_keyed(&mut state, request, &spec, now)
             }
-            Route::Provision => state.provision(&request.body),
+            Route::Provision => state.provision_cvm(&request.body),
+            Route::Operation(n) => match state.items.get(n.wrapping_sub(1)).filter(|i| !i.foreign) {
+                Some(item) => state.shape.provisioning.operation(n, &item.resource, &item.collection),
+                None => Answer::json(StatusCode::NOT_FOUND, json!({"error": "no such operation"})),
+            },
+            Route::Action(n) => match state.items.get(n.wrapping_sub(1)).filter(|i| !i.foreign) {
+                Some(item) => state.shape.provisioning.action(n, &item.resource),
+                None => Answer::json(StatusCode::NOT_FOUND, json!({"error": "no such action"})),
+            },
             Route::List { collection } => state.list(&collection),
             Route::Get { collection, id } => match state.live(&collection, &id) {
                 Some(item) => Answer::json(StatusCode::OK, json!(item.resource)),
@@ -550,7 +616,7 @@ impl Shared {
                 Some(None) => {
                     let (status, body) =
                         json_response(StatusCode::BAD_REQUEST, &json!({"error": "unknown compose_hash"}));
-                    return Handled { status, body, created: None };
+                    return Handled::new(status, body, None);
                 }
                 Some(Some((name, app))) => (Some(name), Some(app)),
                 None => (None, None),
@@ -586,8 +652,18 @@ impl Shared {
 }
 
 impl State {
+    /// Moves every item whose provisioning has ended to its final status.
+    fn provision(&mut self, now: SystemTime) {
+        for item in &mut self.items {
+            if let Some(status) = item.progress.as_ref().and_then(|p| p.status_at(now)) {
+                item.resource.status = status.to_owned();
+                item.progress = None;
+            }
+        }
+    }
+
     /// Provisions a CVM: its name and app, kept under a new compose hash.
-    fn provision(&mut self, body: &[u8]) -> Answer {
+    fn provision_cvm(&mut self, body: &[u8]) -> Answer {
         let name = json_field(body, "name").unwrap_or_else(|| "cvm".to_owned());
         let app_id = json_field(body, "app_id").unwrap_or_else(|| "app-1".to_owned());
         let hash = uuid::Uuid::new_v4().simple().to_string();
@@ -626,7 +702,7 @@ struct CreateSpec<'a> {
 fn create(
     items: &mut Vec<Item>,
     fail_next: &mut VecDeque<StatusCode>,
-    shape: &Shape,
+    shape: &mut Shape,
     spec: &CreateSpec<'_>,
     body: &[u8],
     now: SystemTime,
@@ -634,7 +710,7 @@ fn create(
     let CreateSpec { collection, app_id, vm_uuid, name: fixed_name } = *spec;
     if let Some(status) = fail_next.pop_front() {
         let (status, body) = json_response(status, &json!({"error": "internal error"}));
-        return Handled { status, body, created: None };
+        return Handled::new(status, body, None);
     }
     let live_in_collection = items.iter().filter(|i| i.collection == collection).count();
     let kind = if collection == "cvms" { "cvm" } else { "replica" };
@@ -645,7 +721,7 @@ fn create(
     if shape.unique_names && items.iter().any(|i| i.collection == collection && !i.deleted && i.resource.name == name) {
         let (status, body) =
             json_response(StatusCode::CONFLICT, &json!({"error": format!("a {kind} named {name} already exists")}));
-        return Handled { status, body, created: None };
+        return Handled::new(status, body, None);
     }
     let n = items.len() as u64 + 1;
     let id = shape.ids.as_ref().map_or_else(|| uuid::Uuid::new_v4().to_string(), |ids| ids(n));
@@ -657,19 +733,22 @@ fn create(
         created_at: rfc3339(now),
         status: "starting".to_owned(),
     };
-    let answer = match shape.answer {
+    let plain = match shape.answer {
         CreateAnswer::Json => Bytes::from(json!(resource).to_string()),
         CreateAnswer::PlainText => Bytes::from_static(b"Created"),
         CreateAnswer::Empty => Bytes::new(),
     };
+    let answer = shape.provisioning.answer(&resource, collection, items.len() + 1, plain);
     items.push(Item {
         collection: collection.to_owned(),
         resource,
         hidden_for: shape.list_lag,
         deleted: false,
         foreign: false,
+        progress: shape.provisioning.start(now),
     });
-    Handled { status: StatusCode::CREATED, body: answer, created: Some(id) }
+    debug_assert_eq!(answer.created.as_deref(), Some(id.as_str()));
+    answer
 }
 
 #[cfg(test)]

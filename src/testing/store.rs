@@ -25,8 +25,17 @@ pub(crate) struct Incoming<'a> {
 pub(crate) struct Handled {
     pub status: StatusCode,
     pub body: Bytes,
+    /// The answer's own headers (e.g. where to poll a long-running create), kept with it.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
     /// The resource created, if any.
     pub created: Option<String>,
+}
+
+impl Handled {
+    /// An answer without headers of its own.
+    pub(crate) fn new(status: StatusCode, body: Bytes, created: Option<String>) -> Self {
+        Self { status, body, headers: Vec::new(), created }
+    }
 }
 
 /// The answer to send.
@@ -245,11 +254,11 @@ fn mismatch(mismatch: Mismatch) -> Option<Answer> {
 fn replay(replay: &Replay, stored: Handled, render: &dyn Fn(&str) -> Option<Bytes>) -> Option<Answer> {
     let answer = |status, body, headers| Answer { status, body, headers, processing: Duration::ZERO };
     match replay {
-        Replay::Stored { marker } => Some(answer(
-            stored.status,
-            stored.body,
-            marker.iter().map(|m| (m.clone(), HeaderValue::from_static("true"))).collect(),
-        )),
+        Replay::Stored { marker } => {
+            let mut headers = stored.headers;
+            headers.extend(marker.iter().map(|m| (m.clone(), HeaderValue::from_static("true"))));
+            Some(answer(stored.status, stored.body, headers))
+        }
         Replay::StoredAs409 => Some(answer(StatusCode::CONFLICT, stored.body, Vec::new())),
         Replay::ExistingObject => {
             let body = stored.created.as_deref().and_then(render)?;
@@ -259,7 +268,7 @@ fn replay(replay: &Replay, stored: Handled, render: &dyn Fn(&str) -> Option<Byte
 }
 
 fn fresh(handled: Handled, processing: Duration) -> Answer {
-    Answer { status: handled.status, body: handled.body, headers: Vec::new(), processing }
+    Answer { status: handled.status, body: handled.body, headers: handled.headers, processing }
 }
 
 /// SHA-256 of the payload; for a body-field key, of the body without the key field.
@@ -305,11 +314,11 @@ mod tests {
             let created = &mut self.created;
             let mut run = || {
                 if !status.is_success() {
-                    return Handled { status, body: Bytes::from_static(b"{\"error\":\"boom\"}"), created: None };
+                    return Handled::new(status, Bytes::from_static(b"{\"error\":\"boom\"}"), None);
                 }
                 let id = format!("r{}", created.len() + 1);
                 created.push(id.clone());
-                Handled { status, body: Bytes::from(format!("{{\"id\":\"{id}\"}}")), created: Some(id) }
+                Handled::new(status, Bytes::from(format!("{{\"id\":\"{id}\"}}")), Some(id))
             };
             let incoming = Incoming { method: "POST", path: "/cvms", headers: &headers, body: body.as_bytes() };
             self.store
@@ -436,7 +445,7 @@ mod tests {
         let mut ran = false;
         let mut run = || {
             ran = true;
-            Handled { status: StatusCode::CREATED, body: Bytes::new(), created: None }
+            Handled::new(StatusCode::CREATED, Bytes::new(), None)
         };
         f.store.handle(&stripe, &incoming, f.now, &mut run, &|_| None);
         assert!(ran);

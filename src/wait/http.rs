@@ -294,8 +294,10 @@ impl Poller<'_> {
                     vec!["Succeeded".into()],
                     vec!["Failed".into(), "Canceled".into(), "Cancelled".into()],
                 );
-                let ready = self.waiter.wait(&monitor, poll(url, Reading::State)).await?;
+                let mut ready = self.waiter.wait(&monitor, poll(url, Reading::State)).await?;
                 let located = ready.resource.get("resourceLocation").and_then(Value::as_str).map(str::to_owned);
+                // The monitor is not the resource.
+                ready.resource = Value::Null;
                 (ready, located.or_else(|| resource_url.clone()))
             }
             Handle::Operation { url } => {
@@ -307,7 +309,8 @@ impl Poller<'_> {
             Handle::Action { url, resource_url } => {
                 let rule = StateRule::Field("action.status".into());
                 let action = spec.with_rule(rule, vec!["success".into()], vec!["error".into()]);
-                let ready = self.waiter.wait(&action, poll(url, Reading::State)).await?;
+                let mut ready = self.waiter.wait(&action, poll(url, Reading::State)).await?;
+                ready.resource = Value::Null;
                 (ready, resource_url.clone())
             }
         };

@@ -44,7 +44,10 @@
 //! a duplicate. Keys are random, [derived](operation::KeySource::Derived) from the caller's scope
 //! and the operation, user-given, or [from git](operation::key_from_git). A key is pinned to its
 //! payload. An unknown outcome is settled by a [`ReadBack`](operation::ReadBack), never by a
-//! blind resend. A [`Reconciler`] makes a collection hold a desired count without overshoot.
+//! blind resend. A create that goes on after it answers (a 202, an operation to poll, a status
+//! that moves) is [waited for](operation::OperationBuilder::wait), its handle journaled before
+//! the wait, so a re-run resumes the wait instead of creating again. A [`Reconciler`] makes a
+//! collection hold a desired count without overshoot.
 //!
 //! # Where things are
 //!
@@ -60,6 +63,7 @@
 //! | [`operation`] | read-backs, outcomes, errors and key sources of [`Operations`] |
 //! | [`journal`] | where keys are kept: the store trait, the SQLite journal, the records |
 //! | [`reconcile`] | the desired state, the pure planner, the report |
+//! | [`wait`] | waiting for a create to be done: states, long-running patterns, the waiter |
 //! | [`testing`] | fake servers and a chaos proxy (feature `test-util`) |
 //!
 //! # Features
@@ -71,16 +75,22 @@
 //!   (IETF draft, Stripe, brandur's design, django, express, bencher, tower, and endpoints with no
 //!   key at all), a chaos proxy that injects real socket faults, and assertion helpers. Pulls in
 //!   wiremock.
+//! - `metrics`: counters, gauges and histograms through the `metrics` facade (see the README's
+//!   table): attempts per request, retries by cause, operation outcomes, budget tokens, waits.
 //! - `backoff`: [`FromBackoff`](backoff::FromBackoff) adapts a `backoff::backoff::Backoff` (from the unmaintained
 //!   `backoff` crate, RUSTSEC-2025-0012) as a delay schedule, for callers migrating from it.
 //!   Off by default.
 //!
 //! # Tracing
 //!
-//! One `idempotent_request` span per request (`method`, `host`, `key`, `attempts`, `replayed`,
-//! `outcome`) and one `attempt` span per attempt (`attempt`, `cause`, `delay_ms`, `replayed`).
-//! The `key` field is a [fingerprint](IdempotencyKey::fingerprint), never the key; headers,
-//! `Authorization` included, are never recorded.
+//! One `operation` span per operation (`name`, `key`, `outcome`), one `idempotent_request` span
+//! per request (`method`, `host`, `key`, `attempts`, `replayed`, `outcome`) and one `attempt`
+//! span per attempt, with OpenTelemetry's HTTP client attributes (`otel.name`, `otel.kind`,
+//! `http.request.method`, `url.full` with user info and query values `REDACTED`,
+//! `server.address`, `server.port`, `http.request.resend_count`, `http.response.status_code`,
+//! `error.type`) and `attempt`, `cause`, `delay_ms`, `replayed`. The `key` field is a
+//! [fingerprint](IdempotencyKey::fingerprint), never the key; headers, `Authorization`
+//! included, are never recorded.
 
 #![deny(missing_docs)]
 #![deny(missing_debug_implementations)]

@@ -8,7 +8,7 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use idempotent_retry::testing::{
-    ChaosProxy, FakeCloud, Fault, FaultMix, RetryAfter, Schedule, ServerProfile, replicas,
+    ChaosProxy, FakeCloud, Fault, FaultMix, LongRunning, RetryAfter, Schedule, ServerProfile, replicas,
 };
 use serde_json::Value;
 
@@ -779,4 +779,201 @@ async fn a_django_replay_is_recognised_when_the_cli_is_told() {
         }
     }
     assert_eq!(cloud.duplicates(), 0);
+}
+
+/// A cloud whose creates provision for `provisioning` (real time: the CLI is a real process),
+/// in `style`; `failing` of them fail.
+async fn provisioning_cloud(style: LongRunning, provisioning: Duration, failing: u32) -> FakeCloud {
+    FakeCloud::builder(ServerProfile::stripe())
+        .long_running(style, provisioning)
+        .failing_provisioning(failing)
+        .start()
+        .await
+}
+
+#[tokio::test]
+async fn post_waits_for_a_state_and_prints_the_resource_as_it_ended() {
+    let scratch = Scratch::new("wait-for");
+    let cloud = provisioning_cloud(LongRunning::Status, Duration::from_millis(1500), 0).await;
+    let url = format!("{}/cvms", cloud.uri());
+
+    let run = scratch
+        .run(&[
+            "post",
+            &url,
+            "--json",
+            r#"{"name":"web-1"}"#,
+            "--wait-for",
+            "status=running",
+            "--output",
+            "json",
+            "--journal",
+            &scratch.journal(),
+        ])
+        .await;
+
+    assert_eq!(run.code(), 0, "{run:?}");
+    let out = run.json();
+    assert_eq!((out["outcome"].as_str(), out["body"]["status"].as_str()), (Some("created"), Some("running")), "{out}");
+    assert!(run.stderr().contains("waiting at resource"), "the id is told before the wait: {run:?}");
+    assert_eq!(cloud.created(), 1);
+}
+
+#[tokio::test]
+async fn a_202_is_followed_unless_told_not_to() {
+    let scratch = Scratch::new("follow-202");
+    let cloud = provisioning_cloud(LongRunning::OperationLocation, Duration::from_millis(1000), 0).await;
+    let url = format!("{}/cvms", cloud.uri());
+    let post = |name: &'static str, extra: &'static [&'static str]| {
+        let body = format!(r#"{{"name":"{name}"}}"#);
+        let args: Vec<String> = ["post", &url, "--json", &body, "--output", "json", "--no-journal"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect();
+        let scratch = &scratch;
+        async move { scratch.run(&args.iter().map(String::as_str).collect::<Vec<_>>()).await }
+    };
+
+    let followed = post("web-1", &[]).await;
+    let not_followed = post("web-2", &["--no-follow"]).await;
+
+    assert_eq!(followed.code(), 0, "{followed:?}");
+    assert_eq!(
+        (followed.json()["status"].as_u64(), followed.json()["body"]["status"].as_str()),
+        (Some(202), Some("running"))
+    );
+    assert_eq!(not_followed.code(), 0, "{not_followed:?}");
+    assert_eq!(
+        (not_followed.json()["status"].as_u64(), not_followed.json()["body"].clone()),
+        (Some(202), Value::from(""))
+    );
+}
+
+#[tokio::test]
+async fn a_failure_state_exits_1_and_a_rerun_resumes_the_wait() {
+    let scratch = Scratch::new("fail-on");
+    let cloud = provisioning_cloud(LongRunning::Status, Duration::from_millis(500), 1).await;
+    let url = format!("{}/cvms", cloud.uri());
+    let args = [
+        "post",
+        &url,
+        "--json",
+        r#"{"name":"web-1"}"#,
+        "--wait-for",
+        "status=running",
+        "--fail-on",
+        "status=error,failed",
+        "--journal",
+        &scratch.journal(),
+    ];
+
+    let run = scratch.run(&args).await;
+
+    assert_eq!(run.code(), 1, "{run:?}");
+    assert!(run.stderr().contains("failure state \"error\""), "{run:?}");
+    assert!(run.stderr().contains("resumes the wait"), "{run:?}");
+    assert!(run.stdout().contains(r#""status":"error""#), "the resource as it ended: {run:?}");
+    let again = scratch.run(&args).await;
+    assert_eq!(again.code(), 1, "{again:?}");
+    assert_eq!((cloud.created(), cloud.keys_seen().len()), (1, 1), "never created again");
+}
+
+#[tokio::test]
+async fn a_wait_that_times_out_exits_3_and_the_journal_lists_it_waiting() {
+    let scratch = Scratch::new("wait-timeout");
+    let cloud = provisioning_cloud(LongRunning::Status, Duration::from_secs(3600), 0).await;
+    let url = format!("{}/cvms", cloud.uri());
+
+    let run = scratch
+        .run(&[
+            "post",
+            &url,
+            "--json",
+            "{}",
+            "--wait-for",
+            "status=running",
+            "--wait-timeout",
+            "1.5",
+            "--journal",
+            &scratch.journal(),
+        ])
+        .await;
+
+    assert_eq!(run.code(), 3, "{run:?}");
+    assert!(run.stderr().contains("not ready after"), "{run:?}");
+    let id = &cloud.resources("cvms")[0].id;
+    for pending in [false, true] {
+        let flags: &[&str] = if pending { &["--pending"] } else { &[] };
+        let list = scratch.run(&[&["journal", "list", "--journal", &scratch.journal()][..], flags].concat()).await;
+        assert_eq!(list.code(), 0, "{list:?}");
+        let line = list.stdout().lines().find(|l| l.starts_with("waiting")).map(str::to_owned);
+        assert!(line.is_some_and(|l| l.contains(&format!("(waiting at resource {url}/{id})"))), "{list:?}");
+    }
+}
+
+/// The issue's test: SIGKILL while the run waits for its resource, re-run: one resource, and the
+/// wait completes.
+#[allow(clippy::disallowed_methods)] // the CLI is a real process on the real clock
+#[tokio::test]
+async fn a_run_killed_during_its_wait_is_resumed_and_creates_nothing_more() {
+    let scratch = Scratch::new("kill-wait");
+    let cloud = provisioning_cloud(LongRunning::Status, Duration::from_secs(3), 0).await;
+    let url = format!("{}/cvms", cloud.uri());
+    let args = [
+        "post",
+        &url,
+        "--json",
+        r#"{"name":"web-1"}"#,
+        "--wait-for",
+        "status=running",
+        "--journal",
+        &scratch.journal(),
+    ];
+
+    let mut child = scratch.command(&args).spawn().unwrap();
+    // Killed once it waits: the create answered, and a poll of the resource went out.
+    let started = Instant::now();
+    while !cloud.requests().iter().any(|r| r.method == "GET") {
+        assert!(started.elapsed() < Duration::from_secs(30), "it never polled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.kill().await.unwrap(); // SIGKILL
+    assert!(!child.wait().await.unwrap().success());
+    assert_eq!(cloud.resources("cvms")[0].status, "starting", "killed before the resource was ready");
+
+    let again = scratch.run(&args).await;
+
+    assert_eq!(again.code(), 0, "{again:?}");
+    assert!(again.stderr().contains("resuming its wait"), "{again:?}");
+    let body: Value = serde_json::from_str(&again.stdout()).unwrap();
+    assert_eq!(body["status"], "running", "{again:?}");
+    assert_eq!((cloud.created(), cloud.keys_seen().len()), (1, 1), "one resource, one POST");
+}
+
+#[tokio::test]
+async fn ensure_count_waits_until_every_item_is_ready() {
+    let scratch = Scratch::new("ensure-wait");
+    let cloud = provisioning_cloud(LongRunning::Status, Duration::from_millis(1500), 0).await;
+    let url = format!("{}/{}", cloud.uri(), replicas("app-1", "vm-1"));
+
+    let run = scratch
+        .run(&[
+            "ensure-count",
+            &url,
+            "--count",
+            "3",
+            "--wait-for",
+            "status=running",
+            "--output",
+            "json",
+            "--journal",
+            &scratch.journal(),
+        ])
+        .await;
+
+    assert_eq!(run.code(), 0, "{run:?}");
+    let report = run.json();
+    assert_eq!((report["ready"].as_u64(), report["converged"].as_bool()), (Some(3), Some(true)), "{report}");
+    assert_eq!(cloud.created(), 3);
 }

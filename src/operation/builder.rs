@@ -8,6 +8,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde_json::Value;
 use tracing::Instrument;
 
+use super::run::{Binding, Ran};
 use super::{Completed, KeySource, OperationError, Operations, ReadBack};
 use crate::journal::Claim;
 use crate::key::IdempotencyKey;
@@ -196,7 +197,7 @@ impl<'a> OperationBuilder<'a> {
     pub async fn start(self) -> Result<Started<'a>, OperationError> {
         let span = tracing::info_span!("operation", name = %self.name, key = tracing::field::Empty, outcome = tracing::field::Empty);
         match self.run().instrument(span.clone()).await {
-            Ok((completed, claim)) => Ok(Started { op: self, completed, claim, span }),
+            Ok(Ran { done, claim, binding }) => Ok(Started { op: self, completed: done, claim, binding, span }),
             Err(e) => {
                 report(&span, Err(&e));
                 Err(e)
@@ -217,6 +218,7 @@ pub struct Started<'a> {
     op: OperationBuilder<'a>,
     completed: Completed,
     claim: Option<Claim>,
+    binding: Option<Binding>,
     span: tracing::Span,
 }
 
@@ -237,8 +239,8 @@ impl Started<'_> {
     /// tracked: a re-run resumes the wait); [`OperationError::IdentityMismatch`] when the ready
     /// resource is not the one asked for; [`OperationError::Unrecorded`] when the journal fails.
     pub async fn wait(self) -> Result<Completed, OperationError> {
-        let Started { op, completed, claim, span } = self;
-        let result = op.wait_until_ready(completed, claim).instrument(span.clone()).await;
+        let Started { op, completed, claim, binding, span } = self;
+        let result = op.wait_until_ready(completed, claim, binding).instrument(span.clone()).await;
         report(&span, result.as_ref());
         result
     }

@@ -20,25 +20,30 @@ use crate::outcome::RetryOutcome;
 use crate::wait::{Answered, Handle, WaitError};
 
 impl OperationBuilder<'_> {
-    /// Runs the operation up to the create's answer; the claim of the run when it is to wait.
-    pub(super) async fn run(&self) -> Result<(Completed, Option<Claim>), OperationError> {
+    /// Runs the operation up to the create's answer; when it is to wait, the run's claim and
+    /// what binds a fixed key to the result once ready.
+    pub(super) async fn run(&self) -> Result<Ran, OperationError> {
         let url = self.checked_url()?;
         let (plan, no_key_reason) = self.key_plan().await?;
         let fp = fingerprint(self.method.as_str(), &url, &self.body);
         let stored_url = crate::target::redact_str(&url);
-        let run = match self.begin_run(&stored_url, &fp, &plan, no_key_reason.clone()).await? {
-            Start::Done(done) => return Ok((*done, None)),
-            Start::Resume(record) => return Ok(self.resume(*record, no_key_reason)),
-            Start::Send(run) => run,
+        let (done, claim) = match self.begin_run(&stored_url, &fp, &plan, no_key_reason.clone()).await? {
+            Start::Done(done, claim) => (*done, claim),
+            Start::Resume(record) => self.resume(*record, no_key_reason),
+            Start::Send(run) => {
+                tracing::Span::current().record("key", run.claim.key.as_ref().map(IdempotencyKey::fingerprint));
+                (self.send_until_settled(&url, &run, no_key_reason).await?, run.claim)
+            }
         };
-        tracing::Span::current().record("key", run.claim.key.as_ref().map(IdempotencyKey::fingerprint));
-        let done = self.send_until_settled(&url, &run, no_key_reason).await?;
-        let claim = done.handle.is_some().then(|| run.claim.clone());
-        Ok((done, claim))
+        let waiting = done.handle.is_some();
+        // A wait that ends with a fixed key not yet on record binds the key to what it found
+        // (see `bind_recovery`): a recovery, or a resumed wait of another run's.
+        let binding = (waiting && matches!(plan, KeyPlan::Fixed(_))).then(|| Binding { url: stored_url, fp, plan });
+        Ok(Ran { done, claim: waiting.then_some(claim), binding })
     }
 
     /// An earlier run's create, waiting: its record, to resume the wait from. Nothing is sent.
-    fn resume(&self, record: Record, no_key_reason: Option<String>) -> (Completed, Option<Claim>) {
+    fn resume(&self, record: Record, no_key_reason: Option<String>) -> (Completed, Claim) {
         let claim = record.claim();
         tracing::Span::current().record("key", record.key.as_ref().map(IdempotencyKey::fingerprint));
         let resource = record.identity.clone().unwrap_or(Value::Null);
@@ -54,7 +59,7 @@ impl OperationBuilder<'_> {
             no_key_reason,
             handle: record.handle,
         };
-        (done, Some(claim))
+        (done, claim)
     }
 
     /// The URL, the options and the operation's own policy, checked before anything else.
@@ -120,7 +125,8 @@ impl OperationBuilder<'_> {
                         return Err(self.unknown(claim.key.clone(), self.retention_reason(&claim)));
                     };
                     if let Some(found) = self.lookup(read_back).await? {
-                        return self.recovered(found, &claim, no_key_reason).await.map(Start::done);
+                        let done = self.recovered(found, &claim, no_key_reason).await?;
+                        return Ok(Start::done(done, claim));
                     }
                     // Not there: nothing was created. A random key is renewed; a fixed one is
                     // sent again (the server no longer knows it).
@@ -138,7 +144,7 @@ impl OperationBuilder<'_> {
                     if record.status.is_some() && !self.past_retention(&claim) {
                         return Ok(Start::Send(Run { claim, resumed: false, resending_success: true }));
                     }
-                    return self.succeeded_earlier(record, no_key_reason).await.map(Start::done);
+                    return self.succeeded_earlier(record, no_key_reason).await.map(|done| Start::done(done, claim));
                 }
                 Begun::Unsettled(previous) => {
                     let claim = previous.claim();
@@ -162,7 +168,7 @@ impl OperationBuilder<'_> {
                         if let KeyPlan::Fixed(_) = plan {
                             self.bind_recovery(url, fp, plan, &done).await?;
                         }
-                        return Ok(Start::done(done));
+                        return Ok(Start::done(done, claim));
                     }
                     // Not there: the previous run did not take effect. Settle it, then plan again.
                     self.settle_as_failed(&claim).await?;
@@ -174,11 +180,18 @@ impl OperationBuilder<'_> {
     }
 
     /// Records `done` (found by reading back, for a previous run) as the outcome of this run's
-    /// fixed key, without a status: the key itself was never sent.
+    /// fixed key, without a status: the key itself was never sent. Nothing to do while `done`'s
+    /// record waits: the wait binds the key when it ends.
     ///
     /// A key pinned to another payload stays as it is (it is refused for this payload anyway):
     /// the previous run's outcome, found and recorded, is this run's answer either way.
-    async fn bind_recovery(&self, url: &str, fp: &str, plan: &KeyPlan, done: &Completed) -> Result<(), OperationError> {
+    pub(super) async fn bind_recovery(
+        &self,
+        url: &str,
+        fp: &str,
+        plan: &KeyPlan,
+        done: &Completed,
+    ) -> Result<(), OperationError> {
         let claim = match self.begin(url, fp, plan.clone()).await {
             Ok(Begun::Send { claim, .. }) => claim,
             Ok(_) | Err(OperationError::PayloadMismatch(_)) => return Ok(()),
@@ -320,17 +333,32 @@ impl OperationBuilder<'_> {
             Some(Value::Object(map)) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             _ => BTreeMap::new(),
         };
+        let status = record.status.and_then(|s| StatusCode::from_u16(s).ok());
+        let resource = record.identity.clone().unwrap_or(Value::Null);
+        // Asked to be ready: wait at the resource the journal names.
+        let handle = match &self.wait {
+            Some(spec) if spec.has_state() => {
+                let handle = self
+                    .handle_or_record(&claim, status, &http::HeaderMap::new(), &resource, self.ops.clock.now())
+                    .await?;
+                if let Some(handle) = &handle {
+                    self.waiting(&claim, status, &resource, handle, self.ops.clock.now()).await?;
+                }
+                handle
+            }
+            _ => None,
+        };
         Ok(Completed {
             resolution: Resolution::Recorded,
-            status: record.status.and_then(|s| StatusCode::from_u16(s).ok()),
-            resource: record.identity.clone().unwrap_or(Value::Null),
+            status,
+            resource,
             body: Bytes::new(),
             identity,
             key: record.key,
             resumed: false,
             attempts: 0,
             no_key_reason,
-            handle: None,
+            handle,
         })
     }
 
@@ -554,10 +582,9 @@ impl OperationBuilder<'_> {
             }
             resource = fresh;
         }
-        let handle = match run.resending_success {
-            true => None,
-            false => self.handle_or_record(claim, Some(status), &headers, &resource, now).await?,
-        };
+        // A replay of a success the journal knows is waited for too: the caller asked for it
+        // ready, and the record says waiting until it is.
+        let handle = self.handle_or_record(claim, Some(status), &headers, &resource, now).await?;
         let identity = match &handle {
             // Journaled before the wait, with the identity known so far; checked once ready.
             Some(handle) => {
@@ -694,8 +721,8 @@ impl OperationBuilder<'_> {
 
 /// What a run does once the journal has been asked.
 enum Start {
-    /// Nothing to send: settled by reading back, or by the journal's record.
-    Done(Box<Completed>),
+    /// Nothing to send: settled by reading back, or by the journal's record, whose claim it is.
+    Done(Box<Completed>, Claim),
     /// Nothing to send: an earlier run's create is waiting; resume the wait.
     Resume(Box<Record>),
     /// Send, as this run.
@@ -703,9 +730,26 @@ enum Start {
 }
 
 impl Start {
-    fn done(completed: Completed) -> Self {
-        Start::Done(Box::new(completed))
+    fn done(completed: Completed, claim: Claim) -> Self {
+        Start::Done(Box::new(completed), claim)
     }
+}
+
+/// How far a run went before any wait.
+#[derive(Debug)]
+pub(super) struct Ran {
+    pub done: Completed,
+    /// The claim the wait reports to, when there is a wait.
+    pub claim: Option<Claim>,
+    pub binding: Option<Binding>,
+}
+
+/// A fixed key to bind to what a wait finds, once ready.
+#[derive(Debug)]
+pub(super) struct Binding {
+    pub url: String,
+    pub fp: String,
+    pub plan: KeyPlan,
 }
 
 /// The run about to send.

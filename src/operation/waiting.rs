@@ -3,6 +3,7 @@
 
 use std::time::SystemTime;
 
+use super::run::Binding;
 use super::{Completed, OperationBuilder, OperationError, WaitFailed};
 use crate::journal::{Claim, Finish, OpState};
 use crate::wait::{Handle, Poller, Stage, WaitError};
@@ -14,6 +15,7 @@ impl OperationBuilder<'_> {
         &self,
         mut done: Completed,
         claim: Option<Claim>,
+        binding: Option<Binding>,
     ) -> Result<Completed, OperationError> {
         // An earlier run's wait, resumed by a run that does not wait itself: the caller sees the
         // handle, the record stays as it is.
@@ -42,8 +44,11 @@ impl OperationBuilder<'_> {
                         done.resource = ready.resource;
                     }
                     self.ready(&claim, &done, waiter.now()).await?;
-                    done.identity = self.identity_of(&done.resource)?;
                     done.handle = None;
+                    if let Some(Binding { url, fp, plan }) = &binding {
+                        self.bind_recovery(url, fp, plan, &done).await?;
+                    }
+                    done.identity = self.identity_of(&done.resource)?;
                     return Ok(done);
                 }
                 Ok(Stage::Then(next)) => {

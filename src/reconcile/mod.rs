@@ -65,6 +65,7 @@ use crate::journal::{Finish, OpState, Record};
 use crate::operation::{IdentityMismatch, OperationError, Operations};
 use crate::rng::{Random, SeededRng};
 use crate::time::{Clock, Sleeper, SystemClock, TokioSleeper};
+use crate::wait::{Readiness, WaitFor};
 
 type Protect = dyn Fn(&Value) -> bool + Send + Sync;
 type Progress = dyn Fn(&ReconcileReport) + Send + Sync;
@@ -137,6 +138,16 @@ pub enum StopReason {
     /// sent.
     #[error("invalid settings, nothing was sent: {0}")]
     InvalidOptions(String),
+    /// An item counted toward the desired state is in a state that will never be
+    /// [ready](Reconciler::wait_for): a failure state, or one that is neither pending nor a
+    /// target. It is not deleted or replaced: delete it (or prune), then reconcile again.
+    #[error("item {id} is in state {state}, which will never be ready")]
+    NotReady {
+        /// The item.
+        id: String,
+        /// Its state.
+        state: Value,
+    },
 }
 
 /// Makes a collection hold the desired items.
@@ -183,6 +194,7 @@ struct Settings {
     concurrency: usize,
     deadline: Duration,
     round_backoff: Arc<dyn Backoff>,
+    ready: Option<WaitFor>,
     clock: Arc<dyn Clock>,
     sleeper: Arc<dyn Sleeper>,
     rng: Arc<dyn Random>,
@@ -211,6 +223,8 @@ struct RunState {
     failures: u32,
     /// A list has answered in this call (the first answer is `before`).
     listed_once: bool,
+    /// Rounds in a row that found the count right and some item not ready yet.
+    unready: u32,
 }
 
 /// What a round waits for before the next.
@@ -219,6 +233,8 @@ enum Wait {
     Poll,
     /// A transient failure to pass.
     Backoff,
+    /// Items to become ready.
+    Ready,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -272,6 +288,7 @@ impl Reconciler {
             concurrency: Self::DEFAULT_CONCURRENCY,
             deadline: Self::DEFAULT_DEADLINE,
             round_backoff: Arc::new(Self::DEFAULT_ROUND_BACKOFF),
+            ready: None,
             clock: Arc::new(SystemClock),
             sleeper: Arc::new(TokioSleeper),
             rng: Arc::new(SeededRng::from_entropy()),
@@ -386,6 +403,16 @@ impl Reconciler {
         self
     }
 
+    /// Counts the desired state as reached only once every item counted toward it is ready:
+    /// its state (read as `ready` says) is a target. Until then the reconciler lists again,
+    /// paced by `ready`'s poll schedule, within its deadline; an item that is not yet ready
+    /// still counts, so nothing is created for it. An item in a failure state (or, with
+    /// pending states, any other state) stops the run with [`StopReason::NotReady`].
+    pub fn wait_for(mut self, ready: WaitFor) -> Self {
+        self.settings.ready = Some(ready);
+        self
+    }
+
     /// The clock (default the system clock).
     pub fn clock(mut self, clock: impl Clock + 'static) -> Self {
         self.settings.clock = Arc::new(clock);
@@ -414,7 +441,8 @@ impl Reconciler {
     pub async fn reconcile(&mut self, desired: &Desired) -> Result<ReconcileReport, ReconcileError> {
         let started = self.settings.clock.now();
         let report = ReconcileReport { desired: desired.len(), ..ReconcileReport::default() };
-        let mut run = RunState { started, report, overshoot_seen: HashSet::new(), failures: 0, listed_once: false };
+        let mut run =
+            RunState { started, report, overshoot_seen: HashSet::new(), failures: 0, listed_once: false, unready: 0 };
         let result = match crate::target::http_url(&self.settings.collection) {
             Ok(url) => self.rounds(&url, desired, &mut run).await,
             Err(why) => Err(StopReason::InvalidOptions(why)),
@@ -442,6 +470,10 @@ impl Reconciler {
             let (settled, ledger) = self.settle(&listed, ledger, &mut run.report).await?;
             let planned = self.plan(desired, &listed, &ledger, &settled)?;
             self.record(&planned, &listed, run);
+            if planned.converged && !self.all_ready(&listed, run)? {
+                self.wait(run, Wait::Ready).await?;
+                continue;
+            }
             if planned.converged || (planned.actions.is_empty() && !planned.waiting) {
                 return Ok(());
             }
@@ -467,10 +499,41 @@ impl Reconciler {
         }
     }
 
+    /// With [`wait_for`](Self::wait_for): whether every item counted is ready (recording how
+    /// many are, and taking back `converged` while some are not); an item that will never be
+    /// ready stops the run.
+    fn all_ready(&self, listed: &[Listed], run: &mut RunState) -> Result<bool, StopReason> {
+        let Some(spec) = &self.settings.ready else { return Ok(true) };
+        let deleting: HashSet<&str> = self.memory.deletes.iter().map(|d| d.id.as_str()).collect();
+        let (mut ready, mut never) = (0, None);
+        for item in listed.iter().filter(|l| !deleting.contains(l.id.as_str())) {
+            match spec.readiness(&item.item) {
+                Readiness::Ready => ready += 1,
+                Readiness::Pending => {}
+                Readiness::Never(state) => never = never.or(Some(StopReason::NotReady { id: item.id.clone(), state })),
+            }
+        }
+        run.report.ready = Some(ready);
+        let all = ready == run.report.after;
+        run.report.converged = all;
+        if let Some(stop) = never {
+            return Err(stop);
+        }
+        if let (false, Some(progress)) = (all, &self.settings.progress) {
+            progress(&run.report);
+        }
+        Ok(all)
+    }
+
     /// Waits before the next round, within the deadline.
     async fn wait(&self, run: &mut RunState, why: Wait) -> Result<(), StopReason> {
         let delay = match why {
             Wait::Poll => self.settings.poll,
+            Wait::Ready => {
+                run.unready += 1;
+                let schedule = self.settings.ready.as_ref().map(WaitFor::schedule);
+                schedule.and_then(|s| s.delay(run.unready, &*self.settings.rng)).unwrap_or(self.settings.poll)
+            }
             Wait::Backoff => {
                 run.failures += 1;
                 self.settings.round_backoff.delay(run.failures, &*self.settings.rng).unwrap_or(self.settings.poll)
@@ -637,6 +700,9 @@ impl Reconciler {
             }
         }
         report.converged = planned.converged;
+        if !planned.converged {
+            run.unready = 0;
+        }
         if let Some(progress) = &self.settings.progress {
             progress(report);
         }

@@ -41,7 +41,10 @@ pub struct ReconcileReport {
     pub rounds: u32,
     /// Wall time spent, by the reconciler's clock.
     pub elapsed_ms: u64,
-    /// The collection ended as desired.
+    /// Items the last list showed ready, when the reconcile [waits for
+    /// readiness](super::Reconciler::wait_for) (`None` otherwise).
+    pub ready: Option<usize>,
+    /// The collection ended as desired (and, when waiting for readiness, every item ready).
     pub converged: bool,
 }
 
@@ -49,10 +52,11 @@ impl fmt::Display for ReconcileReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "desired {}: {} -> {} ({}), created {}, presumed {}, adopted {}, deleted {}, overshoot {}, unknown {}, expired {}, {} requests in {} rounds, {} ms",
+            "desired {}: {} -> {}{} ({}), created {}, presumed {}, adopted {}, deleted {}, overshoot {}, unknown {}, expired {}, {} requests in {} rounds, {} ms",
             self.desired,
             self.before,
             self.after,
+            self.ready.map(|r| format!(", {r} ready")).unwrap_or_default(),
             if self.converged { "converged" } else { "not converged" },
             self.created.len(),
             self.presumed.len(),

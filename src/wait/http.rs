@@ -368,7 +368,7 @@ impl Poller<'_> {
     /// layer's limits.
     async fn observe(&self, url: &str, reading: Reading) -> Result<Observation, BoxError> {
         let remaining = self.until.duration_since(self.waiter.now()).unwrap_or(Duration::ZERO);
-        let options = RequestOptions::new().buffer_body().deadline(remaining.max(Duration::from_millis(1)));
+        let options = RequestOptions::new().buffer_body().deadline(remaining + WaitFor::POLL_GRACE);
         let response = self.client.get(url).with_extension(options).send().await?;
         let status = response.status();
         let after = retry_after(response.headers(), self.waiter.now());

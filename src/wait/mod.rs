@@ -116,6 +116,9 @@ impl fmt::Debug for WaitFor {
 impl WaitFor {
     /// How long a wait may take in all (default 10 minutes).
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+    /// How long one HTTP poll may take past the timeout: the last poll comes at the timeout,
+    /// and needs time of its own.
+    pub const POLL_GRACE: Duration = Duration::from_secs(10);
     /// The poll schedule: 1 s doubling to 30 s, equal jitter (each wait at least half its
     /// ceiling).
     pub const DEFAULT_POLL: ExponentialBackoff =
@@ -174,8 +177,9 @@ impl WaitFor {
         self
     }
 
-    /// How long the wait may take in all, polls included (default
-    /// [`DEFAULT_TIMEOUT`](Self::DEFAULT_TIMEOUT)).
+    /// How long the wait may take in all (default [`DEFAULT_TIMEOUT`](Self::DEFAULT_TIMEOUT)).
+    /// The last poll comes at the timeout; an HTTP poll may take up to
+    /// [`POLL_GRACE`](Self::POLL_GRACE) more.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -240,6 +244,21 @@ impl WaitFor {
         }
     }
 
+    /// Whether `resource` is ready by this rule: the reconciler's view of one listed item.
+    pub(crate) fn readiness(&self, resource: &Value) -> Readiness {
+        let state = self.state_of(resource);
+        match self.judge(&state) {
+            Judgement::Target => Readiness::Ready,
+            Judgement::Pending => Readiness::Pending,
+            Judgement::Failure | Judgement::Unexpected => Readiness::Never(state),
+        }
+    }
+
+    /// The poll schedule.
+    pub(crate) fn schedule(&self) -> &ExponentialBackoff {
+        &self.poll
+    }
+
     fn judge(&self, state: &Value) -> Judgement {
         let is_in = |set: &[Value]| set.iter().any(|s| same_state(s, state));
         if self.rule.is_none() || is_in(&self.target) {
@@ -252,6 +271,14 @@ impl WaitFor {
             Judgement::Unexpected
         }
     }
+}
+
+/// Whether one resource is ready.
+pub(crate) enum Readiness {
+    Ready,
+    Pending,
+    /// A failure state, or one that is neither pending nor a target: never ready.
+    Never(Value),
 }
 
 enum Judgement {
@@ -461,8 +488,17 @@ impl Waiter {
         let mut tally = Tally::default();
         loop {
             tally.polls += 1;
-            let observation = refresh().await.map_err(WaitError::Poll)?;
+            let polled = refresh().await;
             let elapsed = since(started, self.clock.now());
+            let observation = match polled {
+                Ok(observation) => observation,
+                // The last poll, at the timeout, failed: the wait timed out.
+                Err(_) if elapsed >= spec.timeout => {
+                    let state = tally.last.as_ref().map_or(Value::Null, |r| spec.state_of(r));
+                    return Err(WaitError::TimedOut { waited: elapsed, state, resource: tally.last });
+                }
+                Err(e) => return Err(WaitError::Poll(e)),
+            };
             let state = match tally.see(spec, observation.seen)? {
                 Step::Ready(resource, state) => {
                     self.tell(spec, &tally, state.clone(), elapsed, Duration::ZERO);

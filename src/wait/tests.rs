@@ -181,3 +181,22 @@ fn google_operations_are_done_or_failed() {
     assert_eq!(spec.state_of(&json!({"name": "op", "done": true, "response": {}})), json!("done"));
     assert_eq!(spec.state_of(&json!({"name": "op", "done": true, "error": {"code": 3}})), json!("failed"));
 }
+
+#[tokio::test]
+async fn a_last_poll_that_fails_at_the_timeout_is_a_timeout() {
+    let (waiter, _) = rig();
+    let mut polls = 0;
+    let err = waiter
+        .wait(&running().timeout(secs(2)), || {
+            polls += 1;
+            let answer =
+                if polls < 3 { Ok(status("starting")) } else { Err::<Observation, BoxError>("deadline".into()) };
+            std::future::ready(answer)
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, WaitError::TimedOut { state, resource: Some(_), .. } if *state == json!("starting")),
+        "{err}"
+    );
+}

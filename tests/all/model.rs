@@ -9,7 +9,9 @@
 //! an operation with any key source (random, derived, explicit, git, none), with or without a
 //! read-back, with another payload; change a reconcile's count, generation, keys and pruning; a
 //! foreign writer adds or deletes items; the clock jumps (past the servers' retention); the
-//! user forgets an operation; git's HEAD moves; the proxy's faults change.
+//! user forgets an operation; git's HEAD moves; the proxy's faults change. Creates provision
+//! for a while before they run (and the next one may fail): a post may wait for its CVM to
+//! run, a reconcile for its items, and a crash may come in the middle of a wait.
 //!
 //! After every action (the promise, as the product states it):
 //! 1. per logical operation, at most one resource on the server;
@@ -19,7 +21,11 @@
 //! 5. "created/replayed/recovered/recorded" returns an identity that is on the server;
 //! 6. the journal's record agrees with the server after a settled run (a record the server's
 //!    answer confirmed names an item it made; an item only *presumed* ours, matched to a lost
-//!    keyless create by its appearance, is a guess by design, and 2 keeps it from being pruned).
+//!    keyless create by its appearance, is a guess by design, and 2 keeps it from being pruned);
+//! 7. a run of an operation whose record is waiting sends no create, whatever it is told;
+//! 8. a wait that ends ready returns a resource the server has running; one that ends in a
+//!    failure state names a resource the server has failed, and leaves the record waiting;
+//!    a reconcile that waited and converged has every item running.
 //!
 //! A logical operation (what "one resource" counts against) is the model's: an operation name
 //! with an instance number. A run continues the current instance while it is unsettled (the
@@ -36,7 +42,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use idempotent_retry::testing::{ChaosProxy, FakeCloud, FaultMix, RetryAfter, Schedule, ServerProfile, replicas};
+use idempotent_retry::testing::{
+    ChaosProxy, FakeCloud, FaultMix, LongRunning, RetryAfter, Schedule, ServerProfile, replicas,
+};
 use idempotent_retry::{
     IdempotencyKey, Operations, Reconciler, RetryPolicy,
     backoff::{ExponentialBackoff, Jitter},
@@ -44,6 +52,7 @@ use idempotent_retry::{
     operation::{GitKeyMode, OperationError, ReadBack},
     reconcile::{Desired, Prune},
     time::Clock,
+    wait::{WaitError, WaitFor},
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -77,15 +86,58 @@ enum Source {
 
 #[derive(Debug, Clone)]
 enum Action {
-    Post { op: usize, source: Source, payload: u8, read_back: bool },
-    Reconcile { coll: usize, count: usize, generation: u64, prune: bool, prune_foreign: bool, keyless: bool },
-    Crash { action: Box<Action>, at: usize, deliver: bool },
+    Post {
+        op: usize,
+        source: Source,
+        payload: u8,
+        read_back: bool,
+        wait: bool,
+    },
+    Reconcile {
+        coll: usize,
+        count: usize,
+        generation: u64,
+        prune: bool,
+        prune_foreign: bool,
+        keyless: bool,
+        ready: bool,
+    },
+    Crash {
+        action: Box<Action>,
+        at: usize,
+        deliver: bool,
+    },
     Restart,
-    Foreign { coll: usize, add: bool },
-    Advance { hours: u64 },
-    Forget { op: usize },
+    Foreign {
+        coll: usize,
+        add: bool,
+    },
+    Advance {
+        hours: u64,
+    },
+    Forget {
+        op: usize,
+    },
     Commit,
-    Faults { seed: u64, percent: u8 },
+    Faults {
+        seed: u64,
+        percent: u8,
+    },
+    /// The next create's provisioning fails.
+    FailProvisioning,
+}
+
+/// How long a create provisions, and how long a wait waits: a wait may time out, and its
+/// re-run resume it.
+const PROVISIONING: Duration = Duration::from_secs(45);
+const WAIT: Duration = Duration::from_secs(30);
+
+fn running() -> WaitFor {
+    WaitFor::field("status")
+        .target(["running"])
+        .failure(["error"])
+        .timeout(WAIT)
+        .poll(ExponentialBackoff::new(Duration::from_secs(1), Duration::from_secs(8)).jitter(Jitter::None))
 }
 
 fn source() -> impl Strategy<Value = Source> {
@@ -99,23 +151,28 @@ fn source() -> impl Strategy<Value = Source> {
 }
 
 fn post() -> impl Strategy<Value = Action> {
-    (0..POST_OPS, source(), 0u8..=1, any::<bool>()).prop_map(|(op, source, payload, read_back)| Action::Post {
-        op,
-        source,
-        payload,
-        read_back,
-    })
+    (0..POST_OPS, source(), 0u8..=1, any::<bool>(), prop::bool::weighted(0.4))
+        .prop_map(|(op, source, payload, read_back, wait)| Action::Post { op, source, payload, read_back, wait })
 }
 
 fn reconcile() -> impl Strategy<Value = Action> {
-    (0..COLLECTIONS, 0usize..=4, 1u64..=2, any::<bool>(), prop::bool::weighted(0.2), prop::bool::weighted(0.3))
-        .prop_map(|(coll, count, generation, prune, prune_foreign, keyless)| Action::Reconcile {
+    (
+        0..COLLECTIONS,
+        0usize..=4,
+        1u64..=2,
+        any::<bool>(),
+        prop::bool::weighted(0.2),
+        prop::bool::weighted(0.3),
+        prop::bool::weighted(0.3),
+    )
+        .prop_map(|(coll, count, generation, prune, prune_foreign, keyless, ready)| Action::Reconcile {
             coll,
             count,
             generation,
             prune,
             prune_foreign: prune && prune_foreign,
             keyless,
+            ready,
         })
 }
 
@@ -132,6 +189,7 @@ fn action() -> impl Strategy<Value = Action> {
         1 => Just(Action::Commit),
         2 => (any::<u64>(), prop_oneof![Just(0u8), Just(10), Just(30), Just(50)])
             .prop_map(|(seed, percent)| Action::Faults { seed, percent }),
+        1 => Just(Action::FailProvisioning),
     ]
 }
 
@@ -160,7 +218,7 @@ struct OpModel {
 struct Process {
     ops: Operations,
     store: Arc<SqliteJournal>,
-    reconcilers: HashMap<(usize, u64, bool), Reconciler>,
+    reconcilers: HashMap<(usize, u64, bool, bool), Reconciler>,
 }
 
 struct World {
@@ -192,7 +250,11 @@ fn collection(coll: usize) -> String {
 impl World {
     async fn new(profile: ServerProfile, dir: &Path) -> Self {
         let time = Time::new();
-        let cloud = FakeCloud::builder(profile.clone()).clock(time.clock.clone()).start().await;
+        let cloud = FakeCloud::builder(profile.clone())
+            .clock(time.clock.clone())
+            .long_running(LongRunning::Status, PROVISIONING)
+            .start()
+            .await;
         let proxy = ChaosProxy::builder(cloud.address()).time_travel(time.clock.clone()).start().await;
         let journal = dir.join("journal.sqlite3");
         let repo = git_repo(dir);
@@ -288,6 +350,10 @@ impl World {
                 }
                 Ok(())
             }
+            Action::FailProvisioning => {
+                self.cloud.fail_next_provisioning(1);
+                Ok(())
+            }
             Action::Faults { seed, percent } => {
                 let mix = FaultMix::chaos()
                     .with_retry_after(Some(RetryAfter::Seconds(1)))
@@ -302,10 +368,10 @@ impl World {
     /// A post or a reconcile, run to its end or killed at its first held create.
     async fn act(&mut self, action: &Action, crash: Option<(usize, bool)>) -> Result<(), TestCaseError> {
         match action {
-            Action::Post { op, source, payload, read_back } => {
-                self.post(*op, source, *payload, *read_back, crash).await
+            Action::Post { op, source, payload, read_back, wait } => {
+                self.post(*op, source, Options { payload: *payload, read_back: *read_back, wait: *wait }, crash).await
             }
-            Action::Reconcile { coll, count, generation, prune, prune_foreign, keyless } => {
+            Action::Reconcile { coll, count, generation, prune, prune_foreign, keyless, ready } => {
                 let settings = ReconcileSettings {
                     coll: *coll,
                     count: *count,
@@ -313,6 +379,7 @@ impl World {
                     prune: *prune,
                     prune_foreign: *prune_foreign,
                     keyless: *keyless,
+                    ready: *ready,
                 };
                 self.reconcile(settings, crash).await
             }
@@ -324,12 +391,14 @@ impl World {
         &mut self,
         op: usize,
         source: &Source,
-        payload: u8,
-        read_back: bool,
+        options: Options,
         crash: Option<(usize, bool)>,
     ) -> Result<(), TestCaseError> {
+        let Options { payload, read_back, wait } = options;
         let (instance, label) = self.instance_for(op, source);
         let name = Self::name(op, instance);
+        let was_waiting =
+            self.process.store.get(&format!("post/op-{op}")).unwrap().filter(|r| r.state == OpState::Waiting);
         let posts_before = self.proxy.records().iter().filter(|r| r.method == "POST").count();
         let made_before = self.cloud.created_named(&name);
         let url = format!("{}/cvms", self.proxy.uri());
@@ -352,13 +421,21 @@ impl World {
             if read_back {
                 builder = builder.read_back(find);
             }
+            if wait {
+                builder = builder.wait(running());
+            }
             builder.send().await
         };
-        let Some(result) = self.run_or_crash(run, crash).await else {
+        let result = self.run_or_crash(run, crash).await;
+        let posts = self.proxy.records().iter().filter(|r| r.method == "POST").count() - posts_before;
+        // 7. A waiting record is resumed, never sent again.
+        if let Some(record) = &was_waiting {
+            prop_assert_eq!(posts, 0, "the record was waiting ({:?}), and the run sent a create", record.handle);
+        }
+        let Some(result) = result else {
             self.log.push("  killed".into());
             return self.check_posts();
         };
-        let posts = self.proxy.records().iter().filter(|r| r.method == "POST").count() - posts_before;
         let made = self.cloud.created_named(&name) - made_before;
         self.log.push(format!("  {}: {posts} POSTs, {made} made", describe(&result)));
         match &result {
@@ -372,16 +449,44 @@ impl World {
                 // among the operation's retired records, as it was).
                 let record = self.process.store.get(&format!("post/op-{op}")).unwrap();
                 let record = record.ok_or_else(|| TestCaseError::fail("a success left no record"))?;
+                if done.handle.is_some() {
+                    // An earlier run's wait, resumed by a run that does not wait: still waiting.
+                    prop_assert_eq!(record.state, OpState::Waiting);
+                    return self.check_posts();
+                }
                 prop_assert_eq!(record.state, OpState::Succeeded);
                 let older_fixed_key = done.key.is_some() && record.key != done.key;
                 if !older_fixed_key {
                     let recorded = record.identity.as_ref().and_then(|i| i.get("id")).and_then(Value::as_str);
                     prop_assert_eq!(recorded, Some(id.as_str()), "{:?}", record);
                 }
+                // 8. Waited for: running on the server.
+                if wait {
+                    let status = self.status_of(&id);
+                    prop_assert_eq!(status.as_deref(), Some("running"), "waited for {}", id);
+                }
                 let model = &mut self.ops[op];
                 model.open = false;
                 if let Some(label) = label {
                     model.by_key.entry(label).or_insert(instance);
+                }
+            }
+            Err(OperationError::Wait(failed)) => {
+                // 8. Created, not ready: tracked, and a failure state is the server's.
+                // (A fixed key kept among the retired records, as it was, has no record to
+                // wait in: a re-run with it replays, or reads the journal, and waits again.)
+                let record = self.process.store.get(&format!("post/op-{op}")).unwrap();
+                let record = record.ok_or_else(|| TestCaseError::fail("a wait left no record"))?;
+                prop_assert!(
+                    record.state == OpState::Waiting || record.key != failed.key,
+                    "{}: the record is {:?}",
+                    failed,
+                    record
+                );
+                if let WaitError::Failed { resource, .. } = &failed.source {
+                    let id = resource.get("id").and_then(Value::as_str).unwrap_or_default();
+                    let status = self.status_of(id);
+                    prop_assert_eq!(status.as_deref(), Some("error"), "{}", failed);
                 }
             }
             Err(e) => {
@@ -417,6 +522,10 @@ impl World {
         Ok(())
     }
 
+    fn status_of(&self, id: &str) -> Option<String> {
+        self.cloud.history("cvms").into_iter().find(|(r, _, _)| r.id == id).map(|(r, _, _)| r.status)
+    }
+
     fn ids_named(&self, name: &str) -> BTreeSet<String> {
         self.cloud.history("cvms").into_iter().filter(|(r, f, _)| !f && r.name == name).map(|(r, _, _)| r.id).collect()
     }
@@ -425,18 +534,21 @@ impl World {
         let collection = collection(s.coll);
         let history_before = self.cloud.history(&collection);
         let ours_before = history_before.iter().filter(|(_, foreign, live)| !foreign && *live).count();
-        let key = (s.coll, s.generation, s.keyless);
+        let key = (s.coll, s.generation, s.keyless, s.ready);
         let mut r = match self.process.reconcilers.remove(&key) {
             Some(r) => r,
             None => {
                 let url = format!("{}/{collection}", self.proxy.uri());
-                let r = Reconciler::new(self.process.ops.clone(), url, format!("rec-{}", s.coll))
+                let mut r = Reconciler::new(self.process.ops.clone(), url, format!("rec-{}", s.coll))
                     .generation(s.generation)
                     .create_body(json!({"name": "ours"}))
                     .clock(self.time.clock.clone())
                     .sleeper(self.time.sleeper.clone())
                     .rng(idempotent_retry::time::SeededRng::new(7))
                     .deadline(Duration::from_secs(300));
+                if s.ready {
+                    r = r.wait_for(running());
+                }
                 if s.keyless { r.keyless() } else { r }
             }
         };
@@ -477,6 +589,11 @@ impl World {
                 let live = history.iter().filter(|(_, _, live)| *live).count();
                 if report.converged {
                     prop_assert_eq!(live, s.count, "converged: {}", report);
+                    // 8. Waited for: every item running.
+                    if s.ready {
+                        let running = history.iter().filter(|(r, _, live)| *live && r.status == "running").count();
+                        prop_assert_eq!(running, s.count, "converged with waiting: {}", report);
+                    }
                 }
                 // 6. The journal's slot records name items the server made in this collection.
                 let ever: BTreeSet<&str> =
@@ -549,6 +666,15 @@ struct ReconcileSettings {
     prune: bool,
     prune_foreign: bool,
     keyless: bool,
+    ready: bool,
+}
+
+/// How a post is made.
+#[derive(Debug, Clone, Copy)]
+struct Options {
+    payload: u8,
+    read_back: bool,
+    wait: bool,
 }
 
 fn describe(result: &Result<idempotent_retry::operation::Completed, OperationError>) -> String {

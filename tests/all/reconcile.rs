@@ -545,3 +545,57 @@ async fn failing_creates_back_off_respect_the_budget_and_end_by_the_deadline() {
     assert_eq!(err.report.requests as usize, rig.proxy.requests(), "the report counts every request");
     assert_eq!(live(&rig), 0);
 }
+
+/// A rig whose replicas provision for `provisioning`; `failing` of them fail.
+async fn provisioning_rig(provisioning: Duration, failing: u32) -> Rig {
+    let time = Time::new();
+    let profile = ServerProfile::stripe();
+    let cloud = FakeCloud::builder(profile.clone())
+        .clock(time.clock.clone())
+        .long_running(idempotent_retry::testing::LongRunning::Status, provisioning)
+        .failing_provisioning(failing)
+        .start()
+        .await;
+    let proxy = ChaosProxy::builder(cloud.address()).time_travel(time.clock.clone()).start().await;
+    let client = client(profile.configure(time.layer().policy(fast_policy())));
+    Rig { profile, cloud, proxy, client, time }
+}
+
+fn ready_when_running() -> idempotent_retry::wait::WaitFor {
+    use idempotent_retry::backoff::{ExponentialBackoff, Jitter};
+    idempotent_retry::wait::WaitFor::field("status")
+        .target(["running"])
+        .failure(["error"])
+        .poll(ExponentialBackoff::new(Duration::from_secs(1), Duration::from_secs(30)).jitter(Jitter::None))
+}
+
+#[tokio::test]
+async fn items_count_toward_the_desired_state_once_ready_and_nothing_more_is_created() {
+    let rig = provisioning_rig(Duration::from_secs(10), 0).await;
+    let mut r = reconciler(&rig, "tenant-1").wait_for(ready_when_running());
+
+    let report = r.reconcile(&Desired::Count(3)).await.unwrap();
+
+    assert!(report.converged, "{report}");
+    assert_eq!((report.created.len(), report.after, report.ready), (3, 3, Some(3)), "{report}");
+    assert_eq!(rig.cloud.created(), 3, "starting items count: none created for them");
+    // Created at 0 s (batches of 1 and 2), ready at 10 s: lists 1, 2, 4 s apart, then 8.
+    assert_eq!(rig.time.delays(), [ms(1000), ms(2000), ms(4000), ms(8000)]);
+    assert!(rig.cloud.resources(&replicas(APP, VM)).iter().all(|r| r.status == "running"));
+}
+
+#[tokio::test]
+async fn an_item_that_will_never_be_ready_stops_the_run_and_is_kept() {
+    let rig = provisioning_rig(Duration::from_secs(10), 1).await;
+    let mut r = reconciler(&rig, "tenant-1").wait_for(ready_when_running()).prune(Prune::Ours);
+
+    let err = r.reconcile(&Desired::Count(2)).await.unwrap_err();
+
+    let failed = rig.cloud.resources(&replicas(APP, VM)).into_iter().find(|r| r.status == "error").unwrap();
+    assert!(
+        matches!(&err.failure, StopReason::NotReady { id, state } if *id == failed.id && *state == json!("error")),
+        "{err}"
+    );
+    assert!(!err.report.converged && err.report.ready == Some(1), "{}", err.report);
+    assert_eq!((rig.cloud.created(), live(&rig)), (2, 2), "not replaced, not deleted");
+}

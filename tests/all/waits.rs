@@ -406,3 +406,61 @@ async fn a_resource_recovered_by_reading_back_is_waited_for_and_recorded_without
     assert_eq!(again.resolution, Resolution::Recovered, "the journal's success, refreshed by the read-back");
     assert_eq!((cloud.keys_seen().len(), cloud.created()), (posts, 1), "nothing sent again");
 }
+
+/// Found by the model test: a fixed key that had succeeded (without a wait) was resent, the
+/// server replayed, and the run returned at once although it was asked to wait.
+#[tokio::test]
+async fn a_success_run_again_with_a_wait_waits() {
+    let rig = Rig::new(LongRunning::Status, []).await;
+    let ops = rig.ops();
+    let create = || ops.operation("create-cvm/web-1").post(rig.url()).json(&json!({"name": "web-1"})).derived_key(1);
+    create().send().await.unwrap();
+
+    let done = create().wait(running()).send().await.unwrap();
+
+    assert_eq!((done.resolution, done.resource["status"].clone()), (Resolution::Replayed, json!("running")));
+    assert_eq!(rig.record().state, OpState::Succeeded);
+    assert_eq!(rig.cloud.created(), 1);
+}
+
+/// Found by the model test: a previous run's create, found by reading back and waited for by a
+/// run with a fixed key that was never sent, left that key unbound once the wait ended (the
+/// binding was skipped while the record waited), so a later run with the key sent it: a
+/// second resource.
+#[tokio::test]
+async fn a_recovery_waited_for_binds_the_fixed_key_when_the_wait_ends() {
+    let time = Time::new();
+    let cloud = FakeCloud::builder(ServerProfile::stripe())
+        .clock(time.clock.clone())
+        .long_running(LongRunning::Status, PROVISIONING)
+        .start()
+        .await;
+    let proxy =
+        ChaosProxy::builder(cloud.address()).schedule(Schedule::script([Fault::Lose])).only(Method::POST).start().await;
+    let store = std::sync::Arc::new(MemoryStore::new());
+    let layer: IdempotentRetry = time.layer().policy(fast_policy()).build();
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new()).with(layer).build();
+    let ops = Operations::with_store(client, store.clone())
+        .clock(time.clock.clone())
+        .sleeper(time.sleeper.clone())
+        .rng(SeededRng::new(SEED));
+    let url = format!("{}/cvms", proxy.uri());
+    let create = || ops.operation("create-cvm/web-1").post(&url).json(&json!({"name": "web-1"}));
+    let find = || idempotent_retry::operation::ReadBack::find_in_list(&url, "name", "web-1");
+    // A keyless run whose answer is lost: unknown.
+    assert!(create().no_key().send().await.unwrap_err().may_have_been_applied());
+    // A run with a fixed key finds it by reading back, and dies before its wait.
+    let started = create().derived_key(1).read_back(find()).wait(running()).start().await.unwrap();
+    assert_eq!(started.created().resolution, Resolution::Recovered);
+    drop(started);
+    // The next resumes the wait to its end.
+    let done = create().derived_key(1).read_back(find()).wait(running()).send().await.unwrap();
+    assert_eq!(done.resolution, Resolution::Resumed);
+    let posts = cloud.keys_seen().len();
+
+    // The fixed key is on record: a later run with it sends nothing.
+    let again = create().derived_key(1).wait(running()).send().await.unwrap();
+
+    assert_eq!((again.resolution, again.resource["status"].clone()), (Resolution::Recorded, json!("running")));
+    assert_eq!((cloud.keys_seen().len(), cloud.created()), (posts, 1), "nothing sent, one resource");
+}

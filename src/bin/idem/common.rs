@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 use idempotent_retry::{
     IdempotentRetry, KeyCarrier, Operations, RetryPolicy, ServerConvention,
     journal::{KeyStore, MemoryStore, SqliteJournal},
+    wait::WaitFor,
 };
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
@@ -162,6 +163,64 @@ pub enum Format {
     Text,
     /// One JSON object on stdout.
     Json,
+}
+
+/// Waiting for what a create started.
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// Wait until FIELD (a dotted path such as `status` or `action.status`, or a JSON pointer)
+    /// holds one of the VALUEs (JSON literals, or else strings; strings compare without case).
+    #[arg(long, value_name = "FIELD=VALUE[,VALUE]")]
+    pub wait_for: Option<String>,
+    /// The same FIELD holding one of these VALUEs means it will never be ready: stop waiting
+    /// and exit 1.
+    #[arg(long, value_name = "FIELD=VALUE[,VALUE]", requires = "wait_for")]
+    pub fail_on: Option<String>,
+    /// The most time to wait, in seconds (the request itself has --deadline).
+    #[arg(long, value_name = "SECS", default_value_t = 600.0)]
+    pub wait_timeout: f64,
+}
+
+impl WaitArgs {
+    /// What `--wait-for` and `--fail-on` ask for; `None` without `--wait-for`.
+    pub fn wait_for(&self) -> Result<Option<WaitFor>, Exit> {
+        let Some(wait_for) = &self.wait_for else { return Ok(None) };
+        let (field, targets) = states(wait_for, "--wait-for")?;
+        let mut spec = WaitFor::field(&field).target(targets).timeout(self.timeout()?);
+        if let Some(fail_on) = &self.fail_on {
+            let (failure_field, failures) = states(fail_on, "--fail-on")?;
+            if failure_field != field {
+                return Err(fail(
+                    Exit::Usage,
+                    format!("--fail-on names {failure_field:?}, --wait-for {field:?}: they must name the same field"),
+                ));
+            }
+            spec = spec.failure(failures);
+        }
+        Ok(Some(spec))
+    }
+
+    /// The wait's time limit.
+    pub fn timeout(&self) -> Result<Duration, Exit> {
+        seconds(self.wait_timeout, "--wait-timeout")
+    }
+}
+
+/// `FIELD=VALUE[,VALUE]`: the field, and each value as a JSON scalar or else a string.
+fn states(text: &str, flag: &str) -> Result<(String, Vec<serde_json::Value>), Exit> {
+    let (field, values) = text
+        .split_once('=')
+        .filter(|(field, values)| !field.is_empty() && !values.is_empty())
+        .ok_or_else(|| fail(Exit::Usage, format!("{flag} {text:?}: expected FIELD=VALUE[,VALUE]")))?;
+    Ok((field.to_owned(), values.split(',').map(scalar).collect()))
+}
+
+/// A JSON literal that is not an object or an array, or else the text as a string.
+pub fn scalar(text: &str) -> serde_json::Value {
+    serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .filter(|v| !v.is_object() && !v.is_array())
+        .unwrap_or_else(|| serde_json::Value::String(text.to_owned()))
 }
 
 /// Output options.

@@ -9,7 +9,7 @@ use idempotent_retry::{
 };
 use serde_json::Value;
 
-use crate::common::{self, Exit, Format, SharedArgs, fail};
+use crate::common::{self, Exit, Format, SharedArgs, WaitArgs, fail};
 
 pub const EXAMPLES: &str = "\
 Examples:
@@ -22,6 +22,10 @@ Examples:
 
   # An endpoint that takes no key (Phala's replicas): lost creates are settled by listing
   idem ensure-count https://cloud.example/apps/app-9/cvms/vm-1/replicas --count 3 --no-idempotency-key
+
+  # Done only when all 5 are running; one in `error` stops it (exit 1), and is kept
+  idem ensure-count https://cloud.example/apps/app-9/cvms/vm-1/replicas --count 5 \\
+      --wait-for status=running --fail-on status=error
 
 Listing is GET COLLECTION_URL; each missing item is a POST COLLECTION_URL; surplus is deleted
 with DELETE COLLECTION_URL/{id}. Bump --generation when the count rises after a scale-down.";
@@ -67,6 +71,8 @@ pub struct EnsureArgs {
     /// The endpoint takes no key: send none, and settle lost creates by listing.
     #[arg(long)]
     pub no_idempotency_key: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
     #[command(flatten)]
     pub shared: SharedArgs,
 }
@@ -121,7 +127,8 @@ async fn ensure(args: EnsureArgs) -> Result<Exit, Exit> {
                 StopReason::Identity(_)
                 | StopReason::BadId { .. }
                 | StopReason::Rejected { .. }
-                | StopReason::Delete { .. } => Exit::Refused,
+                | StopReason::Delete { .. }
+                | StopReason::NotReady { .. } => Exit::Refused,
                 StopReason::Operation(_) | StopReason::InvalidOptions(_) => Exit::Usage,
                 _ => Exit::Unknown,
             };
@@ -177,6 +184,9 @@ fn reconciler(args: &EnsureArgs) -> Result<(Reconciler, Option<indicatif::Progre
     if keyless {
         reconciler = reconciler.keyless();
     }
+    if let Some(ready) = args.wait.wait_for()? {
+        reconciler = reconciler.wait_for(ready);
+    }
     let bar = (!args.shared.output.quiet && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(args.count as u64);
         bar.set_style(
@@ -197,11 +207,7 @@ fn expectations(expect: &[String]) -> Result<Vec<(String, Value)>, Exit> {
         .map(|e| {
             let (field, value) =
                 e.split_once('=').ok_or_else(|| fail(Exit::Usage, format!("--expect {e:?}: expected FIELD=VALUE")))?;
-            let value = serde_json::from_str::<Value>(value)
-                .ok()
-                .filter(|v| !v.is_object() && !v.is_array())
-                .unwrap_or_else(|| Value::String(value.to_owned()));
-            Ok((field.to_owned(), value))
+            Ok((field.to_owned(), common::scalar(value)))
         })
         .collect()
 }

@@ -3,14 +3,15 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use idempotent_retry::{journal::SqliteJournal, time::rfc3339};
+use idempotent_retry::journal::{OpState, Record, SqliteJournal};
+use idempotent_retry::time::rfc3339;
 
 use crate::common::{Exit, Format, fail, fail_with};
 
 pub const EXAMPLES: &str = "\
 Examples:
   idem journal list                     # every operation: state, status, key fingerprint
-  idem journal list --pending           # only those a re-run would resume
+  idem journal list --pending           # only those a re-run would resume (waiting ones too)
   idem journal list --output json       # full records, keys included
   idem journal forget 'POST https://cloud.example/cvms #3f2a9c1d0b7e'";
 
@@ -36,7 +37,8 @@ pub struct Where {
 /// `idem journal list` options.
 #[derive(Debug, Args)]
 pub struct ListArgs {
-    /// Only operations still pending (or of unknown outcome).
+    /// Only operations a re-run would resume: pending, of unknown outcome, or waiting for
+    /// what they created to be ready.
     #[arg(long)]
     pub pending: bool,
     /// The output format.
@@ -77,7 +79,8 @@ pub fn run(command: JournalCommand) -> Exit {
                 Ok(records) => records,
                 Err(e) => return fail_with(Exit::Usage, &e),
             };
-            let records: Vec<_> = records.into_iter().filter(|r| !args.pending || r.state.is_unsettled()).collect();
+            let resumable = |r: &Record| r.state.is_unsettled() || r.state == OpState::Waiting;
+            let records: Vec<_> = records.into_iter().filter(|r| !args.pending || resumable(r)).collect();
             match args.output {
                 Format::Json => println!("{}", serde_json::to_string(&records).expect("records serialize")),
                 Format::Text => {
@@ -88,8 +91,13 @@ pub fn run(command: JournalCommand) -> Exit {
                             .as_ref()
                             .map_or_else(|| "-".to_owned(), |k| format!("sha256:{}", &k.fingerprint()[..7]));
                         let status = r.status.map_or_else(|| "-".to_owned(), |s| s.to_string());
+                        let waiting = r
+                            .handle
+                            .as_ref()
+                            .map(|h| format!("  (waiting at {} {})", h.pattern(), h.url()))
+                            .unwrap_or_default();
                         println!(
-                            "{:<10} {status:>6}  {:<20}  {key:<14}  {}",
+                            "{:<10} {status:>6}  {:<20}  {key:<14}  {}{waiting}",
                             r.state.as_str(),
                             rfc3339(r.updated_at),
                             r.operation

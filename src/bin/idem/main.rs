@@ -16,15 +16,17 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  succeeded, or the server replayed a success
   1  the server gave a final refusal (a status that is not retried), an identity mismatch,
-     or a surplus without --prune
+     a surplus without --prune, or what was created reached a failure state while waited for
   2  usage or input error; nothing was sent
-  3  the outcome is unknown, or retries were exhausted; stderr says whether re-running the
-     same command is safe (it is when a key was journaled)";
+  3  the outcome is unknown, retries were exhausted, or a wait did not end (timeout, polls
+     failing); stderr says whether re-running the same command is safe (it is when a key was
+     journaled) and whether it resumes a wait";
 
 const EXAMPLES: &str = "\
 Examples:
   idem post https://cloud.example/cvms --json '{\"name\":\"web-1\"}'
   idem post https://deploy.example/deploy --key-from-git --key-header X-Tower-Idempotency-Key
+  idem post https://cloud.example/cvms --json '{\"name\":\"web-1\"}' --wait-for status=running
   idem ensure-count https://cloud.example/apps/app-9/cvms/vm-1/replicas --count 5 --prune
   idem journal list --pending
 

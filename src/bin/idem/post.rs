@@ -1,17 +1,18 @@
 //! `idem post URL`: one POST with an idempotency key, retried safely.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use clap::Args;
 use idempotent_retry::{
     Error, IdempotencyKey, ServerConvention,
-    operation::{Completed, GitKeyMode, OperationBuilder, OperationError, Resolution},
+    operation::{Completed, GitKeyMode, OperationBuilder, OperationError, Resolution, WaitFailed},
+    wait::{WaitError, WaitFor},
 };
 use reqwest::header::HeaderMap;
 use serde_json::json;
 
-use crate::common::{self, Exit, Format, SharedArgs, body_value, fail, fail_with};
+use crate::common::{self, Exit, Format, SharedArgs, WaitArgs, body_value, fail, fail_with};
 
 pub const EXAMPLES: &str = "\
 Examples:
@@ -26,6 +27,11 @@ Examples:
 
   # A django-idempotency-key server: its replays are the stored body under 409
   idem post https://shop.example/orders --json @order.json --server django
+
+  # Create a CVM and wait until it runs; its id is journaled before the wait, so a re-run
+  # after a kill resumes the wait instead of creating another (a 202 is followed anyway)
+  idem post https://cloud.example/cvms --json '{\"name\":\"web-1\"}' \\
+      --wait-for status=running --fail-on status=error --wait-timeout 900
 
 Running the same command again while the journal holds it as pending (a crash, a kill -9, a
 CI retry) resumes its key: the server answers with the original instead of creating twice.
@@ -56,6 +62,11 @@ pub struct PostArgs {
     /// tree or outside a repository no key is sent, and stderr says why.
     #[arg(long, value_name = "DIR", num_args = 0..=1, require_equals = true, default_missing_value = ".")]
     pub key_from_git: Option<PathBuf>,
+    /// Do not follow a `202 Accepted`'s Location or Operation-Location: print the 202.
+    #[arg(long, conflicts_with = "wait_for")]
+    pub no_follow: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
     #[command(flatten)]
     pub shared: SharedArgs,
 }
@@ -91,9 +102,81 @@ async fn post(args: PostArgs) -> Result<Exit, Exit> {
     let (store, journal_path) = common::store(&args.shared.journal)?;
     let ops = common::operations(layer, store, &args.shared.scope, args.shared.retry.retention, input.headers.clone())?;
     let name = common::operation_name("POST", &args.url, &input.body);
-    let result = input.operation(ops.operation(name).post(&args.url)).send().await;
-    let report = Report { json: args.shared.output.output == Format::Json, quiet: args.shared.output.quiet };
+    let quiet = args.shared.output.quiet;
+    let progress = Progress::new(quiet);
+    let mut op = input.operation(ops.operation(name).post(&args.url));
+    // A 202 is followed unless told not to; --wait-for also follows what else a create starts.
+    let wait = match args.wait.wait_for()? {
+        Some(spec) => Some(spec),
+        None if args.no_follow => None,
+        None => Some(WaitFor::accepted().timeout(args.wait.timeout()?)),
+    };
+    if let Some(spec) = wait {
+        op = op.wait(progress.hooked(spec));
+    }
+    let mut report = Report { json: args.shared.output.output == Format::Json, quiet, waited: false };
+    let result = match op.start().await {
+        Ok(started) => {
+            report.started(started.created());
+            let result = started.wait().await;
+            progress.finish();
+            result
+        }
+        Err(e) => Err(e),
+    };
     Ok(report.tell(result, journal_path.as_ref()))
+}
+
+/// Progress of a wait on stderr: a spinner on a terminal, else a line when the state changes.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    quiet: bool,
+}
+
+impl Progress {
+    fn new(quiet: bool) -> Self {
+        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::hidden();
+            bar.set_style(indicatif::ProgressStyle::with_template("{spinner} {msg}").expect("a valid template"));
+            bar
+        });
+        Self { bar, quiet }
+    }
+
+    /// `spec`, telling each poll.
+    fn hooked(&self, spec: WaitFor) -> WaitFor {
+        if self.quiet {
+            return spec;
+        }
+        let bar = self.bar.clone();
+        let last = std::sync::Mutex::new(None::<serde_json::Value>);
+        spec.on_poll(move |e| {
+            let state = if e.state.is_null() { "in progress".to_owned() } else { e.state.to_string() };
+            let line = format!("waiting: {state} (poll {}, {}s)", e.poll, e.elapsed.as_secs());
+            match &bar {
+                Some(bar) => {
+                    if bar.is_hidden() {
+                        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+                    }
+                    bar.set_message(line);
+                }
+                None => {
+                    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+                    if last.as_ref() != Some(&e.state) {
+                        eprintln!("idem: {line}");
+                        *last = Some(e.state.clone());
+                    }
+                }
+            }
+        })
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 impl Input {
@@ -171,9 +254,28 @@ impl Input {
 struct Report {
     json: bool,
     quiet: bool,
+    /// There was something to wait for: the output is the resource as it ended.
+    waited: bool,
 }
 
 impl Report {
+    /// Says what was created and where it is waited for, before the wait: the id is known
+    /// (and journaled) even if the wait never ends.
+    fn started(&mut self, created: &Completed) {
+        let Some(handle) = &created.handle else { return };
+        self.waited = true;
+        if self.quiet {
+            return;
+        }
+        let id = created.identity.get("id").map(|id| format!(" {id}")).unwrap_or_default();
+        let at = format!("{} {}", handle.pattern(), idempotent_retry::journal::redact_url(handle.url()));
+        if created.resolution == Resolution::Resumed {
+            eprintln!("idem: an earlier run created it{id}; resuming its wait at {at}");
+        } else {
+            eprintln!("idem: created{id}; waiting at {at}");
+        }
+    }
+
     fn tell(&self, result: Result<Completed, OperationError>, journal: Option<&PathBuf>) -> Exit {
         match result {
             Ok(done) => self.done(&done),
@@ -192,6 +294,7 @@ impl Report {
             Err(e @ (OperationError::IdentityMismatch(_) | OperationError::Gone { .. })) => {
                 fail_with(Exit::Refused, &e)
             }
+            Err(OperationError::Wait(failed)) => self.not_ready(&failed, journal),
             Err(
                 e @ (OperationError::InvalidOptions { .. }
                 | OperationError::Journal(_)
@@ -212,6 +315,33 @@ impl Report {
         }
     }
 
+    /// Created, not ready: a failure state is a refusal; anything else (the timeout, polls
+    /// that failed) leaves it to a re-run, which resumes the wait.
+    fn not_ready(&self, failed: &WaitFailed, journal: Option<&PathBuf>) -> Exit {
+        eprintln!("idem: {}", idempotent_retry::error::chain(failed));
+        let (outcome, exit) = match &failed.source {
+            WaitError::Failed { .. } | WaitError::UnexpectedState { .. } => ("failed", Exit::Refused),
+            WaitError::TimedOut { .. } => ("timed_out", Exit::Unknown),
+            _ => ("wait_failed", Exit::Unknown),
+        };
+        match (journal, failed.handle.is_some()) {
+            (Some(path), true) => eprintln!(
+                "idem: it was created and is tracked in the journal at {}: re-running the same command resumes the wait, it never creates again",
+                path.display()
+            ),
+            (None, true) => eprintln!("idem: it was created; without a journal a re-run cannot resume the wait"),
+            (_, false) => eprintln!("idem: it was created, and is on record; there is nowhere to wait for it"),
+        }
+        let resource = match &failed.source {
+            WaitError::Failed { resource, .. } | WaitError::UnexpectedState { resource, .. } => Some(resource),
+            WaitError::TimedOut { resource, .. } => resource.as_ref(),
+            _ => None,
+        };
+        let body = resource.map(|r| serde_json::to_vec(r).expect("JSON serializes")).unwrap_or_default();
+        self.emit(outcome, None, 0, failed.key.as_ref(), &body);
+        exit
+    }
+
     fn done(&self, done: &Completed) -> Exit {
         if let Some(why) = &done.no_key_reason {
             eprintln!("idem: no idempotency key from git: {why}; it was sent without one");
@@ -228,7 +358,12 @@ impl Report {
             }
         }
         let status = done.status.map(|s| s.as_u16());
-        self.emit(outcome, status, done.attempts, done.key.as_ref(), &done.body);
+        let body = match self.waited {
+            // The resource as the wait left it, not the create's first answer.
+            true => serde_json::to_vec(&done.resource).expect("JSON serializes").into(),
+            false => done.body.clone(),
+        };
+        self.emit(outcome, status, done.attempts, done.key.as_ref(), &body);
         Exit::Ok
     }
 

@@ -128,18 +128,22 @@ fn h2_client(time: &Time) -> ClientWithMiddleware {
     ClientBuilder::new(http).with(time.layer().policy(fast_policy()).build()).build()
 }
 
-#[tokio::test]
-async fn a_refused_stream_is_sent_again_without_a_key_and_creates_once() {
-    let server = H2Server::start([H2Answer::Refuse]).await;
-    let time = Time::new();
-
-    let response = h2_client(&time)
+/// A keyless POST to `server` through [`h2_client`].
+async fn post_keyless(time: &Time, server: &H2Server) -> reqwest_middleware::Result<reqwest::Response> {
+    h2_client(time)
         .post(server.url())
         .body(r#"{"name":"web-1"}"#)
         .with_extension(RequestOptions::new().no_key())
         .send()
         .await
-        .unwrap();
+}
+
+#[tokio::test]
+async fn a_refused_stream_is_sent_again_without_a_key_and_creates_once() {
+    let server = H2Server::start([H2Answer::Refuse]).await;
+    let time = Time::new();
+
+    let response = post_keyless(&time, &server).await.unwrap();
 
     assert_eq!(response.status(), StatusCode::CREATED);
     let outcome = RetryOutcome::of(&response).unwrap();
@@ -153,13 +157,7 @@ async fn refusals_are_retried_at_most_three_times() {
     let server = H2Server::start([H2Answer::Refuse; 10]).await;
     let time = Time::new();
 
-    let err = h2_client(&time)
-        .post(server.url())
-        .body("{}")
-        .with_extension(RequestOptions::new().no_key())
-        .send()
-        .await
-        .unwrap_err();
+    let err = post_keyless(&time, &server).await.unwrap_err();
 
     let err = Error::find(&err).unwrap_or_else(|| panic!("{err:?}"));
     assert!(matches!(err, Error::AttemptsExhausted(_)), "{err}");
@@ -177,13 +175,7 @@ async fn a_goaway_below_the_request_is_sent_again_without_a_key_and_creates_once
     let server = H2Server::start([H2Answer::GoAwayBelow]).await;
     let time = Time::new();
 
-    let response = h2_client(&time)
-        .post(server.url())
-        .body(r#"{"name":"web-1"}"#)
-        .with_extension(RequestOptions::new().no_key())
-        .send()
-        .await
-        .unwrap();
+    let response = post_keyless(&time, &server).await.unwrap();
 
     assert_eq!(response.status(), StatusCode::CREATED);
     assert_eq!(RetryOutcome::of(&response).unwrap().attempts, 2);

@@ -54,6 +54,17 @@ impl Rig {
         format!("{}/cvms", self.proxy.uri())
     }
 
+    /// Creates web-1 and waits as `spec` says.
+    async fn create(&self, spec: WaitFor) -> Result<idempotent_retry::operation::Completed, OperationError> {
+        self.ops()
+            .operation("create-cvm/web-1")
+            .post(self.url())
+            .json(&json!({"name": "web-1"}))
+            .wait(spec)
+            .send()
+            .await
+    }
+
     fn record(&self) -> idempotent_retry::journal::Record {
         self.store.get("create-cvm/web-1").unwrap().expect("journaled")
     }
@@ -121,15 +132,7 @@ async fn a_status_that_moves_is_waited_for_through_faults() {
 async fn a_202_with_location_is_polled_until_it_answers_the_resource() {
     let rig = Rig::new(LongRunning::Location, poll_faults()).await;
 
-    let done = rig
-        .ops()
-        .operation("create-cvm/web-1")
-        .post(rig.url())
-        .json(&json!({"name": "web-1"}))
-        .wait(exact(WaitFor::done()))
-        .send()
-        .await
-        .unwrap();
+    let done = rig.create(exact(WaitFor::done())).await.unwrap();
 
     assert_eq!(done.status.map(|s| s.as_u16()), Some(202));
     assert_eq!((done.resource["name"].clone(), done.resource["status"].clone()), (json!("web-1"), json!("running")));
@@ -162,15 +165,7 @@ async fn retry_after_on_a_202_paces_the_polls() {
 async fn an_operation_location_is_followed_then_the_resource_is_read_where_it_is() {
     let rig = Rig::new(LongRunning::OperationLocation, poll_faults()).await;
 
-    let done = rig
-        .ops()
-        .operation("create-cvm/web-1")
-        .post(rig.url())
-        .json(&json!({"name": "web-1"}))
-        .wait(exact(WaitFor::done()))
-        .send()
-        .await
-        .unwrap();
+    let done = rig.create(exact(WaitFor::done())).await.unwrap();
 
     assert_eq!((done.resource["name"].clone(), done.resource["status"].clone()), (json!("web-1"), json!("running")));
     assert_eq!(rig.time.delays(), polls_until_ready());
@@ -205,15 +200,7 @@ async fn an_operation_location_then_a_resource_state_is_two_stages_each_journale
 async fn a_google_operation_is_polled_until_done_and_its_response_is_the_resource() {
     let rig = Rig::new(LongRunning::Operation, poll_faults()).await;
 
-    let done = rig
-        .ops()
-        .operation("create-cvm/web-1")
-        .post(rig.url())
-        .json(&json!({"name": "web-1"}))
-        .wait(exact(WaitFor::done()))
-        .send()
-        .await
-        .unwrap();
+    let done = rig.create(exact(WaitFor::done())).await.unwrap();
 
     assert_eq!(done.status.map(|s| s.as_u16()), Some(200));
     assert_eq!((done.resource["name"].clone(), done.resource["status"].clone()), (json!("web-1"), json!("running")));
@@ -225,15 +212,7 @@ async fn a_google_operation_is_polled_until_done_and_its_response_is_the_resourc
 async fn a_hetzner_action_is_polled_until_success_then_the_resource_is_read() {
     let rig = Rig::new(LongRunning::Action, poll_faults()).await;
 
-    let done = rig
-        .ops()
-        .operation("create-cvm/web-1")
-        .post(rig.url())
-        .json(&json!({"name": "web-1"}))
-        .wait(exact(WaitFor::done()))
-        .send()
-        .await
-        .unwrap();
+    let done = rig.create(exact(WaitFor::done())).await.unwrap();
 
     assert_eq!(done.resource["status"], "running");
     assert!(done.resource.get("action").is_none(), "the resource as read, not the create's answer: {}", done.resource);

@@ -378,12 +378,26 @@ impl FakeCloud {
     /// Every resource ever in `collection` (deleted ones too, foreign ones too), with whether it
     /// is foreign and whether it is live.
     pub fn history(&self, collection: &str) -> Vec<(Resource, bool, bool)> {
-        lock(&self.shared.state)
+        let mut state = lock(&self.shared.state);
+        state.provision(self.shared.clock.now());
+        state
             .items
             .iter()
             .filter(|i| i.collection == collection)
             .map(|i| (i.resource.clone(), i.foreign, !i.deleted))
             .collect()
+    }
+
+    /// Every collection that has held an item, in the order first used (`cvms`,
+    /// `apps/{app}/cvms/{vm}/replicas`, …).
+    pub fn collections(&self) -> Vec<String> {
+        let mut seen = Vec::new();
+        for item in &lock(&self.shared.state).items {
+            if !seen.contains(&item.collection) {
+                seen.push(item.collection.clone());
+            }
+        }
+        seen
     }
 
     /// Every request received, in order.
@@ -423,12 +437,9 @@ impl FakeCloud {
 
     /// The live resources of a collection (`"cvms"` or `"apps/{app}/cvms/{vm}/replicas"`), lag ignored.
     pub fn resources(&self, collection: &str) -> Vec<Resource> {
-        lock(&self.shared.state)
-            .items
-            .iter()
-            .filter(|i| i.collection == collection && !i.deleted)
-            .map(|i| i.resource.clone())
-            .collect()
+        let mut state = lock(&self.shared.state);
+        state.provision(self.shared.clock.now());
+        state.items.iter().filter(|i| i.collection == collection && !i.deleted).map(|i| i.resource.clone()).collect()
     }
 
     /// The distinct keys each operation's create requests carried, the operation told by

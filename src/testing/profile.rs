@@ -359,6 +359,12 @@ impl ServerProfile {
         ]
     }
 
+    /// The preset named `name` (`stripe`, `no_keys` or `no-keys`, …), if there is one.
+    pub fn named(name: &str) -> Option<Self> {
+        let name = name.replace('-', "_");
+        Self::keyed().into_iter().chain([Self::no_keys()]).find(|p| p.name == name)
+    }
+
     /// Sets how long a first request stays in flight.
     pub fn with_processing(mut self, processing: Duration) -> Self {
         self.processing = processing;
@@ -421,5 +427,19 @@ impl ServerProfile {
     /// resent; the caller gets an unknown outcome to settle by reading back.
     pub fn configure(&self, builder: IdempotentRetryBuilder) -> IdempotentRetryBuilder {
         self.convention().configure(builder)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_are_found_by_name() {
+        for profile in ServerProfile::keyed().into_iter().chain([ServerProfile::no_keys()]) {
+            assert_eq!(ServerProfile::named(profile.name).map(|p| p.name), Some(profile.name));
+        }
+        assert_eq!(ServerProfile::named("no-keys").map(|p| p.name), Some("no_keys"));
+        assert!(ServerProfile::named("acme").is_none());
     }
 }

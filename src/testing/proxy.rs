@@ -216,6 +216,7 @@ impl std::fmt::Debug for ChaosProxyBuilder {
 /// Builds a [`ChaosProxy`].
 pub struct ChaosProxyBuilder {
     upstream: SocketAddr,
+    listen: Option<SocketAddr>,
     schedule: Schedule,
     only: Option<Method>,
     clock: Option<Arc<dyn Clock>>,
@@ -226,6 +227,13 @@ impl ChaosProxyBuilder {
     /// The fault schedule (default: every request passes).
     pub fn schedule(mut self, schedule: Schedule) -> Self {
         self.schedule = schedule;
+        self
+    }
+
+    /// Listens on `address` (default: a free loopback port): for a standalone proxy that other
+    /// processes are told about.
+    pub fn listen(mut self, address: SocketAddr) -> Self {
+        self.listen = Some(address);
         self
     }
 
@@ -260,9 +268,14 @@ impl ChaosProxyBuilder {
         self
     }
 
-    /// Starts listening on a loopback port.
+    /// Starts listening (on a loopback port, unless told where).
+    ///
+    /// # Panics
+    ///
+    /// When the address cannot be bound.
     pub async fn start(self) -> ChaosProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
+        let at = self.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let listener = TcpListener::bind(at).await.unwrap_or_else(|e| panic!("cannot listen on {at}: {e}"));
         let address = listener.local_addr().expect("a bound address");
         let shared = Arc::new(Shared {
             upstream: self.upstream,
@@ -294,7 +307,7 @@ impl ChaosProxy {
 
     /// A builder for a proxy in front of `upstream`.
     pub fn builder(upstream: SocketAddr) -> ChaosProxyBuilder {
-        ChaosProxyBuilder { upstream, schedule: Schedule::pass(), only: None, clock: None, travel: None }
+        ChaosProxyBuilder { upstream, listen: None, schedule: Schedule::pass(), only: None, clock: None, travel: None }
     }
 
     /// `http://127.0.0.1:port`: send requests here instead of to the server.

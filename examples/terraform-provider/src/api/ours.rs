@@ -1,0 +1,221 @@
+//! The cloud through idempotent-retry: keyed creates journaled before they are sent, waits whose
+//! handle is journaled before they begin, reconciles without overshoot.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use idempotent_retry::journal::{Finish, KeyStore, OpState, Record, SqliteJournal};
+use idempotent_retry::operation::{OperationError, ReadBack};
+use idempotent_retry::reconcile::{Desired, Prune};
+use idempotent_retry::time::{Clock, SystemClock};
+use idempotent_retry::wait::{WaitError, WaitFor};
+use idempotent_retry::{IdempotentRetry, Operations, Reconciler, RetryPolicy};
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::{CreateFailure, Cvm, READY_TIMEOUT, Settings, listed_ids, replicas_path};
+
+/// The cloud, through the retry layer, the journal and the reconciler.
+pub struct Api {
+    endpoint: String,
+    ops: Operations,
+    store: Arc<dyn KeyStore>,
+}
+
+impl Api {
+    pub fn new(settings: &Settings) -> Result<Self> {
+        let mut headers = HeaderMap::new();
+        if let Some(token) = &settings.token {
+            let mut value = HeaderValue::from_str(&format!("Bearer {token}")).context("the token")?;
+            value.set_sensitive(true);
+            headers.insert(AUTHORIZATION, value);
+        }
+        let http = reqwest::Client::builder().default_headers(headers).build()?;
+        // Patient: an apply is worth more than a few extra requests, and the deadline bounds it.
+        let policy = RetryPolicy::standard().with_max_attempts(10).with_deadline(Duration::from_secs(120));
+        let layer = IdempotentRetry::builder().policy(policy).build();
+        let path = match &settings.journal {
+            Some(path) => path.clone(),
+            None => SqliteJournal::default_path().context("no home directory for the journal; set `journal`")?,
+        };
+        let store: Arc<dyn KeyStore> = Arc::new(SqliteJournal::open(&path)?);
+        let client = reqwest_middleware::ClientBuilder::new(http).with(layer).build();
+        let ops = Operations::with_store(client, store.clone()).scope(scope(settings));
+        Ok(Self { endpoint: settings.endpoint.trim_end_matches('/').to_owned(), ops, store })
+    }
+
+    /// Creates a CVM and waits until it runs. Its key derives from the provider's scope, the
+    /// CVM's identity (`app_id`, `name`) and a generation the journal keeps: stable across a
+    /// killed apply and a re-plan (none of them comes from the plan), new after a destroy.
+    pub async fn create_cvm(&self, name: &str, image: &str, app_id: &str) -> Result<Cvm, CreateFailure> {
+        let fail = |message: String| CreateFailure { created: None, message };
+        let prefix = format!("fakecloud_cvm/{app_id}/{name}");
+        let generation = self.generation(&prefix).await.map_err(|e| fail(e.to_string()))?;
+        let url = format!("{}/cvms", self.endpoint);
+        let started = self
+            .ops
+            .operation(format!("{prefix}/g{generation}"))
+            .post(&url)
+            .json(&json!({"name": name, "image": image, "app_id": app_id}))
+            .derived_key(generation)
+            .expect("name", name)
+            .expect("app_id", app_id)
+            .read_back(ReadBack::find_in_list(&url, "name", name))
+            .wait(ready())
+            .start()
+            .await
+            .map_err(|e| fail(create_error(&e)))?;
+        // The id is journaled now, with where to wait: a kill from here on is resumed.
+        let created = Cvm::from_json(&started.created().resource);
+        match started.wait().await {
+            Ok(done) => {
+                Cvm::from_json(&done.resource).ok_or_else(|| fail(format!("unexpected answer {}", done.resource)))
+            }
+            Err(OperationError::Wait(failed)) => {
+                let last = match &failed.source {
+                    WaitError::Failed { resource, .. } | WaitError::UnexpectedState { resource, .. } => {
+                        Cvm::from_json(resource)
+                    }
+                    WaitError::TimedOut { resource: Some(resource), .. } => Cvm::from_json(resource),
+                    _ => None,
+                };
+                Err(CreateFailure { created: last.or(created), message: failed.to_string() })
+            }
+            Err(e) => Err(CreateFailure { created, message: create_error(&e) }),
+        }
+    }
+
+    /// The CVM, or `None` when it is gone.
+    pub async fn read_cvm(&self, id: &str) -> Result<Option<Cvm>> {
+        let response = self.ops.client().get(self.item("cvms", id)?).send().await?;
+        if response.status() == 404 {
+            return Ok(None);
+        }
+        let resource: Value = response.error_for_status()?.json().await?;
+        Ok(Cvm::from_json(&resource))
+    }
+
+    /// Deletes a CVM (a 404 is gone already), then marks its generation deleted in the journal:
+    /// the next create of the same name derives a new key.
+    pub async fn delete_cvm(&self, cvm: &Cvm) -> Result<()> {
+        let response = self.ops.client().delete(self.item("cvms", &cvm.id)?).send().await?;
+        if response.status() != 404 {
+            response.error_for_status()?;
+        }
+        let prefix = format!("fakecloud_cvm/{}/{}", cvm.app_id, cvm.name);
+        let id = cvm.id.clone();
+        self.blocking(move |store| {
+            for record in generations(store, &prefix)?.into_iter().map(|(_, r)| r) {
+                if record.identity.as_ref().and_then(|i| i.get("id")).and_then(Value::as_str) == Some(id.as_str()) {
+                    let tombstone = Finish::new(record.claim(), OpState::Succeeded, SystemClock.now())
+                        .status(record.status)
+                        .identity(Some(json!({"id": id, "deleted": true})));
+                    store.finish(&record.operation, &tombstone)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Makes the CVM hold `count` replicas, each running; surplus this set created is deleted
+    /// when `prune`. The live ids after.
+    pub async fn ensure_replicas(&self, app_id: &str, vm_uuid: &str, count: usize, prune: bool) -> Result<Vec<String>> {
+        let mut reconciler = self.reconciler(app_id, vm_uuid, if prune { Prune::Ours } else { Prune::Never });
+        let report = reconciler.reconcile(&Desired::Count(count)).await?;
+        if !report.converged {
+            anyhow::bail!("{report}: pass prune = true to delete the surplus");
+        }
+        self.read_replicas(app_id, vm_uuid).await
+    }
+
+    /// The live replicas' ids.
+    pub async fn read_replicas(&self, app_id: &str, vm_uuid: &str) -> Result<Vec<String>> {
+        let url = format!("{}{}", self.endpoint, replicas_path(app_id, vm_uuid));
+        let list: Value = self.ops.client().get(url).send().await?.error_for_status()?.json().await?;
+        Ok(listed_ids(&list))
+    }
+
+    /// Deletes the replicas this set created; never another writer's.
+    pub async fn delete_replicas(&self, app_id: &str, vm_uuid: &str) -> Result<()> {
+        let mut reconciler = self.reconciler(app_id, vm_uuid, Prune::Ours);
+        reconciler.reconcile(&Desired::Count(0)).await?;
+        Ok(())
+    }
+
+    fn reconciler(&self, app_id: &str, vm_uuid: &str, prune: Prune) -> Reconciler {
+        let url = format!("{}{}", self.endpoint, replicas_path(app_id, vm_uuid));
+        Reconciler::new(self.ops.clone(), url, format!("fakecloud_replica_set/{app_id}/{vm_uuid}"))
+            .expect_field("app_id", app_id)
+            .expect_field("vm_uuid", vm_uuid)
+            .prune(prune)
+            .wait_for(ready())
+            .deadline(READY_TIMEOUT)
+    }
+
+    /// `{endpoint}/{collection}/{id}`, the id as one path segment.
+    fn item(&self, collection: &str, id: &str) -> Result<url::Url> {
+        let mut url = url::Url::parse(&format!("{}/{collection}", self.endpoint))?;
+        url.path_segments_mut().map_err(|()| anyhow::anyhow!("the endpoint cannot have items"))?.push(id);
+        Ok(url)
+    }
+
+    /// The generation of the next create under `prefix`: the latest, unless it was deleted.
+    async fn generation(&self, prefix: &str) -> Result<u64> {
+        let prefix = prefix.to_owned();
+        self.blocking(move |store| {
+            let latest = generations(store, &prefix)?.into_iter().max_by_key(|(g, _)| *g);
+            Ok(match latest {
+                Some((g, record)) if record.identity.as_ref().and_then(|i| i.get("deleted")) == Some(&json!(true)) => {
+                    g + 1
+                }
+                Some((g, _)) => g,
+                None => 1,
+            })
+        })
+        .await
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&dyn KeyStore) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || call(&*store)).await?
+    }
+}
+
+/// Every generation's record under `prefix` (`{prefix}/g{n}`).
+fn generations(store: &dyn KeyStore, prefix: &str) -> Result<Vec<(u64, Record)>> {
+    let start = format!("{prefix}/g");
+    Ok(store
+        .list()?
+        .into_iter()
+        .filter_map(|r| r.operation.strip_prefix(&start).and_then(|g| g.parse().ok()).map(|g| (g, r)))
+        .collect())
+}
+
+/// Ready means running; `error` will never be.
+fn ready() -> WaitFor {
+    WaitFor::field("status").target(["running"]).failure(["error"]).timeout(READY_TIMEOUT)
+}
+
+/// The caller's scope: the endpoint and a hash of the token (never the token itself).
+fn scope(settings: &Settings) -> String {
+    let mut hash = Sha256::new();
+    hash.update(settings.endpoint.as_bytes());
+    hash.update(b"\n");
+    hash.update(settings.token.as_deref().unwrap_or_default().as_bytes());
+    hash.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect()
+}
+
+fn create_error(e: &OperationError) -> String {
+    let text = idempotent_retry::error::chain(e);
+    if e.may_have_been_applied() {
+        format!("{text}. It may have been created: apply again, and the journal resumes it instead of creating another")
+    } else {
+        text
+    }
+}

@@ -1,0 +1,192 @@
+//! The provider driven by the real `terraform` (1.0.3) against the fake cloud behind the chaos
+//! proxy: applies under 30% faults on ten seeds, a scale 5 → 2 → 7 and a destroy, and
+//! `kill -9` of the whole apply (Terraform and the provider) at random moments. The naive twin
+//! (feature `naive`: reqwest-retry, no keys, no journal) runs the same seeds; its duplicates
+//! and orphans are counted, not asserted.
+//!
+//! `E2E_SEEDS` (default 10) and `E2E_KILLS` (default 10) change how many runs are made. Each
+//! test prints a table row per run.
+
+// Terraform, the provider and the fake cloud are real processes on the real clock: the tests
+// wait on them and time the applies (see the repository's `clippy.toml`).
+#![allow(clippy::disallowed_methods)]
+
+mod harness;
+
+use std::os::unix::process::CommandExt;
+use std::time::{Duration, Instant};
+
+use harness::{Cloud, Flavor, Outcome, Workspace, shown, tools};
+
+const FAULT_RATE: f64 = 0.3;
+const CVMS: usize = 3;
+const REPLICAS: usize = 5;
+
+fn runs(variable: &str) -> u64 {
+    std::env::var(variable).ok().and_then(|v| v.parse().ok()).unwrap_or(10)
+}
+
+/// One apply of 3 CVMs and 5 replicas under 30% faults, seeded: what it left.
+struct Run {
+    outcome: Outcome,
+    applied: bool,
+    plan_clean: bool,
+    took: Duration,
+}
+
+fn apply_under_faults(flavor: Flavor, seed: u64) -> Run {
+    let tools = tools().expect("checked by the caller");
+    let cloud = Cloud::start(tools, FAULT_RATE, seed);
+    let workspace = Workspace::new(tools, flavor, &format!("faults-{seed}"));
+    workspace.configure(&cloud, CVMS, REPLICAS);
+
+    let (output, took) = workspace.apply();
+
+    // Faults off for the checks: they measure what the apply left, not the reads' luck.
+    cloud.set_faults(0.0, seed);
+    let outcome = Outcome::measure(&cloud, &workspace, CVMS, REPLICAS);
+    let plan_clean = workspace.plan() == 0;
+    if flavor == Flavor::Ours && !output.status.success() {
+        eprintln!("seed {seed}: {}", shown(&output));
+    }
+    Run { outcome, applied: output.status.success(), plan_clean, took }
+}
+
+fn row(flavor: Flavor, what: &str, run: &Run) -> String {
+    format!(
+        "| {what} | {} | {} | {} | {} | {} | {:.1} s |",
+        flavor.name(),
+        if run.applied { "ok" } else { "failed" },
+        run.outcome.duplicates,
+        run.outcome.orphans,
+        if run.plan_clean { "yes" } else { "no" },
+        run.took.as_secs_f64()
+    )
+}
+
+const HEADER: &str =
+    "| run | provider | apply | duplicates | orphans | plan clean | apply time |\n|---|---|---|---|---|---|---|";
+
+#[test]
+fn apply_under_faults_leaves_exactly_the_config_in_state() {
+    let Some(_) = tools() else { return };
+    let mut rows = vec![HEADER.to_owned()];
+    for seed in 1..=runs("E2E_SEEDS") {
+        let run = apply_under_faults(Flavor::Ours, seed);
+        rows.push(row(Flavor::Ours, &format!("seed {seed}"), &run));
+        assert!(run.applied, "seed {seed}: the apply failed");
+        assert!(run.outcome.is_exact(), "seed {seed}: {:?}", run.outcome);
+        assert!(run.plan_clean, "seed {seed}: the plan after it is not empty");
+    }
+    println!("{}", rows.join("\n"));
+}
+
+#[test]
+fn the_naive_twin_on_the_same_seeds() {
+    let Some(_) = tools() else { return };
+    let mut rows = vec![HEADER.to_owned()];
+    let (mut duplicates, mut orphans) = (0, 0);
+    for seed in 1..=runs("E2E_SEEDS") {
+        let run = apply_under_faults(Flavor::Naive, seed);
+        rows.push(row(Flavor::Naive, &format!("seed {seed}"), &run));
+        duplicates += run.outcome.duplicates;
+        orphans += run.outcome.orphans;
+    }
+    println!("{}\nnaive twin: {duplicates} duplicates, {orphans} orphans in all", rows.join("\n"));
+}
+
+#[test]
+fn scale_5_2_7_then_destroy_leaves_nothing_of_ours() {
+    let Some(tools) = tools() else { return };
+    let cloud = Cloud::start(tools, FAULT_RATE, 42);
+    let workspace = Workspace::new(tools, Flavor::Ours, "scale");
+    for replicas in [5, 2, 7] {
+        workspace.configure(&cloud, CVMS, replicas);
+        let (output, _) = workspace.apply();
+        assert!(output.status.success(), "scale to {replicas}: {}", shown(&output));
+        cloud.set_faults(0.0, 42);
+        let outcome = Outcome::measure(&cloud, &workspace, CVMS, replicas);
+        assert!(outcome.is_exact(), "scale to {replicas}: {outcome:?}");
+        assert_eq!(workspace.plan(), 0, "scale to {replicas}: the plan after it is not empty");
+        cloud.set_faults(FAULT_RATE, 42 + replicas as u64);
+    }
+
+    let output = workspace.run(&["destroy", "-auto-approve", "-no-color", "-input=false"]);
+
+    assert!(output.status.success(), "{}", shown(&output));
+    assert_eq!(cloud.live(), [], "the server ends empty of ours");
+    assert_eq!(workspace.state(), [], "and so does the state");
+}
+
+/// `kill -9` of Terraform and its provider (their process group) `after` into an apply, then
+/// an apply to the end: what that left.
+fn killed_then_applied(flavor: Flavor, seed: u64, after: Duration) -> (Run, bool) {
+    let tools = tools().expect("checked by the caller");
+    let cloud = Cloud::start(tools, FAULT_RATE, seed);
+    let workspace = Workspace::new(tools, flavor, &format!("kill-{seed}"));
+    workspace.configure(&cloud, CVMS, REPLICAS);
+    let mut apply = workspace.command(&["apply", "-auto-approve", "-no-color", "-input=false"]);
+    let mut child =
+        apply.process_group(0).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let started = Instant::now();
+    let mut finished_first = false;
+    while started.elapsed() < after {
+        if child.try_wait().unwrap().is_some() {
+            finished_first = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The process group the child leads: Terraform and the provider it started.
+    let group = format!("-{}", child.id());
+    std::process::Command::new("kill").args(["-KILL", "--", &group]).status().expect("kill runs");
+    let _ = child.wait();
+
+    let (output, took) = workspace.apply();
+
+    cloud.set_faults(0.0, seed);
+    let outcome = Outcome::measure(&cloud, &workspace, CVMS, REPLICAS);
+    let plan_clean = workspace.plan() == 0;
+    if flavor == Flavor::Ours && !output.status.success() {
+        eprintln!("kill {seed}: {}", shown(&output));
+    }
+    (Run { outcome, applied: output.status.success(), plan_clean, took }, finished_first)
+}
+
+/// A spread of moments to kill at: 0.2 s to 8 s into the apply, by seed.
+fn moment(seed: u64) -> Duration {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5eed;
+    x ^= x >> 31;
+    Duration::from_millis(200 + x % 7800)
+}
+
+#[test]
+fn kill_9_mid_apply_then_apply_again_leaves_no_duplicate_and_no_orphan() {
+    let Some(_) = tools() else { return };
+    let mut rows = vec![HEADER.to_owned()];
+    for seed in 1..=runs("E2E_KILLS") {
+        let at = moment(seed);
+        let (run, finished) = killed_then_applied(Flavor::Ours, seed, at);
+        let what = format!("kill -9 at {:.1} s{}", at.as_secs_f64(), if finished { " (after it ended)" } else { "" });
+        rows.push(row(Flavor::Ours, &what, &run));
+        assert!(run.applied, "{what}: the apply after it failed");
+        assert!(run.outcome.is_exact(), "{what}: {:?}", run.outcome);
+        assert!(run.plan_clean, "{what}: the plan after it is not empty");
+    }
+    println!("{}", rows.join("\n"));
+}
+
+#[test]
+fn the_naive_twin_killed_the_same_way() {
+    let Some(_) = tools() else { return };
+    let mut rows = vec![HEADER.to_owned()];
+    let (mut duplicates, mut orphans) = (0, 0);
+    for seed in 1..=runs("E2E_KILLS") {
+        let at = moment(seed);
+        let (run, _) = killed_then_applied(Flavor::Naive, seed, at);
+        rows.push(row(Flavor::Naive, &format!("kill -9 at {:.1} s", at.as_secs_f64()), &run));
+        duplicates += run.outcome.duplicates;
+        orphans += run.outcome.orphans;
+    }
+    println!("{}\nnaive twin: {duplicates} duplicates, {orphans} orphans in all", rows.join("\n"));
+}

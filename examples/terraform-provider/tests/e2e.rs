@@ -1,6 +1,7 @@
 //! The provider driven by the real `terraform` (1.0.3) against the fake cloud behind the chaos
 //! proxy: applies under 30% faults on ten seeds, a scale 5 → 2 → 7 and a destroy, and
-//! `kill -9` of the whole apply (Terraform and the provider) at random moments. The naive twin
+//! `kill -9` of the whole apply (Terraform and the provider) at random moments, the same in the
+//! middle of a destroy, and resources deleted outside Terraform (drift). The naive twin
 //! (feature `naive`: reqwest-retry, no keys, no journal) runs the same seeds; its duplicates
 //! and orphans are counted, not asserted.
 //!
@@ -39,17 +40,7 @@ fn apply_under_faults(flavor: Flavor, seed: u64) -> Run {
     let cloud = Cloud::start(tools, FAULT_RATE, seed);
     let workspace = Workspace::new(tools, flavor, &format!("faults-{seed}"));
     workspace.configure(&cloud, CVMS, REPLICAS);
-
-    let (output, took) = workspace.apply();
-
-    // Faults off for the checks: they measure what the apply left, not the reads' luck.
-    cloud.set_faults(0.0, seed);
-    let outcome = Outcome::measure(&cloud, &workspace, CVMS, REPLICAS);
-    let plan_clean = workspace.plan() == 0;
-    if flavor == Flavor::Ours && !output.status.success() {
-        eprintln!("seed {seed}: {}", shown(&output));
-    }
-    Run { outcome, applied: output.status.success(), plan_clean, took }
+    applied(&cloud, &workspace, flavor, seed)
 }
 
 fn row(flavor: Flavor, what: &str, run: &Run) -> String {
@@ -125,9 +116,20 @@ fn killed_then_applied(flavor: Flavor, seed: u64, after: Duration) -> (Run, bool
     let cloud = Cloud::start(tools, FAULT_RATE, seed);
     let workspace = Workspace::new(tools, flavor, &format!("kill-{seed}"));
     workspace.configure(&cloud, CVMS, REPLICAS);
-    let mut apply = workspace.command(&["apply", "-auto-approve", "-no-color", "-input=false"]);
-    let mut child =
-        apply.process_group(0).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let finished_first = killed(&workspace, &["apply", "-auto-approve", "-no-color", "-input=false"], after);
+    (applied(&cloud, &workspace, flavor, seed), finished_first)
+}
+
+/// `terraform ARGS` in a process group of its own, `kill -9`ed (Terraform and the provider)
+/// `after` in; whether it had ended first.
+fn killed(workspace: &Workspace, args: &[&str], after: Duration) -> bool {
+    let mut child = workspace
+        .command(args)
+        .process_group(0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let started = Instant::now();
     let mut finished_first = false;
     while started.elapsed() < after {
@@ -139,16 +141,20 @@ fn killed_then_applied(flavor: Flavor, seed: u64, after: Duration) -> (Run, bool
     }
     kill_group(&child);
     let _ = child.wait();
+    finished_first
+}
 
+/// An apply to the end, then with faults off (they measure what the apply left, not the
+/// reads' luck): what it left.
+fn applied(cloud: &Cloud, workspace: &Workspace, flavor: Flavor, seed: u64) -> Run {
     let (output, took) = workspace.apply();
-
     cloud.set_faults(0.0, seed);
-    let outcome = Outcome::measure(&cloud, &workspace, CVMS, REPLICAS);
+    let outcome = Outcome::measure(cloud, workspace, CVMS, REPLICAS);
     let plan_clean = workspace.plan() == 0;
     if flavor == Flavor::Ours && !output.status.success() {
-        eprintln!("kill {seed}: {}", shown(&output));
+        eprintln!("seed {seed}: {}", shown(&output));
     }
-    (Run { outcome, applied: output.status.success(), plan_clean, took }, finished_first)
+    Run { outcome, applied: output.status.success(), plan_clean, took }
 }
 
 /// SIGKILL to the process group `child` leads: Terraform and the provider it started (a
@@ -163,20 +169,23 @@ fn kill_group(child: &std::process::Child) {
     unsafe { kill(-group, SIGKILL) };
 }
 
-/// A spread of moments to kill at, by seed: 0.2 s to 4.5 s into the apply (an apply under
-/// these faults takes 3 to 5 s; a later kill would mostly find it done).
-fn moment(seed: u64) -> Duration {
+/// A spread of moments to kill at, by seed: 0.2 s to `0.2 + spread` s in.
+fn moment(seed: u64, spread: Duration) -> Duration {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5eed;
     x ^= x >> 31;
-    Duration::from_millis(200 + x % 4300)
+    Duration::from_millis(200 + x % spread.as_millis() as u64)
 }
+
+/// Kills spread over an apply: under these faults one takes 3 to 5 s; a later kill would
+/// mostly find it done.
+const APPLY_SPREAD: Duration = Duration::from_millis(4300);
 
 #[test]
 fn kill_9_mid_apply_then_apply_again_leaves_no_duplicate_and_no_orphan() {
     let Some(_) = tools() else { return };
     let mut rows = vec![HEADER.to_owned()];
     for seed in 1..=runs("E2E_KILLS") {
-        let at = moment(seed);
+        let at = moment(seed, APPLY_SPREAD);
         let (run, finished) = killed_then_applied(Flavor::Ours, seed, at);
         let what = format!("kill -9 at {:.1} s{}", at.as_secs_f64(), if finished { " (after it ended)" } else { "" });
         rows.push(row(Flavor::Ours, &what, &run));
@@ -193,11 +202,77 @@ fn the_naive_twin_killed_the_same_way() {
     let mut rows = vec![HEADER.to_owned()];
     let (mut duplicates, mut orphans) = (0, 0);
     for seed in 1..=runs("E2E_KILLS") {
-        let at = moment(seed);
+        let at = moment(seed, APPLY_SPREAD);
         let (run, _) = killed_then_applied(Flavor::Naive, seed, at);
         rows.push(row(Flavor::Naive, &format!("kill -9 at {:.1} s", at.as_secs_f64()), &run));
         duplicates += run.outcome.duplicates;
         orphans += run.outcome.orphans;
     }
     println!("{}\nnaive twin: {duplicates} duplicates, {orphans} orphans in all", rows.join("\n"));
+}
+
+/// Someone deletes a CVM and a replica outside Terraform (drift), twice: each next apply
+/// creates them again, once, and the state follows. The CVM's journal record still says
+/// "created" (and the server would replay its create), so the provider must see it gone.
+#[test]
+fn resources_deleted_outside_terraform_are_created_again() {
+    let Some(tools) = tools() else { return };
+    let cloud = Cloud::start(tools, FAULT_RATE, 7);
+    let workspace = Workspace::new(tools, Flavor::Ours, "drift");
+    workspace.configure(&cloud, CVMS, REPLICAS);
+    let (output, _) = workspace.apply();
+    assert!(output.status.success(), "{}", shown(&output));
+
+    for round in 0..2 {
+        cloud.set_faults(0.0, 7);
+        let live = cloud.live();
+        let cvm = live.iter().find(|(c, _, name)| c == "cvms" && name == "web-0").expect("web-0 is live");
+        let replica = live.iter().find(|(c, _, _)| c != "cvms").expect("a replica is live");
+        cloud.delete(&cvm.0, &cvm.1);
+        cloud.delete(&replica.0, &replica.1);
+        cloud.set_faults(FAULT_RATE, 70 + round);
+
+        let (output, _) = workspace.apply();
+
+        assert!(output.status.success(), "round {round}: {}", shown(&output));
+        cloud.set_faults(0.0, 7);
+        let outcome = Outcome::measure(&cloud, &workspace, CVMS, REPLICAS);
+        assert!(outcome.is_exact(), "round {round}: {outcome:?}");
+        assert_eq!(workspace.plan(), 0, "round {round}: the plan after it is not empty");
+    }
+}
+
+/// Kills spread over a destroy of 3 CVMs and 5 replicas (1 to 3 s under these faults).
+const DESTROY_SPREAD: Duration = Duration::from_millis(2500);
+
+/// `kill -9` in the middle of `terraform destroy`, then an apply of the same configuration:
+/// what the destroy took away is created again, once; what it left is kept; a destroy after
+/// that leaves nothing of ours.
+#[test]
+fn kill_9_mid_destroy_then_apply_again_restores_exactly_the_config() {
+    let Some(tools) = tools() else { return };
+    let mut rows = vec![HEADER.to_owned()];
+    for seed in 1..=runs("E2E_KILLS") {
+        let cloud = Cloud::start(tools, FAULT_RATE, seed);
+        let workspace = Workspace::new(tools, Flavor::Ours, &format!("kill-destroy-{seed}"));
+        workspace.configure(&cloud, CVMS, REPLICAS);
+        let (output, _) = workspace.apply();
+        assert!(output.status.success(), "seed {seed}: {}", shown(&output));
+        let at = moment(seed, DESTROY_SPREAD);
+        let finished = killed(&workspace, &["destroy", "-auto-approve", "-no-color", "-input=false"], at);
+        cloud.set_faults(FAULT_RATE, seed + 100);
+
+        let run = applied(&cloud, &workspace, Flavor::Ours, seed);
+
+        let what =
+            format!("destroy killed at {:.1} s{}", at.as_secs_f64(), if finished { " (after it ended)" } else { "" });
+        rows.push(row(Flavor::Ours, &what, &run));
+        assert!(run.applied, "{what}: the apply after it failed");
+        assert!(run.outcome.is_exact(), "{what}: {:?}", run.outcome);
+        assert!(run.plan_clean, "{what}: the plan after it is not empty");
+        let output = workspace.run(&["destroy", "-auto-approve", "-no-color", "-input=false"]);
+        assert!(output.status.success(), "{what}: {}", shown(&output));
+        assert_eq!(cloud.live(), [], "{what}: the server ends empty of ours");
+    }
+    println!("{}", rows.join("\n"));
 }

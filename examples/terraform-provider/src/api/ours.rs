@@ -94,7 +94,8 @@ impl Api {
             return Ok(None);
         }
         let resource: Value = response.error_for_status()?.json().await?;
-        Ok(Cvm::from_json(&resource))
+        // Not `None`: Terraform would drop a CVM it cannot make sense of from its state.
+        Cvm::from_json(&resource).map(Some).with_context(|| format!("an unexpected answer for CVM {id}: {resource}"))
     }
 
     /// Deletes a CVM (a 404 is gone already), then marks its generation deleted in the journal:
@@ -104,11 +105,15 @@ impl Api {
         if response.status() != 404 {
             response.error_for_status()?;
         }
-        let prefix = format!("fakecloud_cvm/{}/{}", cvm.app_id, cvm.name);
-        let id = cvm.id.clone();
+        self.mark_deleted(&format!("fakecloud_cvm/{}/{}", cvm.app_id, cvm.name), &cvm.id).await
+    }
+
+    /// Marks the generations under `prefix` that created `id` deleted.
+    async fn mark_deleted(&self, prefix: &str, id: &str) -> Result<()> {
+        let (prefix, id) = (prefix.to_owned(), id.to_owned());
         self.blocking(move |store| {
-            for record in generations(store, &prefix)?.into_iter().map(|(_, r)| r) {
-                if record.identity.as_ref().and_then(|i| i.get("id")).and_then(Value::as_str) == Some(id.as_str()) {
+            for (_, record) in generations(store, &prefix)? {
+                if created_id(&record) == Some(id.as_str()) {
                     let tombstone = Finish::new(record.claim(), OpState::Succeeded, SystemClock.now())
                         .status(record.status)
                         .identity(Some(json!({"id": id, "deleted": true})));
@@ -162,20 +167,29 @@ impl Api {
         Ok(url)
     }
 
-    /// The generation of the next create under `prefix`: the latest, unless it was deleted.
+    /// The generation of the next create under `prefix`: the latest, unless its CVM is gone.
+    /// Gone is marked deleted (destroyed by this provider), or answered 404 by the server
+    /// (deleted outside Terraform, or by a destroy killed before it marked the record): the
+    /// latest generation's key would be resent, and the server would replay the create of a
+    /// CVM that no longer exists. (This API reads by id consistently, as most do; one whose
+    /// reads lag its writes would need several 404s in a row here, like a wait's
+    /// `not_found_checks`.) A generation whose create has not answered yet has no id: it is
+    /// resumed, never passed over.
     async fn generation(&self, prefix: &str) -> Result<u64> {
-        let prefix = prefix.to_owned();
-        self.blocking(move |store| {
-            let latest = generations(store, &prefix)?.into_iter().max_by_key(|(g, _)| *g);
-            Ok(match latest {
-                Some((g, record)) if record.identity.as_ref().and_then(|i| i.get("deleted")) == Some(&json!(true)) => {
-                    g + 1
-                }
-                Some((g, _)) => g,
-                None => 1,
-            })
-        })
-        .await
+        let owned = prefix.to_owned();
+        let latest =
+            self.blocking(move |store| Ok(generations(store, &owned)?.into_iter().max_by_key(|(g, _)| *g))).await?;
+        let Some((generation, record)) = latest else { return Ok(1) };
+        if is_deleted(&record) {
+            return Ok(generation + 1);
+        }
+        match created_id(&record) {
+            Some(id) if self.read_cvm(id).await?.is_none() => {
+                self.mark_deleted(prefix, id).await?;
+                Ok(generation + 1)
+            }
+            _ => Ok(generation),
+        }
     }
 
     async fn blocking<T: Send + 'static>(
@@ -195,6 +209,15 @@ fn generations(store: &dyn KeyStore, prefix: &str) -> Result<Vec<(u64, Record)>>
         .into_iter()
         .filter_map(|r| r.operation.strip_prefix(&start).and_then(|g| g.parse().ok()).map(|g| (g, r)))
         .collect())
+}
+
+/// The id of what a generation's create made, once the server answered it.
+fn created_id(record: &Record) -> Option<&str> {
+    record.identity.as_ref()?.get("id")?.as_str()
+}
+
+fn is_deleted(record: &Record) -> bool {
+    record.identity.as_ref().and_then(|i| i.get("deleted")) == Some(&json!(true))
 }
 
 /// Ready means running; `error` will never be.

@@ -172,6 +172,14 @@ impl Cloud {
         client.post(format!("{}/faults", self.admin)).json(&body).send().unwrap().error_for_status().unwrap();
     }
 
+    /// Deletes `id` from `collection` through the API, as someone outside Terraform would
+    /// (set the faults to 0 first: this is the test's hand, not the apply's).
+    pub fn delete(&self, collection: &str, id: &str) {
+        let client = reqwest::blocking::Client::new();
+        let url = format!("{}/{collection}/{id}", self.api);
+        client.delete(url).send().unwrap().error_for_status().unwrap();
+    }
+
     /// The live resources of ours (not a foreign writer's): `(collection, id, name)`.
     pub fn live(&self) -> Vec<(String, String, String)> {
         let state = self.state();

@@ -12,6 +12,22 @@ use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// The property tests' configuration: `cases` cases drawn from a fixed seed, so every run, CI's
+/// included, tries the same cases and a failure comes back when the test is run again.
+/// `PROPTEST_RNG_SEED=N` draws other cases.
+pub fn seeded(cases: u32) -> proptest::test_runner::Config {
+    use proptest::test_runner::{Config, RngSeed};
+    let config = Config::default();
+    let rng_seed = match config.rng_seed {
+        RngSeed::Random => RngSeed::Fixed(PROPERTY_SEED),
+        chosen => chosen,
+    };
+    Config { cases, failure_persistence: None, rng_seed, ..config }
+}
+
+/// Where the property tests' cases come from unless `PROPTEST_RNG_SEED` says otherwise.
+pub const PROPERTY_SEED: u64 = 0x1de5_2026;
+
 /// Sun, 22 Nov 2026 00:00:00 GMT: where every test's clock starts.
 pub const T0: u64 = 1_795_305_600;
 

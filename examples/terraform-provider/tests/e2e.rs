@@ -35,6 +35,16 @@ struct Run {
     took: Duration,
 }
 
+impl Run {
+    /// The apply succeeded, left exactly the configuration on the server and in the state, and
+    /// the plan after it is empty.
+    fn assert_exact(&self, what: &str) {
+        assert!(self.applied, "{what}: the apply failed");
+        assert!(self.outcome.is_exact(), "{what}: {:?}", self.outcome);
+        assert!(self.plan_clean, "{what}: the plan after it is not empty");
+    }
+}
+
 fn apply_under_faults(flavor: Flavor, seed: u64) -> Run {
     let tools = tools().expect("checked by the caller");
     let cloud = Cloud::start(tools, FAULT_RATE, seed);
@@ -65,9 +75,7 @@ fn apply_under_faults_leaves_exactly_the_config_in_state() {
     for seed in 1..=runs("E2E_SEEDS") {
         let run = apply_under_faults(Flavor::Ours, seed);
         rows.push(row(Flavor::Ours, &format!("seed {seed}"), &run));
-        assert!(run.applied, "seed {seed}: the apply failed");
-        assert!(run.outcome.is_exact(), "seed {seed}: {:?}", run.outcome);
-        assert!(run.plan_clean, "seed {seed}: the plan after it is not empty");
+        run.assert_exact(&format!("seed {seed}"));
     }
     println!("{}", rows.join("\n"));
 }
@@ -189,9 +197,7 @@ fn kill_9_mid_apply_then_apply_again_leaves_no_duplicate_and_no_orphan() {
         let (run, finished) = killed_then_applied(Flavor::Ours, seed, at);
         let what = format!("kill -9 at {:.1} s{}", at.as_secs_f64(), if finished { " (after it ended)" } else { "" });
         rows.push(row(Flavor::Ours, &what, &run));
-        assert!(run.applied, "{what}: the apply after it failed");
-        assert!(run.outcome.is_exact(), "{what}: {:?}", run.outcome);
-        assert!(run.plan_clean, "{what}: the plan after it is not empty");
+        run.assert_exact(&what);
     }
     println!("{}", rows.join("\n"));
 }
@@ -267,9 +273,7 @@ fn kill_9_mid_destroy_then_apply_again_restores_exactly_the_config() {
         let what =
             format!("destroy killed at {:.1} s{}", at.as_secs_f64(), if finished { " (after it ended)" } else { "" });
         rows.push(row(Flavor::Ours, &what, &run));
-        assert!(run.applied, "{what}: the apply after it failed");
-        assert!(run.outcome.is_exact(), "{what}: {:?}", run.outcome);
-        assert!(run.plan_clean, "{what}: the plan after it is not empty");
+        run.assert_exact(&what);
         let output = workspace.run(&["destroy", "-auto-approve", "-no-color", "-input=false"]);
         assert!(output.status.success(), "{what}: {}", shown(&output));
         assert_eq!(cloud.live(), [], "{what}: the server ends empty of ours");

@@ -242,3 +242,40 @@ fn create_error(e: &OperationError) -> String {
         text
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    async fn api(server: &MockServer, name: &str) -> Api {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let journal = std::env::temp_dir().join(format!("fakecloud-provider-{name}-{}.sqlite3", std::process::id()));
+        let _ = std::fs::remove_file(&journal);
+        Api::new(&Settings { endpoint: server.uri(), token: None, journal: Some(journal) }).unwrap()
+    }
+
+    /// A read answered with something that is not a CVM is an error: Terraform keeps the CVM
+    /// in its state. Only a 404 is gone (Terraform drops it, and plans a create).
+    #[tokio::test]
+    async fn a_read_it_cannot_parse_is_an_error_and_only_a_404_is_gone() {
+        let server = MockServer::start().await;
+        let answer = |status: u16, body: Value| ResponseTemplate::new(status).set_body_json(body);
+        Mock::given(method("GET"))
+            .and(path("/cvms/c1"))
+            .respond_with(answer(200, json!({"id": "c1"})))
+            .mount(&server)
+            .await;
+        Mock::given(method("GET")).and(path("/cvms/c2")).respond_with(answer(404, json!({}))).mount(&server).await;
+        let cvm = json!({"id": "c3", "name": "web-0", "app_id": "a", "status": "running"});
+        Mock::given(method("GET")).and(path("/cvms/c3")).respond_with(answer(200, cvm)).mount(&server).await;
+        let api = api(&server, "read").await;
+
+        let err = api.read_cvm("c1").await.unwrap_err();
+
+        assert!(format!("{err:#}").contains("an unexpected answer for CVM c1"), "{err:#}");
+        assert_eq!(api.read_cvm("c2").await.unwrap(), None);
+        assert_eq!(api.read_cvm("c3").await.unwrap().map(|c| c.id), Some("c3".to_owned()));
+    }
+}

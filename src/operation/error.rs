@@ -57,7 +57,7 @@ pub enum OperationError {
     },
     /// The retry layer gave up on the request (see the [`Error`](crate::Error) inside the
     /// source for attempts and cause).
-    #[error("operation `{operation}` failed{}", if *.may_have_been_applied { "; it may have been applied, and re-running it resumes its key" } else { "; it was not applied" })]
+    #[error("operation `{operation}` failed{}", gave_up(*.may_have_been_applied, .key.is_some()))]
     GaveUp {
         /// The operation.
         operation: String,
@@ -108,6 +108,16 @@ pub enum OperationError {
         #[source]
         source: BoxError,
     },
+}
+
+/// What a [`GaveUp`](OperationError::GaveUp) adds to its message: only a keyed request is
+/// resumed by a re-run; a keyless one that may have been applied must be checked first.
+fn gave_up(may_have_been_applied: bool, keyed: bool) -> &'static str {
+    match (may_have_been_applied, keyed) {
+        (true, true) => "; it may have been applied, and re-running it resumes its key",
+        (true, false) => "; it may have been applied, and it carried no key: read it back before sending it again",
+        (false, _) => "; it was not applied",
+    }
 }
 
 /// The server created the resource, and the wait for it to be ready ended without it being
@@ -197,5 +207,25 @@ impl IdentityMismatch {
         resource: Value,
     ) -> OperationError {
         OperationError::IdentityMismatch(Box::new(Self::new(operation, field, expected, found, resource)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_keyed_give_up_says_a_rerun_resumes_its_key() {
+        let gave_up = |key: Option<IdempotencyKey>, may_have_been_applied| OperationError::GaveUp {
+            operation: "create".into(),
+            key,
+            may_have_been_applied,
+            source: reqwest_middleware::Error::middleware(std::io::Error::other("lost")),
+        };
+        let keyed = gave_up(Some(IdempotencyKey::random()), true).to_string();
+        let keyless = gave_up(None, true).to_string();
+        assert!(keyed.contains("resumes its key"), "{keyed}");
+        assert!(!keyless.contains("resumes") && keyless.contains("carried no key"), "{keyless}");
+        assert!(gave_up(None, false).to_string().ends_with("it was not applied"));
     }
 }

@@ -91,11 +91,37 @@ struct Item {
 #[derive(Clone)]
 struct Shape {
     list_lag: u32,
+    /// How lists are paged, and how many items a page holds.
+    pages: Option<(PageStyle, usize)>,
     unique_names: bool,
     /// Ids from the number of the item (1, 2, …) instead of UUIDs.
     ids: Option<Arc<dyn Fn(u64) -> String + Send + Sync>>,
     answer: CreateAnswer,
     provisioning: Provisioning,
+}
+
+/// How a fake cloud pages its lists (see [`FakeCloudBuilder::pagination`]). The next page's
+/// address is relative to the list's, or built from the `Host` the client sent, so a client
+/// behind a [`ChaosProxy`](super::ChaosProxy) keeps going through the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PageStyle {
+    /// `Link: </…?page=2>; rel="next"` (RFC 8288, GitHub's style); no header on the last page.
+    LinkHeader,
+    /// `{"items": […], "next": "http://host/…?page=2"}` (Django REST framework's style);
+    /// `"next": null` on the last page.
+    NextUrl,
+    /// `{"items": […], "next_page_token": "…"}`, read back from `?page_token=…` (Google's
+    /// style); no token on the last page.
+    PageToken,
+    /// `{"items": […], field: "…"}`, read back from `?param=…`: a cursor of the server's own
+    /// naming.
+    Cursor {
+        /// The response field that holds the cursor.
+        field: &'static str,
+        /// The query parameter that takes it back.
+        param: &'static str,
+    },
 }
 
 /// What a create's successful answer carries.
@@ -211,6 +237,12 @@ impl FakeCloudBuilder {
         self
     }
 
+    /// Serves lists `page_size` items a page, in `style` (default: one page, all items).
+    pub fn pagination(mut self, style: PageStyle, page_size: usize) -> Self {
+        self.shape.pages = Some((style, page_size.max(1)));
+        self
+    }
+
     /// Refuses a second live item with the same name in a collection: 409 "already exists".
     pub fn unique_names(mut self) -> Self {
         self.shape.unique_names = true;
@@ -284,6 +316,7 @@ impl FakeCloud {
     pub fn builder(profile: ServerProfile) -> FakeCloudBuilder {
         let shape = Shape {
             list_lag: 0,
+            pages: None,
             unique_names: false,
             ids: None,
             answer: CreateAnswer::Json,
@@ -572,7 +605,10 @@ impl Shared {
                 Some(item) => state.shape.provisioning.action(n, &item.resource),
                 None => Answer::json(StatusCode::NOT_FOUND, json!({"error": "no such action"})),
             },
-            Route::List { collection } => state.list(&collection),
+            Route::List { collection } => {
+                let host = request.headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+                state.list(&collection, &request.url, host)
+            }
             Route::Get { collection, id } => match state.live(&collection, &id) {
                 Some(item) => Answer::json(StatusCode::OK, json!(item.resource)),
                 None => Answer::json(StatusCode::NOT_FOUND, json!({"error": "not found"})),
@@ -682,8 +718,70 @@ impl State {
         Answer::json(StatusCode::OK, json!({"compose_hash": hash, "name": name, "app_id": app_id}))
     }
 
+    /// The items of `collection` a list shows now, the page `url` asks for. A list that starts
+    /// at the first page runs each lagging item's lag down by one.
+    fn list(&mut self, collection: &str, url: &url::Url, host: &str) -> Answer {
+        let Some((style, size)) = self.shape.pages else {
+            return Answer::json(StatusCode::OK, json!({ "items": self.visible(collection) }));
+        };
+        let param = match style {
+            PageStyle::LinkHeader | PageStyle::NextUrl => "page",
+            PageStyle::PageToken => "page_token",
+            PageStyle::Cursor { param, .. } => param,
+        };
+        let cursor = url.query_pairs().find(|(k, _)| k == param).map(|(_, v)| v.into_owned());
+        // Pages are numbered from 1 (`page=2`); tokens and cursors say where the page starts.
+        let start = match (&cursor, style) {
+            (None, _) => 0,
+            (Some(page), PageStyle::LinkHeader | PageStyle::NextUrl) => match page.parse::<usize>() {
+                Ok(n) if n >= 1 => (n - 1) * size,
+                _ => return Answer::json(StatusCode::BAD_REQUEST, json!({"error": "bad page"})),
+            },
+            (Some(token), _) => match token.strip_prefix("after-").and_then(|n| n.parse::<usize>().ok()) {
+                Some(n) => n,
+                None => return Answer::json(StatusCode::BAD_REQUEST, json!({"error": "bad cursor"})),
+            },
+        };
+        let visible = if cursor.is_none() { self.visible(collection) } else { self.shown(collection) };
+        let page: Vec<Resource> = visible.iter().skip(start).take(size).cloned().collect();
+        let more = start + size < visible.len();
+        let (page_number, token) = (start / size + 2, format!("after-{}", start + size));
+        let next_path = format!(
+            "{}?{param}={}",
+            url.path(),
+            if matches!(style, PageStyle::LinkHeader | PageStyle::NextUrl) {
+                page_number.to_string()
+            } else {
+                token.clone()
+            }
+        );
+        let mut answer = match style {
+            PageStyle::LinkHeader => Answer::json(StatusCode::OK, json!({ "items": page })),
+            PageStyle::NextUrl => {
+                let next = more.then(|| format!("http://{host}{next_path}"));
+                Answer::json(StatusCode::OK, json!({ "items": page, "next": next }))
+            }
+            PageStyle::PageToken | PageStyle::Cursor { .. } => {
+                let field = match style {
+                    PageStyle::Cursor { field, .. } => field,
+                    _ => "next_page_token",
+                };
+                let mut body = json!({ "items": page });
+                if more {
+                    body[field] = Value::String(token);
+                }
+                Answer::json(StatusCode::OK, body)
+            }
+        };
+        if more && style == PageStyle::LinkHeader {
+            let link = format!("<{next_path}>; rel=\"next\"");
+            answer.headers.push((http::header::LINK, http::HeaderValue::from_str(&link).expect("a valid header")));
+        }
+        answer
+    }
+
     /// The items of `collection` a list shows now; each lagging item's lag runs down by one.
-    fn list(&mut self, collection: &str) -> Answer {
+    fn visible(&mut self, collection: &str) -> Vec<Resource> {
         let mut visible = Vec::new();
         for item in self.items.iter_mut().filter(|i| i.collection == collection && !i.deleted) {
             if item.hidden_for > 0 {
@@ -692,7 +790,13 @@ impl State {
                 visible.push(item.resource.clone());
             }
         }
-        Answer::json(StatusCode::OK, json!({ "items": visible }))
+        visible
+    }
+
+    /// The items of `collection` a list shows now, lags left as they are (a later page).
+    fn shown(&self, collection: &str) -> Vec<Resource> {
+        let live = self.items.iter().filter(|i| i.collection == collection && !i.deleted && i.hidden_for == 0);
+        live.map(|i| i.resource.clone()).collect()
     }
 
     /// The live item `id` of `collection`.

@@ -46,7 +46,7 @@ mod proxy;
 mod store;
 
 pub use check::{assert_one_key_per_operation, one_key_per_operation};
-pub use cloud::{CreateAnswer, FakeCloud, FakeCloudBuilder, Resource, SeenRequest, replicas};
+pub use cloud::{CreateAnswer, FakeCloud, FakeCloudBuilder, PageStyle, Resource, SeenRequest, replicas};
 pub use fault::{Fault, FaultMix, RetryAfter, Schedule};
 pub use key_store::check_key_store;
 pub use long_running::LongRunning;

@@ -12,6 +12,8 @@ use idempotent_retry::testing::{
 };
 use serde_json::Value;
 
+mod hostile;
+
 /// A scratch directory with its own journal and XDG state dir, so nothing touches the real home.
 struct Scratch {
     dir: PathBuf,
@@ -256,7 +258,7 @@ async fn an_explicit_key_journaled_with_another_body_is_refused() {
     assert_eq!(cloud.created(), 1);
 }
 
-#[path = "common/git.rs"]
+#[path = "../common/git.rs"]
 mod git_support;
 use git_support::git;
 

@@ -289,10 +289,12 @@ impl OperationBuilder<'_> {
         }))
     }
 
-    /// Whether the key's age is past the server's retention, less the margin.
+    /// Whether the key's age is past the server's retention, less the margin. A key recorded
+    /// in this clock's future (by a machine whose clock was ahead, or while this one was) has
+    /// an unknown age: it counts as past, so it is read back, never resent blind.
     fn past_retention(&self, claim: &Claim) -> bool {
         let (retention, margin) = self.retention_and_margin();
-        self.key_age(claim) >= retention.saturating_sub(margin)
+        self.key_age(claim).is_none_or(|age| age >= retention.saturating_sub(margin))
     }
 
     fn retention_and_margin(&self) -> (Duration, Duration) {
@@ -300,16 +302,23 @@ impl OperationBuilder<'_> {
         (retention, self.ops.margin.unwrap_or(retention / 10))
     }
 
-    fn key_age(&self, claim: &Claim) -> Duration {
-        self.ops.clock.now().duration_since(claim.created_at).unwrap_or_default()
+    /// How long ago the key was first recorded, by this clock; `None` for a time in its future.
+    fn key_age(&self, claim: &Claim) -> Option<Duration> {
+        self.ops.clock.now().duration_since(claim.created_at).ok()
     }
 
     fn retention_reason(&self, claim: &Claim) -> String {
-        format!(
-            "the key was recorded {}s ago, past the server's retention ({}s) less the margin; the server may have forgotten it, so it is not resent. Attach a read-back",
-            self.key_age(claim).as_secs(),
-            self.retention_and_margin().0.as_secs()
-        )
+        let retention = self.retention_and_margin().0.as_secs();
+        match self.key_age(claim) {
+            Some(age) => format!(
+                "the key was recorded {}s ago, past the server's retention ({retention}s) less the margin; the server may have forgotten it, so it is not resent. Attach a read-back",
+                age.as_secs()
+            ),
+            None => format!(
+                "the key was recorded at {}, in this clock's future (a clock that was or is wrong): its age is unknown, so it counts as past the server's retention ({retention}s) and is not resent. Attach a read-back",
+                crate::time::rfc3339(claim.created_at)
+            ),
+        }
     }
 
     /// A fixed key that succeeded, past the server's retention: the journal's record, refreshed

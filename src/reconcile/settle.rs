@@ -124,7 +124,10 @@ pub(crate) fn settle(round: &Round<'_>) -> Settled {
             },
         }
     }
-    let fresh = |since: SystemTime| round.now.duration_since(since).unwrap_or_default() < round.ttl;
+    // An expectation dated in this clock's future (a previous process on a machine whose clock
+    // was ahead) has an unknown age: it is not taken for fresh, or it would block the slot (and
+    // the count) for as long as the clocks disagree.
+    let fresh = |since: SystemTime| round.now.duration_since(since).is_ok_and(|age| age < round.ttl);
     let (creates, expired): (Vec<_>, Vec<_>) = pending.into_iter().partition(|c| fresh(c.since));
     settled.creates = creates;
     settled.expired = expired;
@@ -267,6 +270,20 @@ mod tests {
         assert_eq!(s.ours, HashSet::from(["a".into()]));
         assert_eq!(s.presumed, HashSet::from(["p".into(), "n".into()]));
         assert_eq!(s.attributed[0].1, "n", "only the unclaimed item");
+    }
+
+    #[test]
+    fn an_expectation_from_the_future_has_an_unknown_age_and_expires() {
+        let day = 24 * 3600;
+        let facts = Facts {
+            listed: vec![],
+            ledger: vec![],
+            creates: vec![lost(0, 2 * day, Sent::Earlier)],
+            first_seen: HashMap::new(),
+            now: day,
+        };
+        let s = run(&facts);
+        assert_eq!((s.creates.len(), s.expired.len()), (0, 1), "not fresh for the day the clocks disagree");
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod reconcile;
 mod retries;
 mod retry_after;
 mod scenarios;
+mod skew;
 mod stream;
 mod support;
 mod waits;

@@ -121,6 +121,13 @@ impl KeyCarrier {
         match &self.0 {
             Carrier::Header { name, structured } => {
                 let Some(value) = headers.get(name) else { return Ok(None) };
+                // Two keys on one request: which one the server reads is its business, and a
+                // retry would not know either. Refused, not resolved.
+                if headers.get_all(name).iter().nth(1).is_some() {
+                    return Err(Error::InvalidRequest(format!(
+                        "the request carries the `{name}` header twice: one request has one idempotency key"
+                    )));
+                }
                 // Header values may carry bytes a key may not (obs-text, tabs): report them as a
                 // bad key, with the position, before anything else.
                 if let Some((position, &byte)) =

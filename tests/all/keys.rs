@@ -24,6 +24,25 @@ async fn a_key_the_user_set_is_kept_on_every_attempt() {
     assert_eq!(RetryOutcome::of(&response).unwrap().key.as_ref().unwrap().as_str(), "user-key-1");
 }
 
+/// Issue 17, defect 8: two key headers sent the first and dropped the second without a word.
+#[tokio::test]
+async fn two_key_headers_are_refused_and_nothing_is_sent() {
+    let server = server_503_then_201().await;
+    let client = client(Time::new().layer());
+
+    let err = client
+        .post(server.uri())
+        .header("Idempotency-Key", "a-1")
+        .header("Idempotency-Key", "b-2")
+        .body("{}")
+        .send()
+        .await
+        .unwrap_err();
+
+    assert!(matches!(Error::find(&err), Some(Error::InvalidRequest(why)) if why.contains("twice")), "{err}");
+    assert_eq!(requests_seen(&server).await, 0);
+}
+
 #[tokio::test]
 async fn a_key_from_request_options_is_sent() {
     let server = server_503_then_201().await;

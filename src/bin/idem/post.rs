@@ -189,6 +189,7 @@ impl Input {
         };
         let mut headers = common::headers(&args.headers)?;
         let in_header = Self::key_in_headers(&mut headers, convention)?;
+        let in_body = Self::key_in_body(&body, json, convention)?;
         let flag = match &args.idempotency_key {
             Some(key) => Some(
                 IdempotencyKey::with_max_len(key.clone(), convention.max_key_len)
@@ -196,20 +197,26 @@ impl Input {
             ),
             None => None,
         };
-        let given = match (flag, in_header) {
-            (Some(a), Some(b)) if a != b => {
-                return Err(fail(
-                    Exit::Usage,
-                    "-H gives one idempotency key and --idempotency-key another; nothing was sent",
-                ));
+        // Every key the user gave is the same key, or none is sent.
+        let mut given: Option<(IdempotencyKey, &str)> = None;
+        for (key, from) in [(flag, "--idempotency-key"), (in_header, "-H"), (in_body, "the body")] {
+            let Some(key) = key else { continue };
+            match &given {
+                Some((first, first_from)) if *first != key => {
+                    return Err(fail(
+                        Exit::Usage,
+                        format!("{first_from} gives one idempotency key and {from} another; nothing was sent"),
+                    ));
+                }
+                Some(_) => {}
+                None => given = Some((key, from)),
             }
-            (a, b) => a.or(b),
-        };
-        let key = match (given, &args.key_from_git, args.no_idempotency_key) {
+        }
+        let key = match (given.map(|(key, _)| key), &args.key_from_git, args.no_idempotency_key) {
             (Some(_), Some(_), _) | (Some(_), _, true) => {
                 return Err(fail(
                     Exit::Usage,
-                    "-H gives an idempotency key, and another key source is named; nothing was sent",
+                    "an idempotency key is given (-H, --idempotency-key or the body), and another key source is named; nothing was sent",
                 ));
             }
             (Some(key), None, false) => KeyChoice::Given(key),
@@ -233,6 +240,19 @@ impl Input {
             .map_err(|e| fail(Exit::Usage, format!("-H {name}: {e}")))?;
         headers.remove(&name);
         Ok(key)
+    }
+
+    /// The key a JSON body already carries in the convention's body field: the user's key, as
+    /// a `-H` in the key's header is.
+    fn key_in_body(body: &[u8], json: bool, convention: &ServerConvention) -> Result<Option<IdempotencyKey>, Exit> {
+        let Some(carrier) = convention.carrier.as_ref().filter(|c| c.in_body()) else { return Ok(None) };
+        if !json {
+            return Ok(None);
+        }
+        let field = carrier.field_name().unwrap_or_default();
+        carrier.existing_key(&HeaderMap::new(), Some(body), convention.max_key_len).map_err(|e| {
+            fail(Exit::Usage, format!("the body's `{field}`: {}; nothing was sent", idempotent_retry::error::chain(&e)))
+        })
     }
 
     /// The operation to send.

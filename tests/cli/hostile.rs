@@ -140,8 +140,11 @@ async fn a_write_is_never_sent_to_another_origin_and_a_same_origin_redirect_keep
     assert_eq!(received[0].1, r#"{"name":"y"}"#, "and the same body");
 }
 
+/// The key and the body of each create a server received.
+type Received = Arc<Mutex<Vec<(Option<String>, String)>>>;
+
 /// Answers a create with 201 and its body, keeping the key and body it received.
-struct Echo(Arc<Mutex<Vec<(Option<String>, String)>>>);
+struct Echo(Received);
 
 impl Respond for Echo {
     fn respond(&self, request: &Request) -> ResponseTemplate {

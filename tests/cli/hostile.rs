@@ -308,7 +308,6 @@ async fn an_answer_to_a_key_sent_before_may_be_a_replay_and_says_so() {
 /// Defect 10: with `--output json`, a key-reuse refusal (and every other usage error) printed
 /// nothing on stdout. JSON mode prints one object, always.
 #[tokio::test]
-#[ignore = "issue 17: not fixed yet"]
 async fn json_mode_prints_one_object_whatever_happens() {
     let cloud = cloud(ServerProfile::stripe()).await;
     let url = format!("{}/cvms", cloud.uri());

@@ -49,14 +49,54 @@ impl From<Exit> for ExitCode {
     }
 }
 
-/// Prints `idem: message` to stderr and returns the exit code.
-pub fn fail(exit: Exit, message: impl std::fmt::Display) -> Exit {
-    eprintln!("idem: {message}");
-    exit
+/// A run that ended before it had an outcome to report: its exit code, and what it said.
+#[derive(Debug)]
+pub struct Failed {
+    pub exit: Exit,
+    pub message: String,
 }
 
-/// Prints an error with its causes on one line, and returns the exit code.
-pub fn fail_with(exit: Exit, error: &dyn std::error::Error) -> Exit {
+impl Failed {
+    /// Ends the run: with `--output json`, one object on stdout saying what went wrong (JSON
+    /// mode prints one object, always); the exit code.
+    pub fn end(self, format: Format) -> Exit {
+        if format == Format::Json {
+            println!("{}", error_object(self.exit, &self.message));
+        }
+        self.exit
+    }
+}
+
+/// The object JSON mode prints for a run that ended in `exit` with `message`: the fields of a
+/// post's answer (`outcome`, `status`, …), empty, and `error`.
+pub fn error_object(exit: Exit, message: &str) -> serde_json::Value {
+    let outcome = match exit {
+        Exit::Ok => "ok",
+        Exit::Refused => "refused",
+        Exit::Usage => "not_sent",
+        Exit::Unknown => "unknown",
+    };
+    serde_json::json!({
+        "outcome": outcome,
+        "status": null,
+        "attempts": 0,
+        "idempotency_key": null,
+        "replayed": false,
+        "may_be_replay": false,
+        "body": null,
+        "error": message,
+    })
+}
+
+/// Prints `idem: message` to stderr; the failure, to end the run with.
+pub fn fail(exit: Exit, message: impl std::fmt::Display) -> Failed {
+    let message = message.to_string();
+    eprintln!("idem: {message}");
+    Failed { exit, message }
+}
+
+/// Prints an error with its causes on one line; the failure, to end the run with.
+pub fn fail_with(exit: Exit, error: &dyn std::error::Error) -> Failed {
     fail(exit, idempotent_retry::error::chain(error))
 }
 
@@ -88,7 +128,7 @@ pub struct CarrierArgs {
 impl CarrierArgs {
     /// The convention the options describe: `--server`'s (or the standard one), changed by the
     /// other options.
-    pub fn convention(&self) -> Result<ServerConvention, Exit> {
+    pub fn convention(&self) -> Result<ServerConvention, Failed> {
         let mut convention = match &self.server {
             Some(name) => ServerConvention::named(name).ok_or_else(|| {
                 let names: Vec<&str> = ServerConvention::all().iter().map(|c| c.name).collect();
@@ -140,7 +180,7 @@ pub struct RetryArgs {
 
 impl RetryArgs {
     /// The deadline asked for, or `default` seconds.
-    pub fn deadline_or(&self, default: f64) -> Result<Duration, Exit> {
+    pub fn deadline_or(&self, default: f64) -> Result<Duration, Failed> {
         seconds(self.deadline.unwrap_or(default), "--deadline")
     }
 }
@@ -183,7 +223,7 @@ pub struct WaitArgs {
 
 impl WaitArgs {
     /// What `--wait-for` and `--fail-on` ask for; `None` without `--wait-for`.
-    pub fn wait_for(&self) -> Result<Option<WaitFor>, Exit> {
+    pub fn wait_for(&self) -> Result<Option<WaitFor>, Failed> {
         let Some(wait_for) = &self.wait_for else { return Ok(None) };
         let (field, targets) = states(wait_for, "--wait-for")?;
         let mut spec = WaitFor::field(&field).target(targets).timeout(self.timeout()?);
@@ -201,13 +241,13 @@ impl WaitArgs {
     }
 
     /// The wait's time limit.
-    pub fn timeout(&self) -> Result<Duration, Exit> {
+    pub fn timeout(&self) -> Result<Duration, Failed> {
         seconds(self.wait_timeout, "--wait-timeout")
     }
 }
 
 /// `FIELD=VALUE[,VALUE]`: the field, and each value as a JSON scalar or else a string.
-fn states(text: &str, flag: &str) -> Result<(String, Vec<serde_json::Value>), Exit> {
+fn states(text: &str, flag: &str) -> Result<(String, Vec<serde_json::Value>), Failed> {
     let (field, values) = text
         .split_once('=')
         .filter(|(field, values)| !field.is_empty() && !values.is_empty())
@@ -236,7 +276,7 @@ pub struct OutputArgs {
 
 /// A time limit given in seconds: more than zero (with no time nothing could be sent) and no
 /// larger than a `Duration` holds.
-fn seconds(value: f64, flag: &str) -> Result<Duration, Exit> {
+fn seconds(value: f64, flag: &str) -> Result<Duration, Failed> {
     if !value.is_finite() || value <= 0.0 {
         return Err(fail(Exit::Usage, format!("{flag} {value}: must be more than 0 seconds; nothing was sent")));
     }
@@ -251,7 +291,7 @@ pub fn layer(
     retry: &RetryArgs,
     deadline: Duration,
     quiet: bool,
-) -> Result<IdempotentRetry, Exit> {
+) -> Result<IdempotentRetry, Failed> {
     let policy = RetryPolicy::standard()
         .with_max_attempts(retry.max_attempts)
         .with_deadline(deadline)
@@ -272,7 +312,7 @@ pub fn layer(
 }
 
 /// The journal the options describe, and where it is.
-pub fn store(journal: &JournalArgs) -> Result<(Arc<dyn KeyStore>, Option<PathBuf>), Exit> {
+pub fn store(journal: &JournalArgs) -> Result<(Arc<dyn KeyStore>, Option<PathBuf>), Failed> {
     if journal.no_journal {
         return Ok((Arc::new(MemoryStore::new()), None));
     }
@@ -294,7 +334,7 @@ pub fn operations(
     scope: &str,
     retention: u64,
     headers: HeaderMap,
-) -> Result<Operations, Exit> {
+) -> Result<Operations, Failed> {
     let client = reqwest::Client::builder()
         .user_agent(concat!("idem/", env!("CARGO_PKG_VERSION")))
         .default_headers(headers)
@@ -306,7 +346,7 @@ pub fn operations(
 }
 
 /// A value given inline, as `@FILE`, or as `@-` (stdin).
-pub fn read_value(value: &str, flag: &str) -> Result<Vec<u8>, Exit> {
+pub fn read_value(value: &str, flag: &str) -> Result<Vec<u8>, Failed> {
     let Some(path) = value.strip_prefix('@') else { return Ok(value.as_bytes().to_vec()) };
     let read = if path == "-" {
         let mut buf = Vec::new();
@@ -318,7 +358,7 @@ pub fn read_value(value: &str, flag: &str) -> Result<Vec<u8>, Exit> {
 }
 
 /// A JSON body from `--json`, checked.
-pub fn json_body(value: &str) -> Result<Vec<u8>, Exit> {
+pub fn json_body(value: &str) -> Result<Vec<u8>, Failed> {
     let bytes = read_value(value, "--json")?;
     serde_json::from_slice::<serde_json::Value>(&bytes)
         .map_err(|e| fail(Exit::Usage, format!("--json is not valid JSON: {e}")))?;
@@ -333,7 +373,7 @@ pub fn body_value(body: &[u8]) -> serde_json::Value {
 
 /// `-H 'Name: value'` options as headers. An error names the header, never its value (it may
 /// be a token).
-pub fn headers(values: &[String]) -> Result<HeaderMap, Exit> {
+pub fn headers(values: &[String]) -> Result<HeaderMap, Failed> {
     let mut headers = HeaderMap::new();
     for (n, header) in values.iter().enumerate() {
         let Some((name, value)) = header.split_once(':') else {

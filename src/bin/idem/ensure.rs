@@ -9,7 +9,7 @@ use idempotent_retry::{
 };
 use serde_json::Value;
 
-use crate::common::{self, Exit, Format, SharedArgs, WaitArgs, fail};
+use crate::common::{self, Exit, Failed, Format, SharedArgs, WaitArgs, fail};
 
 pub const EXAMPLES: &str = "\
 Examples:
@@ -78,12 +78,14 @@ pub struct EnsureArgs {
 }
 
 pub async fn run(args: EnsureArgs) -> Exit {
+    let format = args.shared.output.output;
     match ensure(args).await {
-        Ok(exit) | Err(exit) => exit,
+        Ok(exit) => exit,
+        Err(failed) => failed.end(format),
     }
 }
 
-async fn ensure(args: EnsureArgs) -> Result<Exit, Exit> {
+async fn ensure(args: EnsureArgs) -> Result<Exit, Failed> {
     let (reconciler, bar) = reconciler(&args)?;
     let mut reconciler = match &bar {
         Some(bar) => {
@@ -143,7 +145,7 @@ async fn ensure(args: EnsureArgs) -> Result<Exit, Exit> {
 }
 
 /// The reconciler the arguments describe, and a progress bar when stderr is a terminal.
-fn reconciler(args: &EnsureArgs) -> Result<(Reconciler, Option<indicatif::ProgressBar>), Exit> {
+fn reconciler(args: &EnsureArgs) -> Result<(Reconciler, Option<indicatif::ProgressBar>), Failed> {
     let body_bytes = common::json_body(&args.json)?;
     let body: Value = serde_json::from_slice(&body_bytes).expect("checked by json_body");
     if !body.is_object() {
@@ -201,7 +203,7 @@ fn reconciler(args: &EnsureArgs) -> Result<(Reconciler, Option<indicatif::Progre
 }
 
 /// `--expect FIELD=VALUE`s: VALUE a JSON scalar, or else a string.
-fn expectations(expect: &[String]) -> Result<Vec<(String, Value)>, Exit> {
+fn expectations(expect: &[String]) -> Result<Vec<(String, Value)>, Failed> {
     expect
         .iter()
         .map(|e| {

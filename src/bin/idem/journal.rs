@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 use idempotent_retry::journal::{OpState, Record, SqliteJournal};
 use idempotent_retry::time::rfc3339;
 
-use crate::common::{Exit, Format, fail, fail_with};
+use crate::common::{Exit, Failed, Format, fail, fail_with};
 
 pub const EXAMPLES: &str = "\
 Examples:
@@ -57,7 +57,7 @@ pub struct ForgetArgs {
     pub at: Where,
 }
 
-fn open(at: &Where) -> Result<SqliteJournal, Exit> {
+fn open(at: &Where) -> Result<SqliteJournal, Failed> {
     let path = match &at.journal {
         Some(path) => path.clone(),
         None => {
@@ -68,61 +68,53 @@ fn open(at: &Where) -> Result<SqliteJournal, Exit> {
 }
 
 pub fn run(command: JournalCommand) -> Exit {
-    use idempotent_retry::journal::KeyStore;
     match command {
-        JournalCommand::List(args) => {
-            let journal = match open(&args.at) {
-                Ok(journal) => journal,
-                Err(exit) => return exit,
-            };
-            let records = match journal.list() {
-                Ok(records) => records,
-                Err(e) => return fail_with(Exit::Usage, &e),
-            };
-            let resumable = |r: &Record| r.state.is_unsettled() || r.state == OpState::Waiting;
-            let records: Vec<_> = records.into_iter().filter(|r| !args.pending || resumable(r)).collect();
-            match args.output {
-                Format::Json => println!("{}", serde_json::to_string(&records).expect("records serialize")),
-                Format::Text => {
-                    println!("{:<10} {:>6}  {:<20}  {:<14}  OPERATION", "STATE", "STATUS", "UPDATED", "KEY");
-                    for r in &records {
-                        let key = r
-                            .key
-                            .as_ref()
-                            .map_or_else(|| "-".to_owned(), |k| format!("sha256:{}", &k.fingerprint()[..7]));
-                        let status = r.status.map_or_else(|| "-".to_owned(), |s| s.to_string());
-                        let waiting = r
-                            .handle
-                            .as_ref()
-                            .map(|h| format!("  (waiting at {} {})", h.pattern(), h.url()))
-                            .unwrap_or_default();
-                        println!(
-                            "{:<10} {status:>6}  {:<20}  {key:<14}  {}{waiting}",
-                            r.state.as_str(),
-                            rfc3339(r.updated_at),
-                            r.operation
-                        );
-                    }
-                }
+        JournalCommand::List(args) => list(&args).unwrap_or_else(|failed| failed.end(args.output)),
+        JournalCommand::Forget(args) => forget(&args).unwrap_or_else(|failed| failed.end(Format::Text)),
+    }
+}
+
+fn list(args: &ListArgs) -> Result<Exit, Failed> {
+    use idempotent_retry::journal::KeyStore;
+    let journal = open(&args.at)?;
+    let records = journal.list().map_err(|e| fail_with(Exit::Usage, &e))?;
+    let resumable = |r: &Record| r.state.is_unsettled() || r.state == OpState::Waiting;
+    let records: Vec<_> = records.into_iter().filter(|r| !args.pending || resumable(r)).collect();
+    match args.output {
+        Format::Json => println!("{}", serde_json::to_string(&records).expect("records serialize")),
+        Format::Text => {
+            println!("{:<10} {:>6}  {:<20}  {:<14}  OPERATION", "STATE", "STATUS", "UPDATED", "KEY");
+            for r in &records {
+                let key =
+                    r.key.as_ref().map_or_else(|| "-".to_owned(), |k| format!("sha256:{}", &k.fingerprint()[..7]));
+                let status = r.status.map_or_else(|| "-".to_owned(), |s| s.to_string());
+                let waiting = r
+                    .handle
+                    .as_ref()
+                    .map(|h| format!("  (waiting at {} {})", h.pattern(), h.url()))
+                    .unwrap_or_default();
+                println!(
+                    "{:<10} {status:>6}  {:<20}  {key:<14}  {}{waiting}",
+                    r.state.as_str(),
+                    rfc3339(r.updated_at),
+                    r.operation
+                );
             }
-            Exit::Ok
         }
-        JournalCommand::Forget(args) => {
-            let journal = match open(&args.at) {
-                Ok(journal) => journal,
-                Err(exit) => return exit,
-            };
-            match journal.forget(&args.operation) {
-                Ok(true) => {
-                    eprintln!("idem: forgot {}", args.operation);
-                    Exit::Ok
-                }
-                Ok(false) => fail(
-                    Exit::Refused,
-                    format!("no operation named {:?} in {}", args.operation, journal.path().display()),
-                ),
-                Err(e) => fail_with(Exit::Usage, &e),
-            }
+    }
+    Ok(Exit::Ok)
+}
+
+fn forget(args: &ForgetArgs) -> Result<Exit, Failed> {
+    use idempotent_retry::journal::KeyStore;
+    let journal = open(&args.at)?;
+    match journal.forget(&args.operation).map_err(|e| fail_with(Exit::Usage, &e))? {
+        true => {
+            eprintln!("idem: forgot {}", args.operation);
+            Ok(Exit::Ok)
+        }
+        false => {
+            Err(fail(Exit::Refused, format!("no operation named {:?} in {}", args.operation, journal.path().display())))
         }
     }
 }

@@ -9,6 +9,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// Whether the command line asks for `--output json` (read before it parses).
+fn asks_for_json(args: impl Iterator<Item = String>) -> bool {
+    let args: Vec<String> = args.collect();
+    args.windows(2).any(|w| w[0] == "--output" && w[1] == "json") || args.iter().any(|a| a == "--output=json")
+}
+
 const ABOUT: &str =
     "curl for writes that must happen exactly once: idempotency keys that survive retries, crashes and re-runs";
 
@@ -55,7 +61,18 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() && asks_for_json(std::env::args()) => {
+            // JSON mode prints one object, always: a usage error too.
+            let _ = e.print();
+            let message = e.to_string();
+            let first = message.lines().next().unwrap_or_default().trim_start_matches("error: ");
+            println!("{}", common::error_object(common::Exit::Usage, first));
+            return common::Exit::Usage.into();
+        }
+        Err(e) => e.exit(),
+    };
     let exit = match cli.command {
         Command::Post(args) => post::run(*args).await,
         Command::EnsureCount(args) => ensure::run(*args).await,

@@ -12,7 +12,7 @@ use idempotent_retry::{
 use reqwest::header::HeaderMap;
 use serde_json::json;
 
-use crate::common::{self, Exit, Format, SharedArgs, WaitArgs, body_value, fail, fail_with};
+use crate::common::{self, Exit, Failed, Format, SharedArgs, WaitArgs, body_value, fail, fail_with};
 
 pub const EXAMPLES: &str = "\
 Examples:
@@ -89,12 +89,14 @@ struct Input {
 }
 
 pub async fn run(args: PostArgs) -> Exit {
+    let format = args.shared.output.output;
     match post(args).await {
-        Ok(exit) | Err(exit) => exit,
+        Ok(exit) => exit,
+        Err(failed) => failed.end(format),
     }
 }
 
-async fn post(args: PostArgs) -> Result<Exit, Exit> {
+async fn post(args: PostArgs) -> Result<Exit, Failed> {
     let convention = args.shared.carrier.convention()?;
     let input = Input::read(&args, &convention)?;
     let deadline = args.shared.retry.deadline_or(60.0)?;
@@ -181,7 +183,7 @@ impl Progress {
 
 impl Input {
     /// Everything that can be wrong with the input is found here, before anything is sent.
-    fn read(args: &PostArgs, convention: &ServerConvention) -> Result<Self, Exit> {
+    fn read(args: &PostArgs, convention: &ServerConvention) -> Result<Self, Failed> {
         let (body, json) = match (&args.json, &args.data_binary) {
             (Some(json), _) => (common::json_body(json)?, true),
             (None, Some(data)) => (common::read_value(data, "--data-binary")?, false),
@@ -232,7 +234,10 @@ impl Input {
     }
 
     /// The key a `-H` option carries in the key's own header, taken out of the headers.
-    fn key_in_headers(headers: &mut HeaderMap, convention: &ServerConvention) -> Result<Option<IdempotencyKey>, Exit> {
+    fn key_in_headers(
+        headers: &mut HeaderMap,
+        convention: &ServerConvention,
+    ) -> Result<Option<IdempotencyKey>, Failed> {
         let Some(carrier) = &convention.carrier else { return Ok(None) };
         let Some(name) = carrier.header_name().cloned() else { return Ok(None) };
         let key = carrier
@@ -244,7 +249,7 @@ impl Input {
 
     /// The key a JSON body already carries in the convention's body field: the user's key, as
     /// a `-H` in the key's header is.
-    fn key_in_body(body: &[u8], json: bool, convention: &ServerConvention) -> Result<Option<IdempotencyKey>, Exit> {
+    fn key_in_body(body: &[u8], json: bool, convention: &ServerConvention) -> Result<Option<IdempotencyKey>, Failed> {
         let Some(carrier) = convention.carrier.as_ref().filter(|c| c.in_body()) else { return Ok(None) };
         if !json {
             return Ok(None);
@@ -308,31 +313,57 @@ impl Report {
                         "idem: the server says this key was used before with another payload: it will refuse this key with this body for as long as it keeps the key; use another key"
                     );
                 }
-                self.emit("rejected", Some(status.as_u16()), attempts, key.as_ref(), &body);
+                self.emit(&Told {
+                    outcome: "rejected",
+                    status: Some(status.as_u16()),
+                    attempts,
+                    key: key.as_ref(),
+                    body: &body,
+                    ..Told::default()
+                });
                 Exit::Refused
             }
             Err(e @ (OperationError::IdentityMismatch(_) | OperationError::Gone { .. })) => {
-                fail_with(Exit::Refused, &e)
+                self.failed(fail_with(Exit::Refused, &e), e.idempotency_key())
             }
             Err(OperationError::Wait(failed)) => self.not_ready(&failed, journal),
             Err(
                 e @ (OperationError::InvalidOptions { .. }
                 | OperationError::Journal(_)
                 | OperationError::PayloadMismatch(_)),
-            ) => fail_with(Exit::Usage, &e),
+            ) => self.failed(fail_with(Exit::Usage, &e), None),
             Err(e) => {
                 let typed = match &e {
                     OperationError::GaveUp { source, .. } => Error::find(source),
                     _ => None,
                 };
                 let key = e.idempotency_key().cloned();
-                eprintln!("idem: {}", idempotent_retry::error::chain(&e));
+                let error = idempotent_retry::error::chain(&e);
+                eprintln!("idem: {error}");
                 explain_rerun(e.may_have_been_applied(), key.as_ref(), journal);
                 let status = typed.and_then(Error::status).map(|s| s.as_u16());
-                self.emit("unknown", status, typed.map_or(0, Error::attempts), key.as_ref(), b"");
+                let attempts = typed.map_or(0, Error::attempts);
+                self.emit(&Told {
+                    outcome: "unknown",
+                    status,
+                    attempts,
+                    key: key.as_ref(),
+                    error: Some(&error),
+                    ..Told::default()
+                });
                 Exit::Unknown
             }
         }
+    }
+
+    /// A run that ended on an error with no answer to show: the error is the output.
+    fn failed(&self, failed: Failed, key: Option<&IdempotencyKey>) -> Exit {
+        if self.json {
+            let mut object = common::error_object(failed.exit, &failed.message);
+            object["idempotency_key"] = key.map(IdempotencyKey::as_str).into();
+            println!("{object}");
+        }
+        failed.exit
     }
 
     /// Created, not ready: a failure state is a refusal; anything else (the timeout, polls
@@ -358,7 +389,8 @@ impl Report {
             _ => None,
         };
         let body = resource.map(|r| serde_json::to_vec(r).expect("JSON serializes")).unwrap_or_default();
-        self.emit(outcome, None, 0, failed.key.as_ref(), &body);
+        let error = idempotent_retry::error::chain(failed);
+        self.emit(&Told { outcome, key: failed.key.as_ref(), body: &body, error: Some(&error), ..Told::default() });
         exit
     }
 
@@ -383,27 +415,55 @@ impl Report {
             true => serde_json::to_vec(&done.resource).expect("JSON serializes").into(),
             false => done.body.clone(),
         };
-        self.emit(outcome, status, done.attempts, done.key.as_ref(), &body);
+        self.emit(&Told {
+            outcome,
+            status,
+            attempts: done.attempts,
+            key: done.key.as_ref(),
+            body: &body,
+            ..Told::default()
+        });
         Exit::Ok
     }
 
-    fn emit(&self, outcome: &str, status: Option<u16>, attempts: u32, key: Option<&IdempotencyKey>, body: &[u8]) {
+    /// The output: the body (text), or one JSON object.
+    fn emit(&self, told: &Told<'_>) {
         if self.json {
+            let body = if told.body.is_empty() && told.status.is_none() {
+                serde_json::Value::Null
+            } else {
+                body_value(told.body)
+            };
             let value = json!({
-                "outcome": outcome,
-                "status": status,
-                "attempts": attempts,
-                "idempotency_key": key.map(IdempotencyKey::as_str),
-                "replayed": outcome == "replayed",
-                "body": if body.is_empty() && status.is_none() { serde_json::Value::Null } else { body_value(body) },
+                "outcome": told.outcome,
+                "status": told.status,
+                "attempts": told.attempts,
+                "idempotency_key": told.key.map(IdempotencyKey::as_str),
+                "replayed": told.outcome == "replayed",
+                "may_be_replay": told.may_be_replay,
+                "body": body,
+                "error": told.error,
             });
             println!("{value}");
         } else {
             let mut stdout = std::io::stdout().lock();
-            let _ = stdout.write_all(body);
+            let _ = stdout.write_all(told.body);
             let _ = stdout.flush();
         }
     }
+}
+
+/// What a run tells on stdout.
+#[derive(Default)]
+struct Told<'a> {
+    outcome: &'a str,
+    status: Option<u16>,
+    attempts: u32,
+    key: Option<&'a IdempotencyKey>,
+    /// The answer may be the server's replay of an earlier send of the key.
+    may_be_replay: bool,
+    body: &'a [u8],
+    error: Option<&'a str>,
 }
 
 /// Says whether running the same command again is safe.

@@ -367,6 +367,7 @@ impl Engine {
             key: x.tally.key.clone(),
             replayed,
             total_delay: x.tally.total_delay,
+            may_be_replay: replayed || (key.is_some() && x.tally.may_have_been_applied),
         });
         Ok(response)
     }

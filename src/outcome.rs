@@ -36,6 +36,12 @@ pub struct RetryOutcome {
     pub succeeded: bool,
     /// Time spent waiting between attempts.
     pub total_delay: Duration,
+    /// The answer may be the server's replay of an earlier attempt with this key: the server
+    /// marked it so (`replayed`), or an earlier attempt may have reached the server (its answer
+    /// was lost, it timed out, a gateway failed) and this one carried the same key. A server
+    /// that marks no replays (bencher's, the IETF draft's) answers such a retry as it answered
+    /// the first, so `succeeded` alone does not tell a create from a replay.
+    pub may_be_replay: bool,
 }
 
 impl RetryOutcome {

@@ -59,7 +59,8 @@ use crate::time::{Clock, Random, SeededRng, Sleeper, SystemClock, TokioSleeper};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Resolution {
-    /// The server created it now.
+    /// The server created it now, by its answer (which, for a key sent before, may be an
+    /// unmarked replay: see [`Completed::may_be_replay`]).
     Created,
     /// The server returned the original: it had been created before (a lost response, a
     /// re-run, a concurrent run).
@@ -108,6 +109,13 @@ pub struct Completed {
     pub resumed: bool,
     /// Attempts of the last request.
     pub attempts: u32,
+    /// The server's answer may be its replay of an earlier send of this key, not a new
+    /// resource: the server marked a replay, or the key had been sent before (by an earlier
+    /// run whose key this run resumed, or by an earlier attempt of this run that may have
+    /// reached the server, or the journal knows it succeeded). Against a server that marks no
+    /// replays (bencher's, the IETF draft's) the resolution then says [`Created`](Resolution::Created)
+    /// for what may be the original. `false` when nothing was sent.
+    pub may_be_replay: bool,
     /// Why no key was sent, when a key source found none (e.g. a dirty git tree).
     pub no_key_reason: Option<String>,
     /// Where the operation polls while it [waits](OperationBuilder::wait) for the resource to

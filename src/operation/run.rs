@@ -56,6 +56,7 @@ impl OperationBuilder<'_> {
             key: record.key,
             resumed: true,
             attempts: 0,
+            may_be_replay: false,
             no_key_reason,
             handle: record.handle,
         };
@@ -366,6 +367,7 @@ impl OperationBuilder<'_> {
             key: record.key,
             resumed: false,
             attempts: 0,
+            may_be_replay: false,
             no_key_reason,
             handle,
         })
@@ -616,6 +618,7 @@ impl OperationBuilder<'_> {
             key: claim.key.clone(),
             resumed: run.resumed,
             attempts: record.attempts,
+            may_be_replay: record.may_be_replay || run.resumed || run.resending_success,
             no_key_reason,
             handle,
         })
@@ -722,6 +725,7 @@ impl OperationBuilder<'_> {
             key: claim.key.clone(),
             resumed: false,
             attempts: 0,
+            may_be_replay: false,
             no_key_reason,
             handle,
         })

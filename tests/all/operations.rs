@@ -475,3 +475,37 @@ async fn a_recovery_stands_when_the_runs_key_is_pinned_elsewhere() {
     assert_eq!(done.resolution, Resolution::Recovered);
     assert_eq!((rig.cloud.created_named("v1"), rig.cloud.created_named("v2")), (1, 1));
 }
+
+/// Issue 17, defect 9: against a server that marks no replays, a create answered after the key
+/// was sent before (a lost answer, or a key resumed from the journal) is told as what it may be,
+/// a replay; a 429 (refused unprocessed) before it is not a send, and a first answer is a create.
+#[tokio::test]
+async fn an_answer_to_a_key_sent_before_may_be_a_replay() {
+    use idempotent_retry::RetryOutcome;
+    let rig = Rig::new(ServerProfile::bencher(), Schedule::script([Fault::Lose])).await;
+    let ops = ops(&rig);
+    let create = |name: &str| ops.operation(format!("report/{name}")).post(rig.cvms()).json(&json!({ "name": name }));
+
+    let retried = create("a").send().await.unwrap();
+    assert_eq!((retried.resolution, retried.may_be_replay, retried.attempts), (Resolution::Created, true, 2));
+
+    rig.proxy.set_schedule(Schedule::script([Fault::Status { status: 429, retry_after: None }]));
+    let throttled = create("b").send().await.unwrap();
+    assert_eq!((throttled.attempts, throttled.may_be_replay), (2, false), "a 429 was not processed");
+
+    rig.proxy.set_schedule(Schedule::script([Fault::Lose]));
+    let lost = create("c").policy(fast_policy().with_max_attempts(1)).send().await.unwrap_err();
+    assert!(lost.may_have_been_applied());
+    let resumed = create("c").send().await.unwrap();
+    assert_eq!((resumed.resolution, resumed.resumed, resumed.may_be_replay), (Resolution::Created, true, true));
+
+    let first = create("d").send().await.unwrap();
+    assert!(!first.may_be_replay);
+    assert_eq!(rig.cloud.created(), 4, "one report each");
+
+    // The layer says the same on the response.
+    rig.proxy.set_schedule(Schedule::script([Fault::Lose]));
+    let response = rig.create("e").await.unwrap();
+    let outcome = RetryOutcome::of(&response).unwrap();
+    assert_eq!((outcome.replayed, outcome.may_be_replay), (false, true));
+}

@@ -398,15 +398,29 @@ impl Report {
         if let Some(why) = &done.no_key_reason {
             eprintln!("idem: no idempotency key from git: {why}; it was sent without one");
         }
-        let outcome = done.resolution.as_str();
-        if done.resolution != Resolution::Created && !self.quiet {
+        // A create answered to a key sent before may be the server's unmarked replay of it:
+        // told as resumed, never as a second create.
+        let resumed = done.resolution == Resolution::Created && done.may_be_replay;
+        let outcome = if resumed { "resumed" } else { done.resolution.as_str() };
+        if done.resolution != Resolution::Created || resumed {
             let key = done.key.as_ref().map(|k| format!(" (key sha256:{})", k.fingerprint())).unwrap_or_default();
-            match done.resolution {
-                Resolution::Replayed => eprintln!("idem: the server replayed its earlier response{key}"),
+            let said = match done.resolution {
+                Resolution::Replayed => format!("the server replayed its earlier response{key}"),
                 Resolution::Resumed => {
-                    eprintln!("idem: created by an earlier run{key}, which was waiting for it; nothing was sent")
+                    format!("created by an earlier run{key}, which was waiting for it; nothing was sent")
                 }
-                _ => eprintln!("idem: done earlier, by the journal's record{key}; nothing was sent"),
+                Resolution::Created => format!(
+                    "the key{key} had been sent before ({}), and the server marks no replays: this answer may be a replay of the first send, not a second resource",
+                    if done.resumed {
+                        "by an earlier run, resumed from the journal"
+                    } else {
+                        "by an attempt that may have reached the server"
+                    }
+                ),
+                _ => format!("done earlier, by the journal's record{key}; nothing was sent"),
+            };
+            if !self.quiet {
+                eprintln!("idem: {said}");
             }
         }
         let status = done.status.map(|s| s.as_u16());
@@ -420,6 +434,7 @@ impl Report {
             status,
             attempts: done.attempts,
             key: done.key.as_ref(),
+            may_be_replay: done.may_be_replay,
             body: &body,
             ..Told::default()
         });

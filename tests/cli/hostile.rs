@@ -344,7 +344,6 @@ async fn json_mode_prints_one_object_whatever_happens() {
 /// upload on another machine minted a new one. `--derive-key NAME` derives a UUID from the
 /// scope and the name (the library's `derived_key`): the same on every machine.
 #[tokio::test]
-#[ignore = "issue 17: not fixed yet"]
 async fn a_derived_key_is_the_same_on_every_machine_and_is_a_uuid() {
     let cloud = cloud(ServerProfile::bencher()).await;
     let url = format!("{}/cvms", cloud.uri());

@@ -22,8 +22,10 @@ Examples:
   # Deploy the checked-out commit: the key is the clean HEAD SHA (none if the tree is dirty)
   idem post https://deploy.example/apps/api/deploy --key-from-git --server tower
 
-  # Upload a report whose key goes in the body, from a file, printing one JSON summary
-  idem post https://bench.example/v0/run --json @report.json --server bencher --output json
+  # Upload a report whose key goes in the body, from a file, printing one JSON summary; the key
+  # derives from the run's identity, so a CI re-run on another machine sends the same one
+  idem post https://bench.example/v0/run --json @report.json --server bencher --output json \\
+      --derive-key \"report/$BRANCH/$SHA/$TESTBED\" --scope my-project
 
   # A django-idempotency-key server: its replays are the stored body under 409
   idem post https://shop.example/orders --json @order.json --server django
@@ -53,8 +55,13 @@ pub struct PostArgs {
     #[arg(short = 'H', long = "header", value_name = "'Name: value'")]
     pub headers: Vec<String>,
     /// Send this key. A bad key exits 2 before anything is sent.
-    #[arg(long, value_name = "KEY", conflicts_with_all = ["no_idempotency_key", "key_from_git"])]
+    #[arg(long, value_name = "KEY", conflicts_with_all = ["no_idempotency_key", "key_from_git", "derive_key"])]
     pub idempotency_key: Option<String>,
+    /// Derive the key from NAME and --scope (a UUID, the same on every machine: a CI re-run of
+    /// the same upload sends the same key), and journal the operation as NAME. NAME names the
+    /// logical operation, e.g. `report/$BRANCH/$SHA/$TESTBED`.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["no_idempotency_key", "key_from_git"])]
+    pub derive_key: Option<String>,
     /// Send no key. A lost response then exits 3: the outcome is unknown.
     #[arg(long, conflicts_with = "key_from_git")]
     pub no_idempotency_key: bool,
@@ -74,6 +81,7 @@ pub struct PostArgs {
 /// Where the key comes from.
 enum KeyChoice {
     Given(IdempotencyKey),
+    Derived,
     Git(PathBuf),
     None,
     Random,
@@ -103,7 +111,8 @@ async fn post(args: PostArgs) -> Result<Exit, Failed> {
     let layer = common::layer(&convention, &args.shared.retry, deadline, args.shared.output.quiet)?;
     let (store, journal_path) = common::store(&args.shared.journal)?;
     let ops = common::operations(layer, store, &args.shared.scope, args.shared.retry.retention, input.headers.clone())?;
-    let name = common::operation_name("POST", &args.url, &input.body);
+    // A derived key derives from the operation's name: the one the user gave.
+    let name = args.derive_key.clone().unwrap_or_else(|| common::operation_name("POST", &args.url, &input.body));
     let quiet = args.shared.output.quiet;
     let progress = Progress::new(quiet);
     let mut op = input.operation(ops.operation(name).post(&args.url));
@@ -215,6 +224,13 @@ impl Input {
             }
         }
         let key = match (given.map(|(key, _)| key), &args.key_from_git, args.no_idempotency_key) {
+            (Some(_), _, _) if args.derive_key.is_some() => {
+                return Err(fail(
+                    Exit::Usage,
+                    "an idempotency key is given (-H, --idempotency-key or the body), and --derive-key derives another; nothing was sent",
+                ));
+            }
+            (None, None, false) if args.derive_key.is_some() => KeyChoice::Derived,
             (Some(_), Some(_), _) | (Some(_), _, true) => {
                 return Err(fail(
                     Exit::Usage,
@@ -268,6 +284,7 @@ impl Input {
         }
         match &self.key {
             KeyChoice::Given(key) => op.key(key.clone()),
+            KeyChoice::Derived => op.derived_key(1),
             KeyChoice::Git(dir) => op.key_from_git(dir, GitKeyMode::CleanOnly),
             KeyChoice::None => op.no_key(),
             KeyChoice::Random => op.random_key(),

@@ -361,6 +361,11 @@ impl Engine {
         x.span.record("outcome", if replayed { "replayed" } else { "done" });
         let status = response.status();
         let key = x.tally.key.as_ref();
+        let headers = response.headers();
+        let key_acknowledged = key.is_some()
+            && (replayed
+                || self.replay.carries_marker(headers)
+                || self.carrier.header_name().is_some_and(|name| headers.contains_key(name)));
         response.extensions_mut().insert(RetryOutcome {
             attempts: x.tally.attempts,
             succeeded: status.is_success() || (replayed && self.replay.is_success_replay(status, key)),
@@ -368,6 +373,7 @@ impl Engine {
             replayed,
             total_delay: x.tally.total_delay,
             may_be_replay: replayed || (key.is_some() && x.tally.may_have_been_applied),
+            key_acknowledged,
         });
         Ok(response)
     }

@@ -42,6 +42,11 @@ pub struct RetryOutcome {
     /// that marks no replays (bencher's, the IETF draft's) answers such a retry as it answered
     /// the first, so `succeeded` alone does not tell a create from a replay.
     pub may_be_replay: bool,
+    /// The answer shows the server read the key: it marked a replay, carried a replay marker
+    /// header at all, or echoed the key's header. Many servers that honour keys show nothing
+    /// on a first answer (the IETF draft asks for nothing); a server that ignores the header the
+    /// key went in never shows anything. `false` for a request sent without a key.
+    pub key_acknowledged: bool,
 }
 
 impl RetryOutcome {

@@ -85,6 +85,12 @@ impl ReplayDetector {
         self.is_success_replay(status, key) || self.is_replayed(headers)
     }
 
+    /// Whether the response carries one of the marker headers at all, whatever it says: a
+    /// server that writes `Idempotent-Replayed: false` shows it reads keys.
+    pub(crate) fn carries_marker(&self, headers: &HeaderMap) -> bool {
+        self.headers.iter().any(|name| headers.contains_key(name))
+    }
+
     /// Whether any marker header says "true" (`true`, `1`, or the Structured-Field boolean `?1`,
     /// case-insensitively).
     pub fn is_replayed(&self, headers: &HeaderMap) -> bool {

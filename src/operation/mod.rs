@@ -116,6 +116,10 @@ pub struct Completed {
     /// replays (bencher's, the IETF draft's) the resolution then says [`Created`](Resolution::Created)
     /// for what may be the original. `false` when nothing was sent.
     pub may_be_replay: bool,
+    /// The server's answer showed it read the key (see
+    /// [`RetryOutcome::key_acknowledged`](crate::RetryOutcome::key_acknowledged)). `false`
+    /// when nothing was sent.
+    pub key_acknowledged: bool,
     /// Why no key was sent, when a key source found none (e.g. a dirty git tree).
     pub no_key_reason: Option<String>,
     /// Where the operation polls while it [waits](OperationBuilder::wait) for the resource to

@@ -57,6 +57,7 @@ impl OperationBuilder<'_> {
             resumed: true,
             attempts: 0,
             may_be_replay: false,
+            key_acknowledged: false,
             no_key_reason,
             handle: record.handle,
         };
@@ -368,6 +369,7 @@ impl OperationBuilder<'_> {
             resumed: false,
             attempts: 0,
             may_be_replay: false,
+            key_acknowledged: false,
             no_key_reason,
             handle,
         })
@@ -619,6 +621,7 @@ impl OperationBuilder<'_> {
             resumed: run.resumed,
             attempts: record.attempts,
             may_be_replay: record.may_be_replay || run.resumed || run.resending_success,
+            key_acknowledged: record.key_acknowledged,
             no_key_reason,
             handle,
         })
@@ -726,6 +729,7 @@ impl OperationBuilder<'_> {
             resumed: false,
             attempts: 0,
             may_be_replay: false,
+            key_acknowledged: false,
             no_key_reason,
             handle,
         })

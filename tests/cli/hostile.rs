@@ -394,7 +394,6 @@ async fn a_derived_key_is_the_same_on_every_machine_and_is_a_uuid() {
 /// sign that the server read the key (no echo, no replay marker) is told once on stderr, unless
 /// the user named the convention.
 #[tokio::test]
-#[ignore = "issue 17: not fixed yet"]
 async fn an_answer_with_no_sign_of_the_key_is_told_once() {
     let bencher = cloud(ServerProfile::bencher()).await;
     let scratch = Scratch::new("no-sign");
@@ -406,9 +405,21 @@ async fn an_answer_with_no_sign_of_the_key_is_told_once() {
 
     let told = scratch.run(&["post", &url, "--server", "bencher", "--json", r#"{"name":"b"}"#, "--no-journal"]).await;
     assert!(!told.stderr().contains("no sign"), "the user named the convention: {told:?}");
+    // Stripe marks its replays: after a lost answer the replay is the sign.
     let stripe = cloud(ServerProfile::stripe()).await;
-    let echoed = scratch.run(&["post", &format!("{}/cvms", stripe.uri()), "--json", "{}", "--no-journal"]).await;
-    assert!(!echoed.stderr().contains("no sign"), "Stripe echoes the key: {echoed:?}");
+    let proxy = ChaosProxy::start(stripe.address(), Schedule::script([Fault::Lose])).await;
+    let replayed = scratch.run(&["post", &format!("{}/cvms", proxy.uri()), "--json", "{}", "--no-journal"]).await;
+    assert!(replayed.stderr().contains("replayed"), "{replayed:?}");
+    assert!(!replayed.stderr().contains("no sign"), "a marked replay is a sign: {replayed:?}");
+    // A server that echoes the key's header shows it read it.
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(201).insert_header("idempotency-key", "echo").set_body_string("{}"))
+        .mount(&server)
+        .await;
+    let echoed = scratch.run(&["post", &server.uri(), "--json", "{}", "--no-journal"]).await;
+    assert_eq!(echoed.code(), 0, "{echoed:?}");
+    assert!(!echoed.stderr().contains("no sign"), "{echoed:?}");
 }
 
 /// Defect 2: `ensure-count` read only the first page of a paginated list: it never converged,

@@ -126,6 +126,17 @@ pub struct CarrierArgs {
 }
 
 impl CarrierArgs {
+    /// The option that names how the server takes keys, if the user gave one.
+    pub fn named(&self) -> Option<String> {
+        match (&self.server, &self.key_header, &self.key_field) {
+            (Some(server), _, _) => Some(format!("--server {server}")),
+            (_, Some(header), _) => Some(format!("--key-header {header}")),
+            (_, _, Some(field)) => Some(format!("--key-field {field}")),
+            _ if self.ietf_quote => Some("--ietf-quote".to_owned()),
+            _ => None,
+        }
+    }
+
     /// The convention the options describe: `--server`'s (or the standard one), changed by the
     /// other options.
     pub fn convention(&self) -> Result<ServerConvention, Failed> {

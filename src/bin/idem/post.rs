@@ -125,7 +125,20 @@ async fn post(args: PostArgs) -> Result<Exit, Failed> {
     if let Some(spec) = wait {
         op = op.wait(progress.hooked(spec));
     }
-    let mut report = Report { json: args.shared.output.output == Format::Json, quiet, waited: false };
+    let carrier = match convention.carrier.as_ref() {
+        Some(c) => c.header_name().map_or_else(
+            || format!("the body field `{}`", c.field_name().unwrap_or_default()),
+            |n| format!("the `{n}` header"),
+        ),
+        None => "nowhere".to_owned(),
+    };
+    let mut report = Report {
+        json: args.shared.output.output == Format::Json,
+        quiet,
+        named_convention: args.shared.carrier.named(),
+        carrier,
+        waited: false,
+    };
     let result = match op.start().await {
         Ok(started) => {
             report.started(started.created());
@@ -296,6 +309,11 @@ impl Input {
 struct Report {
     json: bool,
     quiet: bool,
+    /// The user named how the server takes keys (--server, --key-header, --key-field,
+    /// --ietf-quote): where the key goes is their choice, not a default.
+    named_convention: Option<String>,
+    /// Where the key goes, as said to the user.
+    carrier: String,
     /// There was something to wait for: the output is the resource as it ended.
     waited: bool,
 }
@@ -415,6 +433,7 @@ impl Report {
         if let Some(why) = &done.no_key_reason {
             eprintln!("idem: no idempotency key from git: {why}; it was sent without one");
         }
+        self.unacknowledged(done);
         // A create answered to a key sent before may be the server's unmarked replay of it:
         // told as resumed, never as a second create.
         let resumed = done.resolution == Resolution::Created && done.may_be_replay;
@@ -456,6 +475,24 @@ impl Report {
             ..Told::default()
         });
         Exit::Ok
+    }
+
+    /// A keyed create whose answer shows no sign that the server read the key, when the user
+    /// did not say how the server takes keys: said once, since a server that ignores the header
+    /// the key went in duplicates on every retry, and every answer looks like a create.
+    fn unacknowledged(&self, done: &Completed) {
+        if self.quiet
+            || self.named_convention.is_some()
+            || done.key.is_none()
+            || done.key_acknowledged
+            || !matches!(done.resolution, Resolution::Created | Resolution::Replayed)
+        {
+            return;
+        }
+        eprintln!(
+            "idem: note: the answer shows no sign that the server read the key in {} (no replay marker, no echo); many servers that honour keys show none, but if this one takes keys another way (a body field, another header), a retry can create a duplicate. Name its convention with --server (or --key-header, --key-field), which also silences this note; see the README's \"Does the server read the key?\"",
+            self.carrier
+        );
     }
 
     /// The output: the body (text), or one JSON object.

@@ -206,6 +206,19 @@ impl Ended {
         }
     }
 
+    /// For an answer: its status, the URL it answers (the request's, unless the client followed
+    /// a redirect) and its `Location`, if that is text.
+    pub(crate) fn redirect_parts(&self) -> Option<(StatusCode, &Url, Option<&str>)> {
+        fn location(headers: &HeaderMap) -> Option<&str> {
+            headers.get(http::header::LOCATION).and_then(|v| v.to_str().ok())
+        }
+        match self {
+            Ended::Streaming(r) => Some((r.status(), r.url(), location(r.headers()))),
+            Ended::Buffered(b) => Some((b.status, &b.url, location(&b.headers))),
+            Ended::Transport { .. } => None,
+        }
+    }
+
     /// The `cause` recorded in traces.
     pub(crate) fn cause(&self) -> String {
         match self {

@@ -22,6 +22,7 @@ use crate::middleware::RetryEvent;
 use crate::options::RequestOptions;
 use crate::outcome::RetryOutcome;
 use crate::policy::RetryPolicy;
+use crate::redirect::Redirect;
 use crate::replay::ReplayDetector;
 use crate::retry_after::retry_after;
 use crate::telemetry;
@@ -118,6 +119,10 @@ impl Engine {
         let mut exchange = self.prepare(request, options)?;
         loop {
             let ended = self.attempt(&mut exchange, extensions, next.clone()).await;
+            if let Some(redirect) = crate::redirect::of(&exchange.template, &ended) {
+                self.redirected(&mut exchange, redirect, ended)?;
+                continue;
+            }
             let replayed = self.is_replay(&exchange, &ended);
             let delay = match self.classify(&exchange, &ended, replayed) {
                 Verdict::Done => return self.finish(ended, exchange, replayed),
@@ -310,6 +315,39 @@ impl Engine {
         Ok(delay)
     }
 
+    /// A write answered with a redirect: followed within its origin as one more attempt (the
+    /// same method, body and key, at once), or the end of it. A stop on a redirect never says
+    /// "not applied".
+    fn redirected(&self, x: &mut Exchange<'_>, redirect: Redirect, ended: Ended) -> Result<(), Error> {
+        let stop = |x: &mut Exchange<'_>, name: &'static str, error: fn(Box<Failure>) -> Error, ended: Ended| {
+            x.tally.may_have_been_applied = true;
+            x.span.record("outcome", name);
+            Err(error(x.tally.failure(ended)))
+        };
+        let followed = matches!(redirect, Redirect::Followed(_));
+        let url = match redirect {
+            Redirect::Follow(url) => url,
+            Redirect::OtherOrigin(url) | Redirect::Followed(url) => {
+                x.tally.may_have_been_applied = true;
+                x.span.record("outcome", "redirected");
+                let location = crate::target::redact(&url);
+                return Err(Error::Redirected { location, followed, failure: x.tally.failure(ended) });
+            }
+        };
+        if !x.replayable {
+            return stop(x, "not_replayable", Error::NotReplayable, ended);
+        }
+        if x.tally.attempts >= x.policy.max_attempts() {
+            return stop(x, "attempts_exhausted", Error::AttemptsExhausted, ended);
+        }
+        if x.policy.deadline().is_some_and(|deadline| since(x.started, self.clock.now()) >= deadline) {
+            return stop(x, "deadline_exceeded", Error::DeadlineExceeded, ended);
+        }
+        tracing::debug!(parent: &x.attempt_span, status = ended.status().map(|s| s.as_u16()), "following a redirect of the write within its origin");
+        *x.template.url_mut() = url;
+        Ok(())
+    }
+
     /// Tells whoever listens, then waits `delay`.
     async fn sleep(&self, x: &mut Exchange<'_>, ended: Ended, delay: Duration, replayed: bool) {
         if let Some(hook) = &self.on_retry {
@@ -368,7 +406,10 @@ impl Engine {
                 || self.carrier.header_name().is_some_and(|name| headers.contains_key(name)));
         response.extensions_mut().insert(RetryOutcome {
             attempts: x.tally.attempts,
-            succeeded: status.is_success() || (replayed && self.replay.is_success_replay(status, key)),
+            // A 303 answering a write says it was done, and where the result is.
+            succeeded: status.is_success()
+                || (replayed && self.replay.is_success_replay(status, key))
+                || (status == http::StatusCode::SEE_OTHER && crate::redirect::is_write(x.template.method())),
             key: x.tally.key.clone(),
             replayed,
             total_delay: x.tally.total_delay,

@@ -100,6 +100,22 @@ pub enum Error {
         failure: Box<Failure>,
     },
 
+    /// A write was answered with a redirect the layer does not follow: to another origin (the
+    /// write is never sent anywhere but where it was meant for), or one the client followed on
+    /// its own (a `reqwest::Client` built without `redirect::Policy::none()`), whose answer is
+    /// not the write's. Whether the write was applied is unknown; nothing was sent to the other
+    /// origin by the layer.
+    #[error("{}", redirected(.location, *.followed))]
+    Redirected {
+        /// Where the redirect pointed (credentials and query values hidden).
+        location: String,
+        /// The client followed it before the layer saw the answer.
+        followed: bool,
+        /// The attempts; the last holds the redirect (or the answer of where it led).
+        #[source]
+        failure: Box<Failure>,
+    },
+
     /// A transport failure the engine does not retry (e.g. a redirect loop or an error from
     /// another middleware).
     #[error("request failed after {attempts}", attempts = attempts(.0))]
@@ -110,6 +126,18 @@ fn attempts(f: &Failure) -> String {
     match f.attempts {
         1 => "1 attempt".to_owned(),
         n => format!("{n} attempts"),
+    }
+}
+
+fn redirected(location: &str, followed: bool) -> String {
+    if followed {
+        format!(
+            "the client followed a redirect of the write to {location}, so its answer is not the write's and whether the write was applied is unknown; build the reqwest::Client with redirect::Policy::none(): the layer follows a write's redirects itself, within its origin"
+        )
+    } else {
+        format!(
+            "the server redirected the write to another origin ({location}); it was not sent there, and whether it was applied is unknown"
+        )
     }
 }
 
@@ -155,7 +183,8 @@ impl Error {
             | Error::ReplayedFailure(f)
             | Error::NotReplayable(f)
             | Error::Transport(f)
-            | Error::ResponseTooLarge { failure: f, .. } => Some(f),
+            | Error::ResponseTooLarge { failure: f, .. }
+            | Error::Redirected { failure: f, .. } => Some(f),
         }
     }
 
@@ -182,6 +211,11 @@ impl Error {
     /// Whether the server refused the key as reused with another payload.
     pub fn is_key_reuse(&self) -> bool {
         matches!(self, Error::KeyReuse(_))
+    }
+
+    /// Whether a write's redirect was not followed (see [`Redirected`](Self::Redirected)).
+    pub fn is_redirected(&self) -> bool {
+        matches!(self, Error::Redirected { .. })
     }
 
     /// Whether the outcome is unknown (see [`OutcomeUnknown`](Self::OutcomeUnknown)).

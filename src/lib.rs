@@ -115,6 +115,7 @@ mod options;
 mod outcome;
 mod policy;
 pub mod reconcile;
+mod redirect;
 mod replay;
 mod retry_after;
 mod rng;

@@ -217,6 +217,9 @@ impl OperationBuilder<'_> {
         let mut read_back_done = false;
         loop {
             let error = match self.send_once(url, run.claim.key.as_ref()).await {
+                Ok(response) if is_unfollowed_redirect(response.status()) => {
+                    return self.redirect_unfollowed(response.status(), run, no_key_reason.take()).await;
+                }
                 Ok(response) => return self.answered(response, run, no_key_reason.take()).await,
                 Err(error) => error,
             };
@@ -256,6 +259,61 @@ impl OperationBuilder<'_> {
             }
             read_back_done = true;
             tracing::info!(operation = %self.name, "not found by reading back: sending again");
+        }
+    }
+
+    /// A write answered with a redirect the layer could not follow (no usable `Location`, a
+    /// 300 or a 304): neither done nor refused. Settled by the read-back if there is one, else
+    /// unknown; never "not applied".
+    async fn redirect_unfollowed(
+        &self,
+        status: StatusCode,
+        run: &Run,
+        no_key_reason: Option<String>,
+    ) -> Result<Completed, OperationError> {
+        if let Some(read_back) = &self.read_back
+            && let Some(found) = self.lookup(read_back).await?
+        {
+            return self.recovered(found, &run.claim, no_key_reason).await;
+        }
+        let finish =
+            Finish::new(run.claim.clone(), OpState::Unknown, self.ops.clock.now()).status(Some(status.as_u16()));
+        if !run.resending_success {
+            self.finish(&run.claim, finish).await?;
+        }
+        Err(self.unknown(
+            run.claim.key.clone(),
+            format!("the server answered the write with {status}, a redirect with nowhere to follow it to; whether it was applied is unknown"),
+        ))
+    }
+
+    /// A `303 See Other` answering the write: it was done, and the result is at `Location`.
+    /// Read there (a `GET` within the write's origin), or `Null` when it cannot be read yet
+    /// (a read that lags the write) or is elsewhere.
+    async fn see_other(&self, headers: &http::HeaderMap, resource: Value) -> Value {
+        let base = self.url.as_deref().and_then(|u| url::Url::parse(u).ok());
+        let location = headers.get(http::header::LOCATION).and_then(|v| v.to_str().ok());
+        let Some(target) = base.as_ref().zip(location).and_then(|(base, at)| base.join(at).ok()) else {
+            return resource;
+        };
+        if base.is_some_and(|base| base.origin() != target.origin()) {
+            tracing::info!(operation = %self.name, "a 303 points to another origin: not read there");
+            return resource;
+        }
+        let read = self.ops.client.get(target).with_extension(RequestOptions::new().buffer_body()).send().await;
+        match read {
+            Ok(response) if response.status().is_success() => match response.bytes().await {
+                Ok(body) => serde_json::from_slice(&body).unwrap_or(resource),
+                Err(_) => resource,
+            },
+            Ok(response) => {
+                tracing::info!(operation = %self.name, status = %response.status(), "the 303's result cannot be read yet");
+                resource
+            }
+            Err(e) => {
+                tracing::info!(operation = %self.name, "the 303's result cannot be read: {e}");
+                resource
+            }
         }
     }
 
@@ -581,6 +639,9 @@ impl OperationBuilder<'_> {
             });
         }
         let mut resource = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        if status == StatusCode::SEE_OTHER {
+            resource = self.see_other(&headers, resource).await;
+        }
         let resolution = if record.replayed { Resolution::Replayed } else { Resolution::Created };
         // A replay carries the state of its time: trust its identity, re-read the state.
         if resolution == Resolution::Replayed
@@ -778,6 +839,12 @@ struct Run {
     /// The key already succeeded (within the server's retention): the server replays, and the
     /// journal's record is refreshed only by a success.
     resending_success: bool,
+}
+
+/// A redirect the layer handed back without following it: not a 303 (the write's answer), and
+/// not one it follows or refuses (those never come back as responses).
+fn is_unfollowed_redirect(status: StatusCode) -> bool {
+    status.is_redirection() && status != StatusCode::SEE_OTHER
 }
 
 /// Why a request could not be sent at all, if that is how it failed: the request could not be

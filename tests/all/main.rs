@@ -15,6 +15,7 @@ mod operations;
 mod properties;
 mod protocols;
 mod reconcile;
+mod redirects;
 mod retries;
 mod retry_after;
 mod scenarios;

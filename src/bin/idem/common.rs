@@ -348,6 +348,8 @@ pub fn operations(
 ) -> Result<Operations, Failed> {
     let client = reqwest::Client::builder()
         .user_agent(concat!("idem/", env!("CARGO_PKG_VERSION")))
+        // A write's redirect is its answer: the layer follows it within its origin, or stops.
+        .redirect(reqwest::redirect::Policy::none())
         .default_headers(headers)
         .connect_timeout(Duration::from_secs(10))
         .build()

@@ -32,7 +32,9 @@ impl Api {
             value.set_sensitive(true);
             headers.insert(AUTHORIZATION, value);
         }
-        let http = reqwest::Client::builder().default_headers(headers).build()?;
+        // A write's redirect is its answer: the layer follows it within its origin, or stops.
+        let http =
+            reqwest::Client::builder().default_headers(headers).redirect(reqwest::redirect::Policy::none()).build()?;
         // Patient: an apply is worth more than a few extra requests, and the deadline bounds it.
         let policy = RetryPolicy::standard().with_max_attempts(10).with_deadline(Duration::from_secs(120));
         let layer = IdempotentRetry::builder().policy(policy).build();

@@ -56,7 +56,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 use url::Url;
 
-pub use plan::{Action, Desired, Member, Plan, PlanInput, Prune, Slot, plan};
+pub use plan::{Action, Desired, MAX_ACTIONS_PER_ROUND, Member, Plan, PlanInput, Prune, Slot, plan};
 pub use report::ReconcileReport;
 
 use self::settle::{ExpectedCreate, ExpectedDelete, Listed, Settled};
@@ -138,6 +138,14 @@ pub enum StopReason {
     /// sent.
     #[error("invalid settings, nothing was sent: {0}")]
     InvalidOptions(String),
+    /// The desired state asks for more items than [`Desired::MAX`]. Nothing was sent.
+    #[error("{desired} items desired, but a reconcile makes at most {max}; nothing was sent")]
+    TooMany {
+        /// Items asked for.
+        desired: usize,
+        /// The most there may be ([`Desired::MAX`]).
+        max: usize,
+    },
     /// An item counted toward the desired state is in a state that will never be
     /// [ready](Reconciler::wait_for): a failure state, or one that is neither pending nor a
     /// target. It is not deleted or replaced: delete it (or prune), then reconcile again.
@@ -444,6 +452,7 @@ impl Reconciler {
         let mut run =
             RunState { started, report, overshoot_seen: HashSet::new(), failures: 0, listed_once: false, unready: 0 };
         let result = match crate::target::http_url(&self.settings.collection) {
+            _ if desired.len() > Desired::MAX => Err(StopReason::TooMany { desired: desired.len(), max: Desired::MAX }),
             Ok(url) => self.rounds(&url, desired, &mut run).await,
             Err(why) => Err(StopReason::InvalidOptions(why)),
         };

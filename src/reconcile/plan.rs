@@ -16,6 +16,12 @@ pub enum Desired {
 }
 
 impl Desired {
+    /// The most items a desired state may ask for: 1,000,000. A larger count is refused before
+    /// anything is sent ([`StopReason::TooMany`](super::StopReason::TooMany); `idem ensure-count`
+    /// exits 2): it is far beyond any collection a reconcile could fill, and a typo (`--count
+    /// 1000000000`) must not become a billion creates.
+    pub const MAX: usize = 1_000_000;
+
     /// How many items that is.
     pub fn len(&self) -> usize {
         match self {
@@ -181,7 +187,14 @@ fn newest_first(members: &mut [&Member]) {
     members.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.id.cmp(&a.id)));
 }
 
+/// The most creates, and the most deletes, one round plans: 1,024. The rest come in later
+/// rounds, so a round's plan (and memory) does not grow with the desired count.
+pub const MAX_ACTIONS_PER_ROUND: usize = 1024;
+
 /// Plans one round.
+///
+/// At most [`MAX_ACTIONS_PER_ROUND`] creates and as many deletes are planned; a later round
+/// plans the rest.
 ///
 /// While any create or delete is still expected (sent, not yet seen in a list), nothing new is
 /// planned: the list may simply lag, and acting on it would overshoot (or delete twice). Surplus
@@ -217,16 +230,18 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                     let mut eligible: Vec<&Member> =
                         input.observed.iter().filter(|m| input.prune.may_delete(m)).collect();
                     newest_first(&mut eligible);
-                    plan.actions = eligible.iter().take(have - want).map(|m| Action::Delete(m.id.clone())).collect();
+                    let surplus = (have - want).min(MAX_ACTIONS_PER_ROUND);
+                    plan.actions = eligible.iter().take(surplus).map(|m| Action::Delete(m.id.clone())).collect();
                 }
             } else if have + input.expected_creates < *want && !plan.waiting {
                 let free = (0u32..).map(Slot::Index).filter(|s| !input.used_slots.contains(s));
-                plan.actions = free.take(want - have).map(Action::Create).collect();
+                plan.actions = free.take((want - have).min(MAX_ACTIONS_PER_ROUND)).map(Action::Create).collect();
             }
             plan.converged = have == *want && !plan.waiting;
         }
         Desired::Names(names) => {
             let wanted: BTreeSet<&str> = names.iter().map(String::as_str).collect();
+            let mut creates = 0;
             for name in names {
                 let mut holders: Vec<&Member> =
                     input.observed.iter().filter(|m| m.name.as_deref() == Some(name)).collect();
@@ -237,7 +252,11 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                         // A second item with a slot's name is surplus, but named: never deleted.
                         plan.overshoot.extend(rest.iter().map(|m| m.id.clone()));
                     }
-                    None if !plan.waiting && !input.used_slots.contains(&Slot::Name(name.clone())) => {
+                    None if !plan.waiting
+                        && creates < MAX_ACTIONS_PER_ROUND
+                        && !input.used_slots.contains(&Slot::Name(name.clone())) =>
+                    {
+                        creates += 1;
                         plan.actions.push(Action::Create(Slot::Name(name.clone())));
                     }
                     None => {}
@@ -248,8 +267,8 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             newest_first(&mut others);
             plan.overshoot.extend(others.iter().map(|m| m.id.clone()));
             if input.prune.allowed() && !plan.waiting {
-                plan.actions
-                    .extend(others.iter().filter(|m| input.prune.may_delete(m)).map(|m| Action::Delete(m.id.clone())));
+                let deletes = others.iter().filter(|m| input.prune.may_delete(m)).take(MAX_ACTIONS_PER_ROUND);
+                plan.actions.extend(deletes.map(|m| Action::Delete(m.id.clone())));
             }
             plan.converged = plan.overshoot.is_empty() && plan.adopted.len() == names.len() && !plan.waiting;
         }
@@ -352,6 +371,17 @@ mod tests {
         assert_eq!(p.overshoot, ["w1b", "old"], "the duplicate web-1 is reported, not deleted");
         let p = run(desired, &observed, 0, &[Slot::Name("web-2".into())], Prune::default());
         assert_eq!(p.actions, [Action::Create(Slot::Name("web-3".into()))], "an expected name is not created again");
+    }
+
+    #[test]
+    fn a_round_plans_a_bounded_batch_whatever_the_count() {
+        let p = run(Desired::Count(Desired::MAX), &[], 0, &[], Prune::default());
+        assert_eq!(p.actions.len(), MAX_ACTIONS_PER_ROUND);
+        assert_eq!(p.actions.last(), Some(&Action::Create(Slot::Index(MAX_ACTIONS_PER_ROUND as u32 - 1))));
+        let observed: Vec<Member> = (0..3000).map(|i| member(&format!("m{i}"), None, 0, true)).collect();
+        assert_eq!(run(Desired::Count(0), &observed, 0, &[], PRUNE).actions.len(), MAX_ACTIONS_PER_ROUND);
+        let names = Desired::Names((0..2000).map(|i| format!("web-{i}")).collect());
+        assert_eq!(run(names, &[], 0, &[], Prune::default()).actions.len(), MAX_ACTIONS_PER_ROUND);
     }
 
     #[test]

@@ -599,3 +599,28 @@ async fn an_item_that_will_never_be_ready_stops_the_run_and_is_kept() {
     assert!(!err.report.converged && err.report.ready == Some(1), "{}", err.report);
     assert_eq!((rig.cloud.created(), live(&rig)), (2, 2), "not replaced, not deleted");
 }
+
+/// Issue 17, defect 6: `Desired::Count(1_000_000_000)` planned every create up front (gigabytes)
+/// and a count past `u32` wrapped the slot indices. A count above `Desired::MAX` is refused
+/// before anything is sent; below it, a round plans a bounded batch and the rest come later.
+#[tokio::test]
+async fn a_count_above_the_maximum_is_refused_and_large_counts_come_in_batches() {
+    let rig = Rig::new(ServerProfile::stripe(), Schedule::pass()).await;
+    let mut r = reconciler(&rig, "tenant-1");
+    for count in [Desired::MAX + 1, 1 << 32, usize::MAX] {
+        let err = r.reconcile(&Desired::Count(count)).await.unwrap_err();
+        assert!(
+            matches!(err.failure, StopReason::TooMany { desired, max } if desired == count && max == Desired::MAX),
+            "{err}"
+        );
+        assert_eq!(err.report.requests, 0);
+    }
+    assert!(rig.proxy.records().is_empty(), "nothing sent");
+
+    // 1,500 creates: a first round of 1,024 at most, then the rest; exact.
+    let mut r = reconciler(&rig, "tenant-1").concurrency(64);
+    let report = r.reconcile(&Desired::Count(1500)).await.unwrap();
+    assert!(report.converged, "{report}");
+    assert_eq!((report.created.len(), live(&rig)), (1500, 1500));
+    assert_eq!(rig.cloud.created(), 1500);
+}

@@ -480,7 +480,6 @@ async fn ensure_count_reads_every_page_and_reruns_create_nothing() {
 /// count past `u32` wrapped its slot indices. A count above the documented maximum is a usage
 /// error (exit 2), with nothing sent.
 #[tokio::test]
-#[ignore = "issue 17: not fixed yet"]
 async fn a_count_above_the_maximum_is_refused_before_anything_is_sent() {
     let cloud = cloud(ServerProfile::stripe()).await;
     let url = format!("{}/{}", cloud.uri(), replicas("app-1", "vm-1"));

@@ -35,7 +35,7 @@ with DELETE COLLECTION_URL/{id}. Bump --generation when the count rises after a 
 pub struct EnsureArgs {
     /// The collection: GET lists it, POST creates in it, DELETE {url}/{id} deletes from it.
     pub collection_url: String,
-    /// How many items it must hold.
+    /// How many items it must hold, at most 1000000 (a larger count exits 2).
     #[arg(long, value_name = "N")]
     pub count: usize,
     /// The body of each create: JSON, @FILE or @-.
@@ -108,8 +108,8 @@ async fn ensure(args: EnsureArgs) -> Result<Exit, Failed> {
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    let (report, exit) = match result {
-        Ok(report) if report.converged => (report, Exit::Ok),
+    let (report, exit, error) = match result {
+        Ok(report) if report.converged => (report, Exit::Ok, None),
         Ok(report) => {
             eprintln!(
                 "idem: {} surplus item(s) ({}) not deleted: {}",
@@ -121,24 +121,29 @@ async fn ensure(args: EnsureArgs) -> Result<Exit, Failed> {
                     "pass --prune to delete them"
                 }
             );
-            (report, Exit::Refused)
+            (report, Exit::Refused, Some("surplus items not deleted".to_owned()))
         }
         Err(e) => {
-            eprintln!("idem: {}", idempotent_retry::error::chain(&e));
+            let error = idempotent_retry::error::chain(&e);
+            eprintln!("idem: {error}");
             let exit = match e.failure {
                 StopReason::Identity(_)
                 | StopReason::BadId { .. }
                 | StopReason::Rejected { .. }
                 | StopReason::Delete { .. }
                 | StopReason::NotReady { .. } => Exit::Refused,
-                StopReason::Operation(_) | StopReason::InvalidOptions(_) => Exit::Usage,
+                StopReason::Operation(_) | StopReason::InvalidOptions(_) | StopReason::TooMany { .. } => Exit::Usage,
                 _ => Exit::Unknown,
             };
-            (*e.report, exit)
+            (*e.report, exit, Some(error))
         }
     };
     match args.shared.output.output {
-        Format::Json => println!("{}", serde_json::to_string(&report).expect("a report serializes")),
+        Format::Json => {
+            let mut object = serde_json::to_value(&report).expect("a report serializes");
+            object["error"] = error.into();
+            println!("{object}");
+        }
         Format::Text => println!("{report}"),
     }
     Ok(exit)
@@ -146,6 +151,12 @@ async fn ensure(args: EnsureArgs) -> Result<Exit, Failed> {
 
 /// The reconciler the arguments describe, and a progress bar when stderr is a terminal.
 fn reconciler(args: &EnsureArgs) -> Result<(Reconciler, Option<indicatif::ProgressBar>), Failed> {
+    if args.count > Desired::MAX {
+        return Err(fail(
+            Exit::Usage,
+            format!("--count {}: a reconcile makes at most {} items; nothing was sent", args.count, Desired::MAX),
+        ));
+    }
     let body_bytes = common::json_body(&args.json)?;
     let body: Value = serde_json::from_slice(&body_bytes).expect("checked by json_body");
     if !body.is_object() {

@@ -113,6 +113,7 @@ mod middleware;
 pub mod operation;
 mod options;
 mod outcome;
+pub mod pagination;
 mod policy;
 pub mod reconcile;
 mod redirect;

@@ -54,4 +54,12 @@ impl RetryOutcome {
     pub fn of(response: &reqwest::Response) -> Option<&RetryOutcome> {
         response.extensions().get::<RetryOutcome>()
     }
+
+    /// The requests a send took, retries included (1 when the layer did not report).
+    pub(crate) fn requests(result: &reqwest_middleware::Result<reqwest::Response>) -> u64 {
+        match result {
+            Ok(r) => RetryOutcome::of(r).map_or(1, |o| u64::from(o.attempts)),
+            Err(e) => crate::Error::find(e).map_or(1, |e| u64::from(e.attempts())),
+        }
+    }
 }

@@ -34,6 +34,15 @@ pub(crate) fn item_url(collection: &Url, id: &str) -> Result<Url, String> {
     Ok(url)
 }
 
+/// An item's `field` (its id, most often) as text: a string, or a number written out.
+pub(crate) fn field_text(item: &serde_json::Value, field: &str) -> Option<String> {
+    match item.get(field)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
 /// Whether `id` can name an item: not empty, not `.` or `..`.
 ///
 /// # Errors

@@ -1,6 +1,7 @@
 //! Reading back: how to find out whether an operation took effect.
 
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use reqwest_middleware::ClientWithMiddleware;
 use serde_json::Value;
 
 use crate::options::RequestOptions;
+use crate::pagination::{ListFailure, Pagination};
 
 /// An error from a read-back lookup.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -51,17 +53,42 @@ impl ReadBack {
         Self(Arc::new(move |client| Box::pin(lookup(client))))
     }
 
-    /// `GET list_url` and find the item whose `field` equals `value`. The items are the
-    /// top-level array, or the array under `items` or `data`.
+    /// `GET list_url` and find the item whose `field` equals `value`, page after page as
+    /// [`Pagination::standard`] follows them. The items are the top-level array, or the array
+    /// under `items`, `data` or `results`. A list that says there is more but cannot be followed
+    /// is an error: "not found" on its first page proves nothing.
     pub fn find_in_list(list_url: impl Into<String>, field: impl Into<String>, value: impl Into<Value>) -> Self {
+        Self::find_in_pages(list_url, field, value, Pagination::standard())
+    }
+
+    /// [`find_in_list`](Self::find_in_list), with the list's pages led to one another as
+    /// `pagination` says.
+    pub fn find_in_pages(
+        list_url: impl Into<String>,
+        field: impl Into<String>,
+        value: impl Into<Value>,
+        pagination: Pagination,
+    ) -> Self {
         let (url, field, value) = (list_url.into(), field.into(), value.into());
         Self::new(move |client: ClientWithMiddleware| {
-            let (url, field, value) = (url.clone(), field.clone(), value.clone());
+            let (url, field, value, pagination) = (url.clone(), field.clone(), value.clone(), pagination.clone());
             async move {
-                let request = client.get(&url).with_extension(RequestOptions::new().buffer_body());
-                let response = request.send().await?.error_for_status()?;
-                let list: Value = serde_json::from_slice(&response.bytes().await?)?;
-                Ok(items(&list).and_then(|items| items.iter().find(|item| item.get(&field) == Some(&value)).cloned()))
+                let first = crate::target::http_url(&url)?;
+                let mut found = None;
+                let (_, listed) = pagination
+                    .each_page(&client, &first, None, "id", RequestOptions::new, |page| {
+                        found = page.into_iter().find(|item| item.get(&field) == Some(&value));
+                        if found.is_some() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+                    })
+                    .await;
+                match listed {
+                    Ok(()) => Ok(found),
+                    Err(ListFailure::Request(e)) => Err(e.into()),
+                    Err(ListFailure::Status(status)) => {
+                        Err(format!("GET {} answered {status}", crate::target::redact(&first)).into())
+                    }
+                    Err(ListFailure::Invalid(why)) => Err(why.into()),
+                }
             }
         })
     }
@@ -77,9 +104,11 @@ impl std::fmt::Debug for ReadBack {
     }
 }
 
-/// The items of a list response: the top-level array, or the array under `items` or `data`.
+/// The items of a list response: the top-level array, or the array under `items`, `data` or
+/// `results`.
 pub fn items(list: &Value) -> Option<&Vec<Value>> {
     list.as_array()
         .or_else(|| list.get("items").and_then(Value::as_array))
         .or_else(|| list.get("data").and_then(Value::as_array))
+        .or_else(|| list.get("results").and_then(Value::as_array))
 }

@@ -258,7 +258,7 @@ impl Reconciler {
                     });
                 }
                 for (id, result) in tasks.join_all().await {
-                    report.requests += attempts(&result);
+                    report.requests += RetryOutcome::requests(&result);
                     match result {
                         Ok(r) if r.status().is_success() || r.status() == http::StatusCode::NOT_FOUND => {
                             report.deleted.push(id.clone());
@@ -280,13 +280,5 @@ impl Reconciler {
             batch *= 2;
         }
         Ok(true)
-    }
-}
-
-/// Requests a result took, retries included.
-pub(super) fn attempts(result: &reqwest_middleware::Result<reqwest::Response>) -> u64 {
-    match result {
-        Ok(r) => RetryOutcome::of(r).map_or(1, |o| u64::from(o.attempts)),
-        Err(e) => Error::find(e).map_or(1, |e| u64::from(e.attempts())),
     }
 }

@@ -63,6 +63,7 @@ use self::settle::{ExpectedCreate, ExpectedDelete, Listed, Settled};
 use crate::backoff::{Backoff, ExponentialBackoff, Jitter};
 use crate::journal::{Finish, OpState, Record};
 use crate::operation::{IdentityMismatch, OperationError, Operations};
+use crate::pagination::Pagination;
 use crate::rng::{Random, SeededRng};
 use crate::time::{Clock, Sleeper, SystemClock, TokioSleeper};
 use crate::wait::{Readiness, WaitFor};
@@ -196,6 +197,7 @@ struct Settings {
     protect: Option<Arc<Protect>>,
     progress: Option<Arc<Progress>>,
     items_field: Option<String>,
+    pagination: Pagination,
     keyed: bool,
     ttl: Duration,
     poll: Duration,
@@ -290,6 +292,7 @@ impl Reconciler {
             protect: None,
             progress: None,
             items_field: None,
+            pagination: Pagination::standard(),
             keyed: true,
             ttl: Self::DEFAULT_EXPECTATION_TTL,
             poll: Self::DEFAULT_POLL_INTERVAL,
@@ -362,10 +365,28 @@ impl Reconciler {
         self
     }
 
-    /// The field of the list response that holds the items (default: the response itself if it
-    /// is an array, else `items`, else `data`).
+    /// The field of each list page that holds the items, a dotted path or a JSON pointer
+    /// (default: the page itself if it is an array, else `items`, `data` or `results`).
     pub fn items_field(mut self, field: impl Into<String>) -> Self {
         self.settings.items_field = Some(field.into());
+        self
+    }
+
+    /// How the list's pages lead to one another (default [`Pagination::standard`]: `Link`
+    /// headers, `next` URLs, the common cursor fields). Every page is read; a list that says
+    /// there is more but cannot be followed stops the run with [`StopReason::List`], never a
+    /// short count.
+    ///
+    /// ```
+    /// # fn make(ops: idempotent_retry::Operations) -> idempotent_retry::Reconciler {
+    /// use idempotent_retry::{Reconciler, pagination::Pagination};
+    ///
+    /// Reconciler::new(ops, "https://cloud.example/replicas", "replicas/web")
+    ///     .pagination(Pagination::standard().cursor("continuation", "from").max_pages(50))
+    /// # }
+    /// ```
+    pub fn pagination(mut self, pagination: Pagination) -> Self {
+        self.settings.pagination = pagination;
         self
     }
 
@@ -756,13 +777,7 @@ fn journal_failure(e: crate::journal::JournalError) -> StopReason {
     StopReason::Operation(OperationError::Journal(e))
 }
 
-fn field_text(item: &Value, field: &str) -> Option<String> {
-    match item.get(field)? {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
+use crate::target::field_text;
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,7 @@
 //! Observing: listing the collection, reading what the journal says about this operation.
 
 use std::collections::{BTreeSet, HashSet};
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -10,43 +11,56 @@ use super::settle::{ExpectedCreate, Listed, Sent};
 use super::{ReconcileReport, Reconciler, Slot, StopReason, field_text};
 use crate::error::Error;
 use crate::journal::{OpState, Record};
-use crate::operation::items;
 use crate::options::RequestOptions;
+use crate::pagination::ListFailure;
 
 impl Reconciler {
-    /// Lists the collection. `None` when the list failed transiently (worth another round).
+    /// Lists the collection, every page of it. `None` when the list failed transiently (worth
+    /// another round).
     pub(super) async fn observe(
         &mut self,
         collection: &Url,
         remaining: Duration,
         report: &mut ReconcileReport,
     ) -> Result<Option<Vec<Listed>>, StopReason> {
+        let s = &self.settings;
         let shown = crate::target::redact(collection);
-        let options = RequestOptions::new().buffer_body().deadline(remaining);
-        let result = self.settings.ops.client().get(collection.clone()).with_extension(options).send().await;
-        report.requests += super::act::attempts(&result);
-        let response = match result {
-            Ok(response) => response,
-            Err(e) if matches!(Error::find(&e), Some(Error::BudgetExhausted(_))) => {
+        let started = s.clock.now();
+        let clock = s.clock.clone();
+        // Each page within what is left of the round's time.
+        let options = || {
+            let spent = clock.now().duration_since(started).unwrap_or_default();
+            RequestOptions::new().deadline(remaining.saturating_sub(spent).max(Duration::from_millis(1)))
+        };
+        let mut entries = Vec::new();
+        let (requests, result) = s
+            .pagination
+            .each_page(s.ops.client(), collection, s.items_field.as_deref(), &s.id_field, options, |page| {
+                entries.extend(page);
+                ControlFlow::Continue(())
+            })
+            .await;
+        report.requests += requests;
+        match result {
+            Ok(()) => {}
+            Err(ListFailure::Request(e)) if matches!(Error::find(&e), Some(Error::BudgetExhausted(_))) => {
                 return Err(StopReason::BudgetExhausted);
             }
-            Err(e) if Error::find(&e).is_some_and(Error::is_retryable) => {
-                tracing::info!(operation = %self.settings.operation, "listing failed, trying again: {e}");
+            Err(ListFailure::Request(e)) if Error::find(&e).is_some_and(Error::is_retryable) => {
+                tracing::info!(operation = %s.operation, "listing failed, trying again: {e}");
                 return Ok(None);
             }
-            Err(e) => return Err(StopReason::List(e.to_string())),
-        };
-        let status = response.status();
-        if status.is_server_error() || status == http::StatusCode::TOO_MANY_REQUESTS {
-            tracing::info!(operation = %self.settings.operation, "GET {shown} answered {status}, trying again");
-            return Ok(None);
+            Err(ListFailure::Request(e)) => return Err(StopReason::List(e.to_string())),
+            Err(ListFailure::Status(status))
+                if status.is_server_error() || status == http::StatusCode::TOO_MANY_REQUESTS =>
+            {
+                tracing::info!(operation = %s.operation, "GET {shown} answered {status}, trying again");
+                return Ok(None);
+            }
+            Err(ListFailure::Status(status)) => return Err(StopReason::List(format!("GET {shown} answered {status}"))),
+            Err(ListFailure::Invalid(why)) => return Err(StopReason::List(why)),
         }
-        if !status.is_success() {
-            return Err(StopReason::List(format!("GET {shown} answered {status}")));
-        }
-        // In memory already: the layer read it within the attempt (`buffer_body`).
-        let body = response.bytes().await.map_err(|e| StopReason::List(e.to_string()))?;
-        let listed = self.parse(collection, &body)?;
+        let listed = self.parse(collection, entries)?;
         self.memory.lists += 1;
         for item in &listed {
             self.memory.first_seen.entry(item.id.clone()).or_insert(self.memory.lists);
@@ -54,21 +68,14 @@ impl Reconciler {
         Ok(Some(listed))
     }
 
-    /// The items of a list response, each with a usable id, no id twice.
-    fn parse(&self, collection: &Url, body: &[u8]) -> Result<Vec<Listed>, StopReason> {
+    /// The items of the list, each with a usable id, no id twice.
+    fn parse(&self, collection: &Url, entries: Vec<Value>) -> Result<Vec<Listed>, StopReason> {
         let s = &self.settings;
         let fatal = |why: String| StopReason::List(why);
-        let list: Value = serde_json::from_slice(body).map_err(|e| fatal(format!("not JSON: {e}")))?;
-        let entries = match &s.items_field {
-            Some(field) => {
-                list.get(field).and_then(Value::as_array).ok_or_else(|| fatal(format!("no array under `{field}`")))?
-            }
-            None => items(&list).ok_or_else(|| fatal("no array at the top, under `items` or under `data`".into()))?,
-        };
         let mut listed = Vec::with_capacity(entries.len());
         let mut ids = HashSet::new();
         for item in entries {
-            let id = field_text(item, &s.id_field)
+            let id = field_text(&item, &s.id_field)
                 .ok_or_else(|| fatal(format!("an item has no `{}`: {item}", s.id_field)))?;
             crate::target::item_url(collection, &id)
                 .map_err(|why| fatal(format!("an item's `{}` {why}: {item}", s.id_field)))?;
@@ -76,7 +83,7 @@ impl Reconciler {
                 return Err(fatal(format!("id {id} is listed twice")));
             }
             let created_at = item.get(&s.created_at_field).and_then(Value::as_str).and_then(crate::time::parse_rfc3339);
-            listed.push(Listed { id, created_at, item: item.clone() });
+            listed.push(Listed { id, created_at, item });
         }
         Ok(listed)
     }

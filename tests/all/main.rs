@@ -12,6 +12,7 @@ mod keys;
 mod metrics;
 mod model;
 mod operations;
+mod pagination;
 mod properties;
 mod protocols;
 mod reconcile;

@@ -432,7 +432,6 @@ async fn an_answer_with_no_sign_of_the_key_is_told_once() {
 /// `next_page_token` cursors; a list that says there is more but cannot be followed is an
 /// error, never a short count.
 #[tokio::test]
-#[ignore = "issue 17: not fixed yet"]
 async fn ensure_count_reads_every_page_and_reruns_create_nothing() {
     for style in [PageStyle::LinkHeader, PageStyle::NextUrl, PageStyle::PageToken] {
         let cloud = FakeCloud::builder(ServerProfile::stripe()).pagination(style, 2).start().await;
@@ -459,21 +458,26 @@ async fn ensure_count_reads_every_page_and_reruns_create_nothing() {
         assert_eq!(cloud.created(), 5, "{style:?}: the re-run created nothing");
     }
 
-    // A cursor under a field of the user's choosing.
+    // A cursor under a field of the server's own naming, on a collection that holds 3 already.
     let cloud = FakeCloud::builder(ServerProfile::stripe())
         .pagination(PageStyle::Cursor { field: "continuation", param: "from" }, 2)
         .start()
         .await;
-    let url = format!("{}/{}", cloud.uri(), replicas("app-1", "vm-1"));
+    let collection = replicas("app-1", "vm-1");
+    for name in ["a", "b", "c"] {
+        cloud.add_foreign(&collection, name, std::time::SystemTime::UNIX_EPOCH);
+    }
+    let url = format!("{}/{collection}", cloud.uri());
     let scratch = Scratch::new("pages-custom");
     let base =
-        ["ensure-count", &url, "--count", "3", "--deadline", "20", "--output", "json", "--journal", &scratch.journal()];
+        ["ensure-count", &url, "--count", "5", "--deadline", "20", "--output", "json", "--journal", &scratch.journal()];
     let blind = scratch.run(&base).await;
-    assert_ne!(blind.code(), 0, "a list that may have more pages is never a short count: {blind:?}");
+    assert_eq!(blind.code(), 3, "a list that may have more pages is never a short count: {blind:?}");
+    assert!(blind.stderr().contains("continuation"), "names the field: {blind:?}");
     assert_eq!(cloud.created(), 0, "nothing was created from a short count");
     let told = scratch.run(&[&base[..], &["--next-field", "continuation=from"]].concat()).await;
     assert_eq!(told.code(), 0, "{told:?}");
-    assert_eq!(cloud.created(), 3);
+    assert_eq!((cloud.created(), cloud.resources(&collection).len()), (2, 5));
 }
 
 /// Defect 6: `--count 1000000000` materialised every create up front and grew to gigabytes; a

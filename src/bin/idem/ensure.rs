@@ -5,6 +5,7 @@ use std::io::IsTerminal;
 use clap::Args;
 use idempotent_retry::{
     Reconciler,
+    pagination::Pagination,
     reconcile::{Desired, Prune, StopReason},
 };
 use serde_json::Value;
@@ -48,6 +49,16 @@ pub struct EnsureArgs {
     /// array, else `items`, else `data`].
     #[arg(long, value_name = "FIELD")]
     pub items_field: Option<String>,
+    /// The list's pages: FIELD (a dotted path or JSON pointer) holds the next page's URL, or,
+    /// as FIELD=PARAM, a cursor sent back as the query parameter PARAM. Repeatable. Link
+    /// headers, `next` URLs and the common cursors (`next_page_token`, `next_cursor`,
+    /// `metadata.continue`, Stripe's `has_more`) are followed without it; a list that says
+    /// there is more and cannot be followed stops the run (exit 3), never a short count.
+    #[arg(long, value_name = "FIELD[=PARAM]")]
+    pub next_field: Vec<String>,
+    /// The most pages one list may take.
+    #[arg(long, value_name = "N", default_value_t = Pagination::DEFAULT_MAX_PAGES)]
+    pub max_pages: usize,
     /// The operation's name, from which the per-slot keys derive [default: a hash of the URL
     /// and the body].
     #[arg(long, value_name = "NAME")]
@@ -191,6 +202,15 @@ fn reconciler(args: &EnsureArgs) -> Result<(Reconciler, Option<indicatif::Progre
     if let Some(field) = &args.items_field {
         reconciler = reconciler.items_field(field);
     }
+    let mut pages = Pagination::standard().max_pages(args.max_pages);
+    for next in &args.next_field {
+        pages = match next.split_once('=') {
+            Some((field, param)) if !field.is_empty() && !param.is_empty() => pages.cursor(field, param),
+            None if !next.is_empty() => pages.next_url(next),
+            _ => return Err(fail(Exit::Usage, format!("--next-field {next:?}: expected FIELD or FIELD=PARAM"))),
+        };
+    }
+    reconciler = reconciler.pagination(pages);
     for (field, value) in expect {
         reconciler = reconciler.expect_field(field, value);
     }

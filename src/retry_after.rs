@@ -36,6 +36,10 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
         return Some(value.parse::<u64>().map_or(Duration::MAX, Duration::from_secs));
     }
+    // Every HTTP-date is ASCII; the RFC 850 reader below slices by byte offsets.
+    if !value.is_ascii() {
+        return None;
+    }
     let at = match rfc850(value, now) {
         Some(at) => at,
         None => httpdate::parse_http_date(value).ok()?,
@@ -148,5 +152,14 @@ mod tests {
         assert_eq!(retry_after(&h, now()), None);
         h.insert(RETRY_AFTER, "5".parse().unwrap());
         assert_eq!(retry_after(&h, now()), Some(Duration::from_secs(5)));
+    }
+
+    /// Found by the `retry_after` fuzz target: a value shaped like an RFC 850 date with a
+    /// multibyte character where the time ends panicked (a slice inside the character).
+    #[test]
+    fn a_non_ascii_value_is_not_a_date_and_never_panics() {
+        assert_eq!(parse_retry_after("Sunday, 06-Nov-94 08:49:3\u{e9}GMT", now()), None);
+        assert_eq!(parse_retry_after("Sunday, 06-N\u{f6}v-94 08:49:37 GMT", now()), None);
+        assert_eq!(parse_retry_after("\u{fffd}, 06-Nov-94 08:49:37 GMT", now()), None);
     }
 }

@@ -256,20 +256,35 @@ fn record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
     let state: String = row.get(5)?;
     let identity: Option<String> = row.get(9)?;
     let handle: Option<String> = row.get(11)?;
-    let bad = |what: &str| rusqlite::Error::InvalidColumnType(0, what.to_owned(), rusqlite::types::Type::Text);
+    let bad = |column: usize, what: &str| {
+        let why = format!(
+            "the journal's `{what}` of operation {:?} cannot be read",
+            row.get::<_, String>(0).unwrap_or_default()
+        );
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, why.into())
+    };
+    // A time before 1970 or a status outside 100..=599 was never written by this crate: the
+    // row is damaged, and saying so beats reading it as something it is not.
+    let time = |column: usize, name: &str| {
+        row.get::<_, i64>(column).and_then(|ms| if ms >= 0 { Ok(from_millis(ms)) } else { Err(bad(column, name)) })
+    };
+    let status = match row.get::<_, Option<i64>>(8)? {
+        Some(s) => Some(u16::try_from(s).ok().filter(|s| (100..=599).contains(s)).ok_or_else(|| bad(8, "status"))?),
+        None => None,
+    };
     Ok(Record {
         operation: row.get(0)?,
-        key: key.map(IdempotencyKey::new).transpose().map_err(|_| bad("key"))?,
+        key: key.map(IdempotencyKey::new).transpose().map_err(|_| bad(1, "key"))?,
         method: row.get(2)?,
         url: row.get(3)?,
         fingerprint: row.get(4)?,
-        state: OpState::parse(&state).ok_or_else(|| bad("state"))?,
-        created_at: from_millis(row.get(6)?),
-        updated_at: from_millis(row.get(7)?),
-        status: row.get::<_, Option<i64>>(8)?.map(|s| s as u16),
-        identity: identity.map(|s| serde_json::from_str(&s)).transpose().map_err(|_| bad("identity"))?,
+        state: OpState::parse(&state).ok_or_else(|| bad(5, "state"))?,
+        created_at: time(6, "created_at")?,
+        updated_at: time(7, "updated_at")?,
+        status,
+        identity: identity.map(|s| serde_json::from_str(&s)).transpose().map_err(|_| bad(9, "identity"))?,
         fixed_key: row.get::<_, i64>(10)? != 0,
-        handle: handle.map(|s| serde_json::from_str(&s)).transpose().map_err(|_| bad("handle"))?,
+        handle: handle.map(|s| serde_json::from_str(&s)).transpose().map_err(|_| bad(11, "handle"))?,
     })
 }
 
@@ -498,6 +513,46 @@ mod tests {
         assert_eq!(record.handle, Some(crate::wait::Handle::Location { url: "https://api.test/ops/1".into() }));
         let version: i64 = lock(&journal.connection).query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, 3);
+    }
+
+    /// Found by the `journal_records` fuzz target: a negative time read as 1970, and a status
+    /// of 70000 read as 4464. A damaged row is a clear error naming the column; a key it cannot
+    /// read is never a record without one.
+    #[test]
+    fn a_damaged_row_is_an_error_never_another_record() {
+        let path = temp("damaged");
+        let journal = SqliteJournal::open(&path).unwrap();
+        let raw = Connection::open(&path).unwrap();
+        for (column, value) in [
+            ("created_at", rusqlite::types::Value::Integer(-5)),
+            ("status", rusqlite::types::Value::Integer(70_000)),
+            ("key", rusqlite::types::Value::Blob(vec![0, 1])),
+            ("key", rusqlite::types::Value::Text("has space".into())),
+        ] {
+            raw.execute("DELETE FROM operations", []).unwrap();
+            raw.execute(
+                "INSERT INTO operations (operation, key, method, url, fingerprint, state, created_at, updated_at) \
+                 VALUES ('op', 'k-1', 'POST', 'u', 'fp', 'pending', 0, 0)",
+                [],
+            )
+            .unwrap();
+            raw.execute(&format!("UPDATE operations SET {column} = ?1"), [&value]).unwrap();
+
+            let err = journal.get("op").unwrap_err();
+
+            assert!(err.to_string().contains(column) || column == "key", "{column}: {err}");
+            assert!(journal.list().is_err(), "{column}");
+            let fp = "fp";
+            let intent = Intent {
+                operation: "op",
+                method: "POST",
+                url: "u",
+                fingerprint: fp,
+                key: KeyPlan::Random,
+                now: UNIX_EPOCH,
+            };
+            assert!(journal.begin(&intent).is_err(), "{column}: no new key over a record it cannot read");
+        }
     }
 
     #[test]

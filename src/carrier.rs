@@ -222,6 +222,13 @@ fn scan_object(field: &str, body: Option<&[u8]>) -> Result<Scanned, Error> {
             "the key goes in the JSON body field `{field}`, but the request has no body; send a JSON object"
         )));
     }
+    // JSON is UTF-8 (RFC 8259 §8.1). The scan below skips over string values without
+    // checking them, so a body with invalid UTF-8 inside a string would pass as an object.
+    if std::str::from_utf8(body).is_err() {
+        return Err(Error::InvalidRequest(format!(
+            "the key goes in the JSON body field `{field}`, but the body is not UTF-8, so it is not JSON"
+        )));
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     let scanned = serde::de::DeserializeSeed::deserialize(TopLevel(field), &mut de).and_then(|s| de.end().map(|()| s));
     match scanned {
@@ -334,6 +341,16 @@ mod tests {
 
     fn key(s: &str) -> IdempotencyKey {
         IdempotencyKey::new(s).unwrap()
+    }
+
+    /// Found by the `body_field_carrier` fuzz target (libFuzzer): `{"":"\x80"}` (invalid
+    /// UTF-8 inside a string) passed as a JSON object and went out with the key added.
+    #[test]
+    fn a_body_that_is_not_utf8_is_refused() {
+        let mut request = Request::new(http::Method::POST, "http://api.test/run".parse().unwrap());
+        *request.body_mut() = Some(Bytes::from_static(b"{\"\":\"\x80\"}").into());
+        let err = KeyCarrier::body_field("idempotency_key").attach(&mut request, &key("k-1")).unwrap_err();
+        assert!(err.to_string().contains("not UTF-8"), "{err}");
     }
 
     #[test]

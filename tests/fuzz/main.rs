@@ -249,8 +249,38 @@ fn classify() {
     });
 }
 
-/// The JSON body-field carrier, any body: for a JSON object the output is valid JSON and, the
-/// key member taken out, the input byte for byte; anything else is refused.
+/// Whether `bytes` is one JSON object by the grammar (RFC 8259): UTF-8, and an object once
+/// whitespace is skipped. Numbers of any size count (`1E310` is JSON; serde's `Value` refuses
+/// it for its range, and the carrier must keep it as written).
+fn is_json_object(bytes: &[u8]) -> bool {
+    std::str::from_utf8(bytes).is_ok_and(|text| text.trim_start().starts_with('{'))
+        && serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok()
+}
+
+/// Whether the object `bytes` has a member named `field` (names decoded, values skipped).
+fn has_member(bytes: &[u8], field: &str) -> bool {
+    struct Names<'a>(&'a str);
+    impl<'de> serde::de::Visitor<'de> for Names<'_> {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+            let mut found = false;
+            while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                found |= name == self.0;
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+            Ok(found)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    serde::Deserializer::deserialize_map(&mut de, Names(field)).unwrap_or(false)
+}
+
+/// The JSON body-field carrier, any body: for a JSON object (without the key's field: with
+/// one, the layer takes that key and never attaches) the output is a JSON object and, the key
+/// member taken out, the input byte for byte; anything else is refused.
 #[test]
 fn body_field_carrier() {
     bolero::check!().with_iterations(ITERATIONS).for_each(|input: &[u8]| {
@@ -258,10 +288,14 @@ fn body_field_carrier() {
         let key = IdempotencyKey::new("k-7c9e6679").unwrap();
         let mut request = reqwest::Request::new(http::Method::POST, "http://api.test/run".parse().unwrap());
         *request.body_mut() = Some(Bytes::copy_from_slice(input).into());
-        let parsed = serde_json::from_slice::<serde_json::Value>(input);
+        let object = is_json_object(input);
+        if object && has_member(input, "idempotency_key") {
+            let _ = carrier.attach(&mut request, &key);
+            return;
+        }
         match carrier.attach(&mut request, &key) {
             Ok(()) => {
-                assert!(parsed.as_ref().is_ok_and(serde_json::Value::is_object), "only an object takes a key");
+                assert!(object, "only a JSON object takes a key");
                 let output = request.body().unwrap().as_bytes().unwrap().to_vec();
                 let close = input.iter().rposition(|b| *b == b'}').unwrap();
                 let inserted = output.len() - input.len();
@@ -270,10 +304,12 @@ fn body_field_carrier() {
                 let member = std::str::from_utf8(&output[close..close + inserted]).unwrap();
                 let member = member.strip_prefix(',').unwrap_or(member);
                 assert_eq!(member, r#""idempotency_key":"k-7c9e6679""#);
-                let out: serde_json::Value = serde_json::from_slice(&output).expect("valid JSON out");
-                assert_eq!(out["idempotency_key"], "k-7c9e6679");
+                assert!(is_json_object(&output), "a JSON object out");
+                if let Ok(out) = serde_json::from_slice::<serde_json::Value>(&output) {
+                    assert_eq!(out["idempotency_key"], "k-7c9e6679");
+                }
             }
-            Err(e) => assert!(parsed.as_ref().map_or(true, |v| !v.is_object()), "an object refused: {e}"),
+            Err(e) => assert!(!object, "an object refused: {e}"),
         }
     });
 }

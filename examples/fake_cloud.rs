@@ -3,19 +3,22 @@
 //!
 //! ```text
 //! cargo run --example fake_cloud -- --listen 127.0.0.1:8080 --admin 127.0.0.1:8081 \
-//!     --profile stripe --fault-rate 0.3 --seed 7 --provisioning 2
+//!     --profile stripe --fault-rate 0.3 --seed 7 --provisioning 2 --processing 0.3
 //! ```
 //!
 //! On start it prints one JSON line, `{"api": "http://…", "admin": "http://…"}` (ports 0 pick free
 //! ones), then serves until killed.
 //!
 //! - The API (through the proxy): `POST /cvms`, `GET /cvms/{id}`, `DELETE /cvms/{id}`, the
-//!   replicas of `/apps/{app}/cvms/{vm}/replicas`, … (see `testing::FakeCloud`). Creates provision
-//!   for `--provisioning` seconds (`starting`, then `running`).
+//!   replicas of `/apps/{app}/cvms/{vm}/replicas`, … (see `testing::FakeCloud`). Creates take
+//!   `--processing` seconds to answer (the window a kill lands in) and provision for
+//!   `--provisioning` seconds (`starting`, then `running`).
 //! - Faults: a share `--fault-rate` of all requests meets the chaos mix (a lost answer after the
 //!   server committed, a reset before it, a 503 or 429 with `Retry-After: --retry-after`), seeded.
 //! - Admin: `GET /state` (every resource, live or deleted, handler runs, duplicates, requests and
 //!   faults seen by the proxy); `POST /faults` with `{"rate": 0.3, "seed": 7}` changes the faults.
+//! - `--upstream HOST:PORT`: no fake cloud; the chaos proxy stands in front of that server (a
+//!   third-party one), and `GET /state` reports only what the proxy saw.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -31,24 +34,29 @@ use serde_json::{Value, json};
 
 struct Options {
     listen: SocketAddr,
+    upstream: Option<SocketAddr>,
     admin: SocketAddr,
     profile: ServerProfile,
     fault_rate: f64,
     seed: u64,
     retry_after: u64,
     provisioning: Duration,
+    /// How long the first request of a key takes to be processed (`--processing`).
+    processing: Duration,
 }
 
 impl Options {
     fn parse() -> Result<Self, String> {
         let mut options = Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            upstream: None,
             admin: SocketAddr::from(([127, 0, 0, 1], 8081)),
             profile: ServerProfile::stripe(),
             fault_rate: 0.0,
             seed: 1,
             retry_after: 1,
             provisioning: Duration::from_secs(2),
+            processing: Duration::ZERO,
         };
         let mut args = std::env::args().skip(1);
         while let Some(flag) = args.next() {
@@ -56,6 +64,7 @@ impl Options {
             let bad = |e: &dyn std::fmt::Display| format!("{flag} {value}: {e}");
             match flag.as_str() {
                 "--listen" => options.listen = value.parse().map_err(|e| bad(&e))?,
+                "--upstream" => options.upstream = Some(value.parse().map_err(|e| bad(&e))?),
                 "--admin" => options.admin = value.parse().map_err(|e| bad(&e))?,
                 "--profile" => {
                     options.profile = ServerProfile::named(&value).ok_or_else(|| bad(&"no such profile"))?;
@@ -63,6 +72,10 @@ impl Options {
                 "--fault-rate" => options.fault_rate = value.parse().map_err(|e| bad(&e))?,
                 "--seed" => options.seed = value.parse().map_err(|e| bad(&e))?,
                 "--retry-after" => options.retry_after = value.parse().map_err(|e| bad(&e))?,
+                "--processing" => {
+                    options.processing =
+                        Duration::try_from_secs_f64(value.parse().map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+                }
                 "--provisioning" => {
                     options.provisioning =
                         Duration::try_from_secs_f64(value.parse().map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
@@ -84,16 +97,19 @@ fn faults(rate: f64, seed: u64, retry_after: u64) -> Schedule {
 }
 
 struct Server {
-    cloud: FakeCloud,
+    /// `None` in front of an upstream of someone else's.
+    cloud: Option<FakeCloud>,
     proxy: ChaosProxy,
     retry_after: u64,
 }
 
 impl Server {
     fn state(&self) -> Value {
+        let proxy = json!({"requests": self.proxy.requests(), "faults": self.proxy.faults_injected()});
+        let Some(cloud) = &self.cloud else { return proxy };
         let mut resources = Vec::new();
-        for collection in self.cloud.collections() {
-            for (resource, foreign, live) in self.cloud.history(&collection) {
+        for collection in cloud.collections() {
+            for (resource, foreign, live) in cloud.history(&collection) {
                 let mut item = json!(resource);
                 item["collection"] = json!(collection);
                 item["live"] = json!(live);
@@ -102,12 +118,12 @@ impl Server {
             }
         }
         json!({
-            "profile": self.cloud.profile().name,
-            "created": self.cloud.created(),
-            "handler_runs": self.cloud.handler_runs(),
-            "duplicates": self.cloud.duplicates(),
-            "requests": self.proxy.requests(),
-            "faults": self.proxy.faults_injected(),
+            "profile": cloud.profile().name,
+            "created": cloud.created(),
+            "handler_runs": cloud.handler_runs(),
+            "duplicates": cloud.duplicates(),
+            "requests": proxy["requests"],
+            "faults": proxy["faults"],
             "resources": resources,
         })
     }
@@ -147,9 +163,17 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let cloud =
-        FakeCloud::builder(options.profile).long_running(LongRunning::Status, options.provisioning).start().await;
-    let proxy = ChaosProxy::builder(cloud.address())
+    let cloud = match options.upstream {
+        Some(_) => None,
+        None => Some(
+            FakeCloud::builder(options.profile.with_processing(options.processing))
+                .long_running(LongRunning::Status, options.provisioning)
+                .start()
+                .await,
+        ),
+    };
+    let upstream = options.upstream.unwrap_or_else(|| cloud.as_ref().expect("a cloud").address());
+    let proxy = ChaosProxy::builder(upstream)
         .listen(options.listen)
         .schedule(faults(options.fault_rate, options.seed, options.retry_after))
         .start()

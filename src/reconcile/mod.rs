@@ -14,7 +14,9 @@
 //!   before); such an item is *presumed* this operation's: counted, reported, and never pruned
 //!   as ours, since nothing proves it is.
 //! - **Desired met, nothing created.** A keyed create of unknown outcome is resent with its key
-//!   only when the collection needs another item; the server's replay then names the item.
+//!   only when the collection needs another item; the server's replay then names the item. The
+//!   one exception is pruning: before surplus is deleted, such a key is resent so that the item
+//!   it made is proven ours (and pruned as ours), instead of being spared as another writer's.
 //! - **Identity checks.** Each create's answer must carry an id, unique to its slot, and the
 //!   declared fields (e.g. `app_id`, `vm_uuid`); otherwise the run stops with a typed error.
 //!   Created ids must appear in a list before convergence is reported.
@@ -235,6 +237,8 @@ struct RunState {
     listed_once: bool,
     /// Rounds in a row that found the count right and some item not ready yet.
     unready: u32,
+    /// Slots whose pending key this call resent to prove their item ours before pruning.
+    settled_by_key: HashSet<Slot>,
 }
 
 /// What a round waits for before the next.
@@ -470,8 +474,15 @@ impl Reconciler {
     pub async fn reconcile(&mut self, desired: &Desired) -> Result<ReconcileReport, ReconcileError> {
         let started = self.settings.clock.now();
         let report = ReconcileReport { desired: desired.len(), ..ReconcileReport::default() };
-        let mut run =
-            RunState { started, report, overshoot_seen: HashSet::new(), failures: 0, listed_once: false, unready: 0 };
+        let mut run = RunState {
+            started,
+            report,
+            overshoot_seen: HashSet::new(),
+            failures: 0,
+            listed_once: false,
+            unready: 0,
+            settled_by_key: HashSet::new(),
+        };
         let result = match crate::target::http_url(&self.settings.collection) {
             _ if desired.len() > Desired::MAX => Err(StopReason::TooMany { desired: desired.len(), max: Desired::MAX }),
             Ok(url) => self.rounds(&url, desired, &mut run).await,
@@ -500,6 +511,20 @@ impl Reconciler {
             let (settled, ledger) = self.settle(&listed, ledger, &mut run.report).await?;
             let planned = self.plan(desired, &listed, &ledger, &settled)?;
             self.record(&planned, &listed, run);
+            let unproven = self.keyed_unsettled(&planned, &settled, &ledger, run);
+            if !unproven.is_empty() {
+                // Prove what those keys made ours before pruning: the server answers each
+                // resent key with its item (a key that never arrived makes one, ours too).
+                let remaining = self.remaining(run)?;
+                let actions = unproven.iter().cloned().map(Action::Create).collect();
+                if self.act(collection, actions, &ledger, remaining, &mut run.report).await? {
+                    run.failures = 0;
+                    run.settled_by_key.extend(unproven);
+                } else {
+                    self.wait(run, Wait::Backoff).await?;
+                }
+                continue;
+            }
             if planned.converged && !self.all_ready(&listed, run)? {
                 self.wait(run, Wait::Ready).await?;
                 continue;
@@ -518,6 +543,36 @@ impl Reconciler {
                 self.wait(run, Wait::Backoff).await?;
             }
         }
+    }
+
+    /// The slots of this generation whose keyed create's outcome is unknown (a process killed
+    /// while it was on its way, an answer lost past the retries), when pruning would spare an
+    /// item it cannot prove ours: resending those keys proves whose the items are. Nothing when
+    /// nothing is to be pruned: a met count is not a reason to create.
+    fn keyed_unsettled(
+        &self,
+        planned: &Plan,
+        settled: &Settled,
+        ledger: &[(u64, Slot, Record)],
+        run: &RunState,
+    ) -> Vec<Slot> {
+        let s = &self.settings;
+        let spared = planned.overshoot.iter().any(|id| !settled.ours.contains(id));
+        if !s.keyed || !s.prune.allowed() || planned.waiting || !spared {
+            return Vec::new();
+        }
+        ledger
+            .iter()
+            .filter(|(g, slot, r)| {
+                *g == s.generation
+                    && r.state.is_unsettled()
+                    && r.key.is_some()
+                    && !run.settled_by_key.contains(slot)
+                    && !self.memory.creates.iter().any(|c| c.slot == *slot)
+            })
+            .map(|(_, slot, _)| slot.clone())
+            .take(MAX_ACTIONS_PER_ROUND)
+            .collect()
     }
 
     /// What is left of the run's deadline.

@@ -624,3 +624,37 @@ async fn a_count_above_the_maximum_is_refused_and_large_counts_come_in_batches()
     assert_eq!((report.created.len(), live(&rig)), (1500, 1500));
     assert_eq!(rig.cloud.created(), 1500);
 }
+
+/// Issue 17, defect 4 (found against a third-party middleware through the real Terraform): a
+/// run killed while a keyed create was on its way left the slot pending; the server made the
+/// item. The next run counted it (desired met) without proving it ours, and a scale to zero
+/// with pruning deleted every item but that one, reporting "not converged" to a provider that
+/// ignored it: a replica of a destroyed set, in no state. A slot whose key is pending is
+/// settled by resending that key (the server answers with the item) before anything is
+/// pruned, so the item is proven ours and deleted.
+#[tokio::test]
+async fn the_item_of_a_killed_keyed_create_is_proven_ours_and_pruned() {
+    let rig = rig_for_creates(ServerProfile::stripe(), Schedule::pass(), 0, fast_policy()).await;
+    let store: std::sync::Arc<dyn idempotent_retry::journal::KeyStore> = std::sync::Arc::new(MemoryStore::new());
+    let gate = rig.proxy.gate(Some(http::Method::POST));
+    let mut first = reconciler_on(&rig, store.clone()).prune(Prune::Ours);
+    let run = tokio::spawn(async move { first.reconcile(&Desired::Count(2)).await });
+    gate.until_held(1).await;
+    gate.release(); // slot 0: created and answered
+    gate.until_held(1).await; // slot 1 on its way
+    run.abort(); // the process dies
+    let _ = run.await;
+    gate.open(); // ... and its request lands: the server makes the item, nobody hears
+    rig.proxy.settle().await;
+    assert_eq!((live(&rig), rig.cloud.created()), (2, 2));
+
+    let met = reconciler_on(&rig, store.clone()).prune(Prune::Ours).reconcile(&Desired::Count(2)).await.unwrap();
+    assert!(met.converged && met.created.is_empty(), "two present: {met}");
+
+    let gone = reconciler_on(&rig, store.clone()).prune(Prune::Ours).reconcile(&Desired::Count(0)).await.unwrap();
+
+    assert!(gone.converged, "{gone}");
+    assert_eq!(live(&rig), 0, "both were ours, and both are gone: {gone}");
+    assert_eq!(rig.cloud.created(), 2, "settling the key created nothing: the server answered with the item");
+    assert_eq!(gone.deleted.len(), 2);
+}

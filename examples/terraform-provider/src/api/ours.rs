@@ -145,10 +145,19 @@ impl Api {
         Ok(listed_ids(&list))
     }
 
-    /// Deletes the replicas this set created; never another writer's.
+    /// Deletes the replicas this set created; never another writer's. Replicas that remain
+    /// (another writer's, or ones this set cannot prove it made) fail the destroy, so Terraform
+    /// keeps the set in its state instead of forgetting what is still there.
     pub async fn delete_replicas(&self, app_id: &str, vm_uuid: &str) -> Result<()> {
         let mut reconciler = self.reconciler(app_id, vm_uuid, Prune::Ours);
-        reconciler.reconcile(&Desired::Count(0)).await?;
+        let report = reconciler.reconcile(&Desired::Count(0)).await?;
+        if !report.converged {
+            anyhow::bail!(
+                "{report}: {} replica(s) remain that this set did not create ({}); delete them, or import them, then destroy again",
+                report.overshoot_ids.len(),
+                report.overshoot_ids.join(", ")
+            );
+        }
         Ok(())
     }
 

@@ -36,6 +36,8 @@ impl Flavor {
 
 pub struct Tools {
     pub terraform: PathBuf,
+    /// A Python with FastAPI, uvicorn and `fastapi-idempotency-key`, made on first use.
+    python: OnceLock<Result<PathBuf, String>>,
     ours: PathBuf,
     naive: PathBuf,
     pub fake_cloud: PathBuf,
@@ -61,6 +63,9 @@ pub fn tools() -> Option<&'static Tools> {
             std::fs::create_dir_all(&e2e).expect("a target directory");
             let terraform = match terraform(&e2e) {
                 Ok(terraform) => terraform,
+                Err(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+                    panic!("CI=true and Terraform cannot be had: {why}")
+                }
                 Err(why) => {
                     eprintln!("\n\n!!!!! SKIPPING the Terraform end-to-end tests: {why} !!!!!\n\n");
                     return None;
@@ -69,7 +74,13 @@ pub fn tools() -> Option<&'static Tools> {
             let ours = PathBuf::from(env!("CARGO_BIN_EXE_terraform-provider-fakecloud")).parent().unwrap().to_owned();
             let naive = cargo_build(&e2e.join("naive"), &["-p", "terraform-provider-fakecloud", "--features", "naive"]);
             let cloud = cargo_build(&e2e.join("cloud"), &["-p", "idempotent-retry", "--example", "fake_cloud"]);
-            Some(Tools { terraform, ours, naive, fake_cloud: cloud.join("examples").join("fake_cloud") })
+            Some(Tools {
+                terraform,
+                python: OnceLock::new(),
+                ours,
+                naive,
+                fake_cloud: cloud.join("examples").join("fake_cloud"),
+            })
         })
         .as_ref()
 }
@@ -138,31 +149,136 @@ fn terraform(e2e: &Path) -> Result<PathBuf, String> {
     Ok(installed)
 }
 
-/// The fake cloud, as a process of its own.
+/// The Python packages the third-party server runs on, pinned: the tests must meet the same
+/// middleware every time.
+const FASTAPI_PACKAGES: [&str; 4] =
+    ["fastapi==0.165.0", "starlette==1.10.0", "uvicorn==0.55.0", "fastapi-idempotency-key==0.1.1"];
+
+impl Tools {
+    /// A venv here with the third-party server's packages from PyPI, made once.
+    fn python(&self) -> &Path {
+        let made = self.python.get_or_init(|| {
+            let venv = target_dir().join("e2e").join("fastapi-venv");
+            let python = venv.join("bin/python");
+            let has = |python: &Path| {
+                Command::new(python)
+                    .args(["-c", "import fastapi, uvicorn, fastapi_idempotency_key"])
+                    .status()
+                    .is_ok_and(|s| s.success())
+            };
+            if has(&python) {
+                return Ok(python);
+            }
+            let status = Command::new("python3").args(["-m", "venv"]).arg(&venv).status();
+            if !status.is_ok_and(|s| s.success()) {
+                return Err("python3 -m venv failed".to_owned());
+            }
+            let status =
+                Command::new(venv.join("bin/pip")).args(["install", "--quiet"]).args(FASTAPI_PACKAGES).status();
+            if !status.is_ok_and(|s| s.success()) || !has(&python) {
+                return Err(format!("pip install {FASTAPI_PACKAGES:?} failed"));
+            }
+            Ok(python)
+        });
+        made.as_deref().unwrap_or_else(|why| panic!("the third-party server cannot run: {why}"))
+    }
+}
+
+/// Which server the provider talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    /// The crate's FakeCloud (Stripe's rules).
+    FakeCloud,
+    /// A FastAPI app behind the PyPI middleware `fastapi-idempotency-key`: someone else's rules.
+    FastApi,
+}
+
+impl Server {
+    pub fn name(self) -> &'static str {
+        match self {
+            Server::FakeCloud => "FakeCloud",
+            Server::FastApi => "FastAPI + fastapi-idempotency-key",
+        }
+    }
+}
+
+/// The server, behind the chaos proxy, each a process of its own.
 pub struct Cloud {
     child: Child,
+    /// The third-party server, when there is one.
+    upstream: Option<Child>,
     pub api: String,
     pub admin: String,
+    /// Where what the server holds is read (the fake cloud's admin, or the third party's).
+    state_url: String,
+}
+
+/// The first line `child` prints, as JSON.
+fn announced(child: &mut Child) -> Value {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("it says where it is");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
 }
 
 impl Cloud {
-    /// Starts it with a share `fault_rate` of requests meeting faults, seeded.
+    /// Starts the fake cloud with a share `fault_rate` of requests meeting faults, seeded.
     pub fn start(tools: &Tools, fault_rate: f64, seed: u64) -> Self {
-        let mut child = Command::new(&tools.fake_cloud)
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--provisioning", "1"])
-            .args(["--fault-rate", &fault_rate.to_string(), "--seed", &seed.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("the fake cloud starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("it says where it is");
-        let at: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
-        Self { child, api: at["api"].as_str().unwrap().to_owned(), admin: at["admin"].as_str().unwrap().to_owned() }
+        Self::serving(tools, Server::FakeCloud, fault_rate, seed, Duration::ZERO)
+    }
+
+    /// Starts `server` behind the chaos proxy with a share `fault_rate` of requests meeting
+    /// faults, seeded; a create takes `processing` to be answered.
+    pub fn serving(tools: &Tools, server: Server, fault_rate: f64, seed: u64, processing: Duration) -> Self {
+        let processing = processing.as_secs_f64().to_string();
+        let upstream = match server {
+            Server::FakeCloud => None,
+            Server::FastApi => {
+                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/servers/fastapi_cloud.py");
+                let mut child = Command::new(tools.python())
+                    .arg(script)
+                    .args(["--provisioning", "1", "--processing", &processing])
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .expect("the third-party server starts");
+                let at = announced(&mut child);
+                Some((child, at["api"].as_str().unwrap().to_owned()))
+            }
+        };
+        let mut command = Command::new(&tools.fake_cloud);
+        command.args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--provisioning", "1"]).args([
+            "--fault-rate",
+            &fault_rate.to_string(),
+            "--seed",
+            &seed.to_string(),
+        ]);
+        match &upstream {
+            Some((_, api)) => command.args(["--upstream", api.trim_start_matches("http://")]),
+            None => command.args(["--processing", &processing]),
+        };
+        let mut child = command.stdout(Stdio::piped()).spawn().expect("the fake cloud starts");
+        let at = announced(&mut child);
+        let admin = at["admin"].as_str().unwrap().to_owned();
+        let state_url = match &upstream {
+            Some((_, api)) => format!("{api}/__admin/state"),
+            None => format!("{admin}/state"),
+        };
+        Self {
+            child,
+            upstream: upstream.map(|(c, _)| c),
+            api: at["api"].as_str().unwrap().to_owned(),
+            admin,
+            state_url,
+        }
     }
 
     /// What the server holds.
     pub fn state(&self) -> Value {
-        reqwest::blocking::get(format!("{}/state", self.admin)).unwrap().json().unwrap()
+        reqwest::blocking::get(&self.state_url).unwrap().json().unwrap()
+    }
+
+    /// How often the server's create handlers have run (a request it started processing).
+    pub fn handler_runs(&self) -> u64 {
+        self.state()["handler_runs"].as_u64().unwrap_or(0)
     }
 
     /// Changes the faults.
@@ -197,8 +313,10 @@ impl Cloud {
 
 impl Drop for Cloud {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for child in std::iter::once(&mut self.child).chain(self.upstream.as_mut()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -229,7 +347,19 @@ impl Workspace {
 
     /// Writes the configuration: `cvms` CVMs and a replica set of `replicas`.
     pub fn configure(&self, cloud: &Cloud, cvms: usize, replicas: usize) {
-        let config = format!(
+        self.write_config(cloud, cvms, &[("workers", "vm-e2e", replicas)]);
+    }
+
+    /// Writes a configuration of `cvms` CVMs and one replica set per `(vm_uuid, replicas)` of
+    /// `sets`, each named after its CVM: a set whose CVM leaves `sets` leaves the configuration.
+    pub fn configure_sets(&self, cloud: &Cloud, cvms: usize, sets: &[(String, usize)]) {
+        let sets: Vec<(&str, &str, usize)> = sets.iter().map(|(vm, n)| (vm.as_str(), vm.as_str(), *n)).collect();
+        self.write_config(cloud, cvms, &sets);
+    }
+
+    /// `cvms` CVMs, and a replica set `(resource name, vm_uuid, replicas)` per entry of `sets`.
+    fn write_config(&self, cloud: &Cloud, cvms: usize, sets: &[(&str, &str, usize)]) {
+        let mut config = format!(
             r#"terraform {{
   required_providers {{
     fakecloud = {{ source = "example.com/idem/fakecloud" }}
@@ -248,17 +378,15 @@ resource "fakecloud_cvm" "web" {{
   image  = "ubuntu-24.04"
   app_id = "app-e2e"
 }}
-
-resource "fakecloud_replica_set" "workers" {{
-  app_id   = "app-e2e"
-  vm_uuid  = "vm-e2e"
-  replicas = {replicas}
-  prune    = true
-}}
 "#,
             endpoint = cloud.api,
             journal = self.dir.join("journal.sqlite3").display(),
         );
+        for (name, vm, replicas) in sets {
+            config.push_str(&format!(
+                "\nresource \"fakecloud_replica_set\" \"{name}\" {{\n  app_id   = \"app-e2e\"\n  vm_uuid  = \"{vm}\"\n  replicas = {replicas}\n  prune    = true\n}}\n"
+            ));
+        }
         std::fs::write(self.dir.join("main.tf"), config).unwrap();
     }
 
@@ -357,5 +485,54 @@ impl Outcome {
     /// The server holds exactly what the configuration says, and the state all of it.
     pub fn is_exact(&self) -> bool {
         *self == Self { duplicates: 0, orphans: 0, phantoms: 0, missing: 0 }
+    }
+}
+
+/// How an apply left a configuration of replica sets, measured against the server and the
+/// state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetsOutcome {
+    /// Live resources of ours on the server that the state does not hold.
+    pub orphans: Vec<(String, String)>,
+    /// Replicas beyond what their set asks for, and CVMs beyond one per name.
+    pub duplicates: usize,
+    /// Live replicas of sets the configuration no longer has.
+    pub stale: usize,
+    /// State entries the server does not hold.
+    pub phantoms: usize,
+    /// What the configuration asks for that the server does not have.
+    pub missing: usize,
+}
+
+impl SetsOutcome {
+    /// `cvms` CVMs and `sets` (`(vm_uuid, replicas)`) asked for.
+    pub fn measure(cloud: &Cloud, workspace: &Workspace, cvms: usize, sets: &[(String, usize)]) -> Self {
+        let live = cloud.live();
+        let state = workspace.state();
+        let in_state = |c: &str, id: &str| state.iter().any(|(sc, sid)| sc == c && sid == id);
+        let collection = |vm: &str| format!("apps/app-e2e/cvms/{vm}/replicas");
+        let live_cvms: Vec<&str> = live.iter().filter(|(c, _, _)| c == "cvms").map(|(_, _, n)| n.as_str()).collect();
+        let mut names = live_cvms.clone();
+        names.sort_unstable();
+        names.dedup();
+        let count = |c: &str| live.iter().filter(|(lc, _, _)| lc == c).count();
+        let wanted: Vec<String> = sets.iter().map(|(vm, _)| collection(vm)).collect();
+        Self {
+            orphans: live
+                .iter()
+                .filter(|(c, id, _)| !in_state(c, id))
+                .map(|(c, id, _)| (c.clone(), id.clone()))
+                .collect(),
+            duplicates: (live_cvms.len() - names.len())
+                + sets.iter().map(|(vm, n)| count(&collection(vm)).saturating_sub(*n)).sum::<usize>(),
+            stale: live.iter().filter(|(c, _, _)| c != "cvms" && !wanted.contains(c)).count(),
+            phantoms: state.iter().filter(|(c, id)| !live.iter().any(|(lc, lid, _)| lc == c && lid == id)).count(),
+            missing: (0..cvms).filter(|i| !names.contains(&format!("web-{i}").as_str())).count()
+                + sets.iter().map(|(vm, n)| n.saturating_sub(count(&collection(vm)))).sum::<usize>(),
+        }
+    }
+
+    pub fn is_exact(&self) -> bool {
+        self.orphans.is_empty() && self.duplicates == 0 && self.stale == 0 && self.phantoms == 0 && self.missing == 0
     }
 }

@@ -11,10 +11,11 @@
 //! ```
 //! use idempotent_retry::IdempotentRetry;
 //!
-//! let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
-//!     .with(IdempotentRetry::new())
-//!     .build();
+//! // A write's redirect is its answer: the layer follows it within the origin, or stops.
+//! let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;
+//! let client = reqwest_middleware::ClientBuilder::new(http).with(IdempotentRetry::new()).build();
 //! # let _ = client;
+//! # Ok::<(), reqwest::Error>(())
 //! ```
 //!
 //! # The path of a request
@@ -27,6 +28,9 @@
 //!    Error responses (status ≥ 400) are read so they can be classified, within that timeout and
 //!    up to the [body limit](IdempotentRetryBuilder::max_body) (8 MiB); the caller still gets the
 //!    whole response. [`RequestOptions::buffer_body`] has every body read that way.
+//!    A redirect answering a write is the write's answer: a 303 is done, a 301/302/307/308
+//!    within the origin is sent again with the same key and body, another origin never
+//!    receives it ([`Error::Redirected`]); build the client with `redirect::Policy::none()`.
 //! 3. **Classify** ([`classify`]): done, retry (and whether it may have been applied), or key
 //!    reuse. Replays are recognised by [`ReplayDetector`].
 //! 4. **Decide**: attempts left, `Retry-After` as a floor under the [`backoff`] and capped, the
@@ -63,6 +67,7 @@
 //! | [`operation`] | read-backs, outcomes, errors and key sources of [`Operations`] |
 //! | [`journal`] | where keys are kept: the store trait, the SQLite journal, the records |
 //! | [`reconcile`] | the desired state, the pure planner, the report |
+//! | [`pagination`] | how a list's pages lead to one another |
 //! | [`wait`] | waiting for a create to be done: states, long-running patterns, the waiter |
 //! | [`testing`] | fake servers and a chaos proxy (feature `test-util`) |
 //!

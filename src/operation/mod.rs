@@ -230,7 +230,9 @@ impl Operations {
         }
     }
 
-    /// Operations through a client built from `client` and `layer`.
+    /// Operations through a client built from `client` and `layer`. Build `client` with
+    /// `redirect(reqwest::redirect::Policy::none())`: the layer handles a write's redirects
+    /// itself (see [`Error::Redirected`](crate::Error::Redirected)).
     pub fn with_layer(client: reqwest::Client, layer: crate::IdempotentRetry, store: impl KeyStore + 'static) -> Self {
         Self::new(reqwest_middleware::ClientBuilder::new(client).with(layer).build(), store)
     }

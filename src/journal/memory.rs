@@ -68,8 +68,9 @@ impl Memory {
     }
 }
 
+#[async_trait::async_trait]
 impl KeyStore for MemoryStore {
-    fn begin(&self, intent: &Intent<'_>) -> Result<Begun, JournalError> {
+    async fn begin(&self, intent: &Intent<'_>) -> Result<Begun, JournalError> {
         let mut memory = lock(&self.inner);
         let (conflict, earlier) = match &intent.key {
             KeyPlan::Fixed(key) => {
@@ -94,25 +95,21 @@ impl KeyStore for MemoryStore {
         Ok(planned.begun)
     }
 
-    fn finish(&self, operation: &str, finish: &Finish) -> Result<bool, JournalError> {
+    async fn finish(&self, operation: &str, finish: &Finish) -> Result<bool, JournalError> {
         Ok(lock(&self.inner).records.get_mut(operation).is_some_and(|r| finish.apply(r)))
     }
 
-    fn get(&self, operation: &str) -> Result<Option<Record>, JournalError> {
+    async fn get(&self, operation: &str) -> Result<Option<Record>, JournalError> {
         Ok(lock(&self.inner).records.get(operation).cloned())
     }
 
-    fn list(&self) -> Result<Vec<Record>, JournalError> {
+    async fn list(&self) -> Result<Vec<Record>, JournalError> {
         let mut records: Vec<Record> = lock(&self.inner).records.values().cloned().collect();
         records.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.operation.cmp(&b.operation)));
         Ok(records)
     }
 
-    fn is_blocking(&self) -> bool {
-        false
-    }
-
-    fn forget(&self, operation: &str) -> Result<bool, JournalError> {
+    async fn forget(&self, operation: &str) -> Result<bool, JournalError> {
         let mut memory = lock(&self.inner);
         let retired: Vec<(String, IdempotencyKey)> =
             memory.retired.keys().filter(|(op, _)| op == operation).cloned().collect();

@@ -14,11 +14,16 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "journal")]
 mod sqlite;
 
 pub use crate::target::redact_url;
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use postgres::{PostgresJournal, PostgresJournalBuilder};
 #[cfg(feature = "journal")]
 pub use sqlite::SqliteJournal;
 
@@ -148,6 +153,7 @@ pub enum KeyPlan {
 
 /// An operation about to be sent.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Intent<'a> {
     /// The operation's name.
     pub operation: &'a str,
@@ -161,6 +167,9 @@ pub struct Intent<'a> {
     pub key: KeyPlan,
     /// Now, by the caller's clock.
     pub now: SystemTime,
+    /// The run this one waited for ([`Begun::Running`]): if it is the record's run and it
+    /// succeeded, its success is this run's answer, and nothing new starts.
+    pub waited_for: Option<Claim>,
 }
 
 /// One run's hold on an operation's record: its key and when that key was first recorded.
@@ -216,6 +225,11 @@ pub enum Begun {
     /// The server created this operation's resource and a run was waiting for it: resume the
     /// wait at the record's handle, send nothing. Nothing was written.
     Waiting(Record),
+    /// Another run, live on another machine, holds this operation's pending record (a store
+    /// that leases its records: [`PostgresJournal`]). Nothing
+    /// was written: wait for it to settle (or for its lease to expire: its holder died), then
+    /// begin again [`after`](Intent::after) it.
+    Running(Record),
     /// A previous run may have taken effect and this run cannot resume it: it had another key,
     /// or none, or this run has none. Nothing was written, and nothing may be sent until it is
     /// settled: found by reading back, or finished as failed once a read-back did not find it,
@@ -295,6 +309,15 @@ pub enum JournalError {
     /// The key is pinned to another payload.
     #[error(transparent)]
     PayloadMismatch(Box<PayloadMismatch>),
+    /// The store cannot be reached (a database down, refusing, or out of reach). Nothing was
+    /// recorded.
+    #[error("the journal at {path} cannot be reached: {reason}")]
+    Unavailable {
+        /// Where the store is (credentials hidden).
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// Any other failure of the store.
     #[error("the journal at {path} failed: {reason}")]
     Other {
@@ -303,6 +326,60 @@ pub enum JournalError {
         /// What went wrong.
         reason: String,
     },
+}
+
+impl<'a> Intent<'a> {
+    /// An intent to run `operation` (`method` on `url`, the payload's `fingerprint`), its key
+    /// chosen as `key` says, at `now`.
+    pub fn new(
+        operation: &'a str,
+        method: &'a str,
+        url: &'a str,
+        fingerprint: &'a str,
+        key: KeyPlan,
+        now: SystemTime,
+    ) -> Self {
+        Self { operation, method, url, fingerprint, key, now, waited_for: None }
+    }
+
+    /// The same intent, by a run that waited for the run with `claim` to settle.
+    pub fn after(mut self, claim: Option<Claim>) -> Self {
+        self.waited_for = claim;
+        self
+    }
+
+    /// The same intent, owning its parts: to move into a blocking task.
+    pub(crate) fn to_owned_parts(&self) -> OwnedIntent {
+        OwnedIntent {
+            operation: self.operation.to_owned(),
+            method: self.method.to_owned(),
+            url: self.url.to_owned(),
+            fingerprint: self.fingerprint.to_owned(),
+            key: self.key.clone(),
+            now: self.now,
+            waited_for: self.waited_for.clone(),
+        }
+    }
+}
+
+/// An [`Intent`] that owns its parts.
+#[derive(Debug, Clone)]
+pub(crate) struct OwnedIntent {
+    operation: String,
+    method: String,
+    url: String,
+    fingerprint: String,
+    key: KeyPlan,
+    now: SystemTime,
+    waited_for: Option<Claim>,
+}
+
+impl OwnedIntent {
+    /// The intent, borrowing from this.
+    pub(crate) fn intent(&self) -> Intent<'_> {
+        Intent::new(&self.operation, &self.method, &self.url, &self.fingerprint, self.key.clone(), self.now)
+            .after(self.waited_for.clone())
+    }
 }
 
 impl Intent<'_> {
@@ -341,6 +418,16 @@ impl Intent<'_> {
         let start = |key: Option<IdempotencyKey>, created_at: SystemTime| planned(key, created_at, false);
         let resume = |key: IdempotencyKey, created_at: SystemTime| planned(Some(key), created_at, true);
         let nothing = |begun: Begun| Planned { write: None, retire: None, begun };
+        // The run this one waited for succeeded: that is this run's answer (the same payload
+        // only), not a reason to start another.
+        if let Some(r) = existing.filter(|r| {
+            r.state == OpState::Succeeded && self.waited_for.as_ref().is_some_and(|claim| r.is_claimed_by(claim))
+        }) {
+            if r.fingerprint != self.fingerprint {
+                return Err(mismatch(r, r.key.as_ref()));
+            }
+            return Ok(nothing(Begun::Succeeded(r.clone())));
+        }
         if let Some(r) = existing.filter(|r| r.state == OpState::Waiting) {
             // Created already: whatever the key source, the run resumes the wait, on the same
             // payload only.
@@ -506,20 +593,28 @@ impl Finish {
 /// with respect to other processes using the same store, and durable before it returns: the
 /// caller sends right after.
 ///
+/// The methods are `async`: a store on a network database (PostgreSQL) answers through an
+/// async driver, and a store on a disk (SQLite) does its blocking work on tokio's blocking
+/// pool itself. Call them from a tokio runtime.
+///
 /// # Examples
 ///
 /// ```
 /// use std::time::SystemTime;
 /// use idempotent_retry::journal::{Begun, Intent, KeyPlan, KeyStore, MemoryStore, fingerprint};
 ///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
 /// let store = MemoryStore::new();
 /// let fp = fingerprint("POST", "https://api.test/cvms", b"{}");
-/// let intent = Intent { operation: "create/web-1", method: "POST", url: "https://api.test/cvms", fingerprint: &fp, key: KeyPlan::Random, now: SystemTime::now() };
-/// let Begun::Send { claim: first, .. } = store.begin(&intent).unwrap() else { unreachable!() };
+/// let intent = Intent::new("create/web-1", "POST", "https://api.test/cvms", &fp, KeyPlan::Random, SystemTime::now());
+/// let Begun::Send { claim: first, .. } = store.begin(&intent).await.unwrap() else { unreachable!() };
 /// // The process dies here. The re-run resumes the same key:
-/// let Begun::Send { claim: again, resumed } = store.begin(&intent).unwrap() else { unreachable!() };
+/// let Begun::Send { claim: again, resumed } = store.begin(&intent).await.unwrap() else { unreachable!() };
 /// assert_eq!((again.key, resumed), (first.key, true));
+/// # }
 /// ```
+#[async_trait::async_trait]
 pub trait KeyStore: Send + Sync + fmt::Debug {
     /// Decides what a run of the operation does ([`Intent::plan`]) and records the pending run,
     /// when there is one, durably, before returning.
@@ -528,7 +623,7 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     ///
     /// [`JournalError::PayloadMismatch`] when the key is pinned to another payload; other
     /// variants when the store cannot be used.
-    fn begin(&self, intent: &Intent<'_>) -> Result<Begun, JournalError>;
+    async fn begin(&self, intent: &Intent<'_>) -> Result<Begun, JournalError>;
 
     /// Records how a run ended, if the operation's record is still that run's
     /// ([`Finish::apply`]); whether it was.
@@ -536,35 +631,28 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// # Errors
     ///
     /// When the store cannot be written.
-    fn finish(&self, operation: &str, finish: &Finish) -> Result<bool, JournalError>;
+    async fn finish(&self, operation: &str, finish: &Finish) -> Result<bool, JournalError>;
 
     /// The record of one operation.
     ///
     /// # Errors
     ///
     /// When the store cannot be read.
-    fn get(&self, operation: &str) -> Result<Option<Record>, JournalError>;
+    async fn get(&self, operation: &str) -> Result<Option<Record>, JournalError>;
 
     /// Every record, oldest first.
     ///
     /// # Errors
     ///
     /// When the store cannot be read.
-    fn list(&self) -> Result<Vec<Record>, JournalError>;
+    async fn list(&self) -> Result<Vec<Record>, JournalError>;
 
     /// Removes an operation's record; whether there was one.
     ///
     /// # Errors
     ///
     /// When the store cannot be written.
-    fn forget(&self, operation: &str) -> Result<bool, JournalError>;
-
-    /// Whether calls may block (disk, network): [`Operations`](crate::Operations) then makes them
-    /// on tokio's blocking pool. A store that answers from memory says `false` and is called
-    /// in place, saving two thread hand-offs per operation. Default: `true`.
-    fn is_blocking(&self) -> bool {
-        true
-    }
+    async fn forget(&self, operation: &str) -> Result<bool, JournalError>;
 }
 
 pub(crate) fn to_millis(t: SystemTime) -> i64 {

@@ -1,7 +1,7 @@
 //! The SQLite journal (feature `journal`): one file, WAL mode, safe across processes.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
@@ -79,15 +79,24 @@ const COLUMNS: &str =
 /// ```
 /// use idempotent_retry::journal::{KeyStore, SqliteJournal};
 ///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
 /// let dir = std::env::temp_dir().join(format!("idem-doc-{}", std::process::id()));
 /// let journal = SqliteJournal::open(dir.join("journal.sqlite3")).unwrap();
-/// for record in journal.list().unwrap() {
+/// for record in journal.list().await.unwrap() {
 ///     println!("{} {} {}", record.operation, record.state, record.url);
 /// }
 /// # std::fs::remove_dir_all(dir).ok();
+/// # }
 /// ```
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct SqliteJournal {
+    inner: Arc<Sqlite>,
+}
+
+/// The file and its connection; the store's work, done on a blocking thread.
+#[derive(Debug)]
+struct Sqlite {
     path: PathBuf,
     lock_timeout: Duration,
     connection: Mutex<Connection>,
@@ -200,14 +209,57 @@ impl SqliteJournal {
             tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(fail)?;
         }
         tx.commit().map_err(fail)?;
-        Ok(Self { path, lock_timeout, connection: Mutex::new(connection) })
+        Ok(Self { inner: Arc::new(Sqlite { path, lock_timeout, connection: Mutex::new(connection) }) })
     }
 
     /// The journal's path.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.inner.path
     }
 
+    /// Removes settled records (succeeded or not applied) last changed before `before`, and
+    /// the retired records of the same age, so the file does not grow forever. Choose `before`
+    /// past the server's retention. A fixed key's success is kept whatever its age: it is what
+    /// keeps that key from being sent again after the server forgot it. How many records went.
+    ///
+    /// # Errors
+    ///
+    /// When the journal cannot be written.
+    pub async fn gc(&self, before: std::time::SystemTime) -> Result<u64, JournalError> {
+        let cutoff = to_millis(before);
+        self.blocking(move |sqlite| {
+            let mut connection = lock(&sqlite.connection);
+            let tx =
+                connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| sqlite.fail(e))?;
+            let settled = "state IN ('succeeded', 'not_applied', 'failed') AND updated_at < ?1 \
+                           AND NOT (fixed_key = 1 AND state = 'succeeded')";
+            let mut removed = 0;
+            for table in ["operations", "retired"] {
+                removed += tx
+                    .execute(&format!("DELETE FROM {table} WHERE {settled}"), [cutoff])
+                    .map_err(|e| sqlite.fail(e))?;
+            }
+            tx.commit().map_err(|e| sqlite.fail(e))?;
+            Ok(removed as u64)
+        })
+        .await
+    }
+
+    /// Runs `work` on tokio's blocking pool: SQLite waits on the disk (and on other processes'
+    /// locks), which must not hold up the runtime's threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Sqlite) -> Result<T, JournalError> + Send + 'static,
+    ) -> Result<T, JournalError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || work(&inner)).await.map_err(|e| JournalError::Other {
+            path: self.inner.path.display().to_string(),
+            reason: format!("the journal call failed: {e}"),
+        })?
+    }
+}
+
+impl Sqlite {
     fn fail(&self, e: rusqlite::Error) -> JournalError {
         classify(&self.path.display().to_string(), self.lock_timeout, e)
     }
@@ -292,7 +344,34 @@ fn handle_json(handle: &crate::wait::Handle) -> String {
     serde_json::to_string(handle).expect("a handle serializes")
 }
 
+#[async_trait::async_trait]
 impl KeyStore for SqliteJournal {
+    async fn begin(&self, intent: &Intent<'_>) -> Result<Begun, JournalError> {
+        let intent = intent.to_owned_parts();
+        self.blocking(move |sqlite| sqlite.begin(&intent.intent())).await
+    }
+
+    async fn finish(&self, operation: &str, finish: &Finish) -> Result<bool, JournalError> {
+        let (operation, finish) = (operation.to_owned(), finish.clone());
+        self.blocking(move |sqlite| sqlite.finish(&operation, &finish)).await
+    }
+
+    async fn get(&self, operation: &str) -> Result<Option<Record>, JournalError> {
+        let operation = operation.to_owned();
+        self.blocking(move |sqlite| sqlite.get(&operation)).await
+    }
+
+    async fn list(&self) -> Result<Vec<Record>, JournalError> {
+        self.blocking(Sqlite::list).await
+    }
+
+    async fn forget(&self, operation: &str) -> Result<bool, JournalError> {
+        let operation = operation.to_owned();
+        self.blocking(move |sqlite| sqlite.forget(&operation)).await
+    }
+}
+
+impl Sqlite {
     fn begin(&self, intent: &Intent<'_>) -> Result<Begun, JournalError> {
         let mut connection = lock(&self.connection);
         // IMMEDIATE takes the write lock now: a second process running the same operation waits
@@ -432,37 +511,30 @@ mod tests {
         dir.join("journal.sqlite3")
     }
 
-    #[test]
-    fn survives_reopening() {
+    #[tokio::test]
+    async fn survives_reopening() {
         let path = temp("reopen");
         let fp = fingerprint("POST", "u", b"{}");
-        let intent = Intent {
-            operation: "op",
-            method: "POST",
-            url: "u",
-            fingerprint: &fp,
-            key: KeyPlan::Random,
-            now: UNIX_EPOCH,
-        };
-        let Begun::Send { claim: first, .. } = SqliteJournal::open(&path).unwrap().begin(&intent).unwrap() else {
+        let intent = Intent::new("op", "POST", "u", &fp, KeyPlan::Random, UNIX_EPOCH);
+        let Begun::Send { claim: first, .. } = SqliteJournal::open(&path).unwrap().begin(&intent).await.unwrap() else {
             panic!("a first run sends")
         };
         let journal = SqliteJournal::open(&path).unwrap();
-        let again = journal.begin(&intent).unwrap();
+        let again = journal.begin(&intent).await.unwrap();
         assert_eq!(again, Begun::Send { claim: first.clone(), resumed: true });
         let done = Finish::new(first, OpState::Succeeded, UNIX_EPOCH)
             .status(Some(201))
             .identity(Some(serde_json::json!({"id": "x"})));
-        assert!(journal.finish("op", &done).unwrap());
-        let record = journal.get("op").unwrap().unwrap();
+        assert!(journal.finish("op", &done).await.unwrap());
+        let record = journal.get("op").await.unwrap().unwrap();
         assert_eq!((record.state, record.status), (OpState::Succeeded, Some(201)));
         assert_eq!(record.identity, Some(serde_json::json!({"id": "x"})));
-        assert!(journal.forget("op").unwrap());
-        assert!(journal.list().unwrap().is_empty());
+        assert!(journal.forget("op").await.unwrap());
+        assert!(journal.list().await.unwrap().is_empty());
     }
 
-    #[test]
-    fn a_journal_from_before_schema_versions_is_upgraded() {
+    #[tokio::test]
+    async fn a_journal_from_before_schema_versions_is_upgraded() {
         let path = temp("upgrade");
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         let old = Connection::open(&path).unwrap();
@@ -476,9 +548,9 @@ mod tests {
 
         let journal = SqliteJournal::open(&path).unwrap();
 
-        let record = journal.get("deploy").unwrap().unwrap();
+        let record = journal.get("deploy").await.unwrap().unwrap();
         assert_eq!((record.state, record.fixed_key), (OpState::Succeeded, true), "kept, and taken for a fixed key");
-        let version: i64 = lock(&journal.connection).query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        let version: i64 = lock(&journal.inner.connection).query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, SCHEMA_VERSION);
         drop(journal);
         assert!(SqliteJournal::open(&path).is_ok(), "opening it again changes nothing");
@@ -487,8 +559,8 @@ mod tests {
         assert!(err.to_string().contains("newer"), "{err}");
     }
 
-    #[test]
-    fn a_version_2_journal_gains_handles() {
+    #[tokio::test]
+    async fn a_version_2_journal_gains_handles() {
         let path = temp("upgrade-2");
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         let old = Connection::open(&path).unwrap();
@@ -504,22 +576,22 @@ mod tests {
 
         let journal = SqliteJournal::open(&path).unwrap();
 
-        let record = journal.get("deploy").unwrap().unwrap();
+        let record = journal.get("deploy").await.unwrap().unwrap();
         assert_eq!((record.state, record.fixed_key, record.handle.clone()), (OpState::Pending, false, None));
         let waiting = Finish::new(record.claim(), OpState::Waiting, UNIX_EPOCH)
             .handle(Some(&crate::wait::Handle::Location { url: "https://api.test/ops/1".into() }));
-        assert!(journal.finish("deploy", &waiting).unwrap());
-        let record = journal.get("deploy").unwrap().unwrap();
+        assert!(journal.finish("deploy", &waiting).await.unwrap());
+        let record = journal.get("deploy").await.unwrap().unwrap();
         assert_eq!(record.handle, Some(crate::wait::Handle::Location { url: "https://api.test/ops/1".into() }));
-        let version: i64 = lock(&journal.connection).query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        let version: i64 = lock(&journal.inner.connection).query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, 3);
     }
 
     /// Found by the `journal_records` fuzz target: a negative time read as 1970, and a status
     /// of 70000 read as 4464. A damaged row is a clear error naming the column; a key it cannot
     /// read is never a record without one.
-    #[test]
-    fn a_damaged_row_is_an_error_never_another_record() {
+    #[tokio::test]
+    async fn a_damaged_row_is_an_error_never_another_record() {
         let path = temp("damaged");
         let journal = SqliteJournal::open(&path).unwrap();
         let raw = Connection::open(&path).unwrap();
@@ -538,20 +610,13 @@ mod tests {
             .unwrap();
             raw.execute(&format!("UPDATE operations SET {column} = ?1"), [&value]).unwrap();
 
-            let err = journal.get("op").unwrap_err();
+            let err = journal.get("op").await.unwrap_err();
 
             assert!(err.to_string().contains(column) || column == "key", "{column}: {err}");
-            assert!(journal.list().is_err(), "{column}");
+            assert!(journal.list().await.is_err(), "{column}");
             let fp = "fp";
-            let intent = Intent {
-                operation: "op",
-                method: "POST",
-                url: "u",
-                fingerprint: fp,
-                key: KeyPlan::Random,
-                now: UNIX_EPOCH,
-            };
-            assert!(journal.begin(&intent).is_err(), "{column}: no new key over a record it cannot read");
+            let intent = Intent::new("op", "POST", "u", fp, KeyPlan::Random, UNIX_EPOCH);
+            assert!(journal.begin(&intent).await.is_err(), "{column}: no new key over a record it cannot read");
         }
     }
 

@@ -49,7 +49,7 @@ pub use error::{IdentityMismatch, OperationError, WaitFailed};
 pub use git::{GitKeyMode, NoGitKey, key_from_git};
 pub use read_back::{BoxError, ReadBack, items};
 
-use crate::journal::{JournalError, KeyStore};
+use crate::journal::KeyStore;
 use crate::key::IdempotencyKey;
 use crate::time::{Clock, Random, SeededRng, Sleeper, SystemClock, TokioSleeper};
 
@@ -303,22 +303,6 @@ impl Operations {
     /// The key store.
     pub fn store(&self) -> &Arc<dyn KeyStore> {
         &self.store
-    }
-
-    /// Calls the store: on tokio's blocking pool when it [may block](KeyStore::is_blocking),
-    /// in place when it answers from memory.
-    pub(crate) async fn journal<T: Send + 'static>(
-        &self,
-        call: impl FnOnce(&dyn KeyStore) -> Result<T, JournalError> + Send + 'static,
-    ) -> Result<T, JournalError> {
-        if !self.store.is_blocking() {
-            return call(&*self.store);
-        }
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || call(&*store)).await.map_err(|e| JournalError::Other {
-            path: "(journal)".into(),
-            reason: format!("the journal call failed: {e}"),
-        })?
     }
 
     /// The client.

@@ -115,8 +115,25 @@ impl OperationBuilder<'_> {
         no_key_reason: Option<String>,
     ) -> Result<Start, OperationError> {
         // Another process may change the record between two looks; a few rounds settle that.
-        for _ in 0..4 {
-            match self.begin(url, fp, plan.clone()).await? {
+        // A run on another machine holding the record is waited for, without counting.
+        let mut waited_for = None;
+        let mut rounds = 0;
+        let waiting_since = self.ops.clock.now();
+        let mut polls = 0;
+        while rounds < 4 {
+            rounds += 1;
+            match self.begin(url, fp, plan.clone(), waited_for.clone()).await? {
+                Begun::Running(held) => {
+                    rounds -= 1;
+                    polls += 1;
+                    self.wait_for_holder(&held, waiting_since, polls).await?;
+                    waited_for = Some(held.claim());
+                }
+                // The run waited for succeeded: its result is this run's. Nothing is sent.
+                Begun::Succeeded(record) if waited_for.as_ref().is_some_and(|c| record.is_claimed_by(c)) => {
+                    let claim = record.claim();
+                    return self.succeeded_earlier(record, no_key_reason).await.map(|done| Start::done(done, claim));
+                }
                 Begun::Send { claim, resumed } => {
                     if !resumed || !self.past_retention(&claim) {
                         return Ok(Start::Send(Run { claim, resumed, resending_success: false }));
@@ -194,7 +211,7 @@ impl OperationBuilder<'_> {
         plan: &KeyPlan,
         done: &Completed,
     ) -> Result<(), OperationError> {
-        let claim = match self.begin(url, fp, plan.clone()).await {
+        let claim = match self.begin(url, fp, plan.clone(), None).await {
             Ok(Begun::Send { claim, .. }) => claim,
             Ok(_) | Err(OperationError::PayloadMismatch(_)) => return Ok(()),
             Err(OperationError::Journal(source)) => {
@@ -433,23 +450,43 @@ impl OperationBuilder<'_> {
         })
     }
 
-    async fn begin(&self, url: &str, fp: &str, plan: KeyPlan) -> Result<Begun, OperationError> {
-        let (operation, method, url, fp) =
-            (self.name.clone(), self.method.as_str().to_owned(), url.to_owned(), fp.to_owned());
-        let now = self.ops.clock.now();
-        self.ops
-            .journal(move |store| {
-                store.begin(&Intent {
-                    operation: &operation,
-                    method: &method,
-                    url: &url,
-                    fingerprint: &fp,
-                    key: plan,
-                    now,
-                })
-            })
-            .await
-            .map_err(OperationError::journal)
+    async fn begin(
+        &self,
+        url: &str,
+        fp: &str,
+        plan: KeyPlan,
+        waited_for: Option<Claim>,
+    ) -> Result<Begun, OperationError> {
+        let intent =
+            Intent::new(&self.name, self.method.as_str(), url, fp, plan, self.ops.clock.now()).after(waited_for);
+        self.ops.store().begin(&intent).await.map_err(OperationError::journal)
+    }
+
+    /// How long this run waits for another machine's run to settle: its deadline, else its
+    /// policy's, else 5 minutes.
+    fn holder_wait(&self) -> Duration {
+        self.deadline.or_else(|| self.policy.as_ref().and_then(|p| p.deadline())).unwrap_or(Duration::from_secs(300))
+    }
+
+    /// Waits a little (250 ms doubling to 5 s) for `held`'s run, live on another machine, to
+    /// settle or its lease to expire; never past [`holder_wait`](Self::holder_wait) since
+    /// `since`. Nothing is sent meanwhile.
+    async fn wait_for_holder(&self, held: &Record, since: SystemTime, polls: u32) -> Result<(), OperationError> {
+        let limit = self.holder_wait();
+        let waited = self.ops.clock.now().duration_since(since).unwrap_or_default();
+        if waited >= limit {
+            return Err(self.unknown(
+                held.key.clone(),
+                format!(
+                    "another run holds the operation (its lease in the journal is live) and did not settle within {}s; nothing was sent. Run again later: its outcome, or its expired lease, decides what this run does",
+                    limit.as_secs()
+                ),
+            ));
+        }
+        let pause = Duration::from_millis(250).saturating_mul(1 << polls.min(5)).min(Duration::from_secs(5));
+        tracing::info!(operation = %self.name, "another run holds the operation: waiting {pause:?} for it to settle");
+        self.ops.sleeper.sleep(pause.min(limit - waited)).await;
+        Ok(())
     }
 
     /// Records how the run ended, once its request was sent.
@@ -469,8 +506,7 @@ impl OperationBuilder<'_> {
 
     /// `finish` as a compare-and-set: a newer run's record is left alone.
     async fn record(&self, finish: Finish) -> Result<(), JournalError> {
-        let operation = self.name.clone();
-        let applied = self.ops.journal(move |store| store.finish(&operation, &finish)).await?;
+        let applied = self.ops.store().finish(&self.name, &finish).await?;
         if !applied {
             tracing::info!(operation = %self.name, "the journal's record moved on to a newer run: this run's outcome is not recorded over it");
         }

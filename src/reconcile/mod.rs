@@ -806,7 +806,7 @@ impl Reconciler {
 
     /// This operation's slot records in the journal.
     async fn ledger(&self) -> Result<Vec<(u64, Slot, Record)>, StopReason> {
-        let records = self.settings.ops.journal(|store| store.list()).await.map_err(journal_failure)?;
+        let records = self.settings.ops.store().list().await.map_err(journal_failure)?;
         Ok(records
             .into_iter()
             .filter_map(|r| self.parse_slot_operation(&r.operation).map(|(g, s)| (g, s, r)))
@@ -824,7 +824,7 @@ impl Reconciler {
         let Some(claim) = create.claim.clone() else { return Ok(false) };
         let name = self.slot_operation(self.settings.generation, &create.slot);
         let finish = Finish::new(claim, state, self.settings.clock.now()).identity(identity);
-        self.settings.ops.journal(move |store| store.finish(&name, &finish)).await.map_err(journal_failure)
+        self.settings.ops.store().finish(&name, &finish).await.map_err(journal_failure)
     }
 }
 

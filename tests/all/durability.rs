@@ -128,7 +128,7 @@ async fn s14_a_process_killed_after_the_server_committed_resumes_with_its_key() 
     tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
 
     let journal = SqliteJournal::open(&journal_path).unwrap();
-    let record = journal.get("create-cvm/web-1").unwrap().expect("the key was on disk before the send");
+    let record = journal.get("create-cvm/web-1").await.unwrap().expect("the key was on disk before the send");
     assert_eq!(record.state, OpState::Pending);
     let key = record.key.clone().unwrap();
     assert_eq!(cloud.keys_seen(), [Some(key.to_string())]);
@@ -142,7 +142,7 @@ async fn s14_a_process_killed_after_the_server_committed_resumes_with_its_key() 
     assert_eq!(rerun["outcome"], "replayed");
     assert_eq!(cloud.created(), 1);
     assert_eq!(cloud.keys_seen(), [Some(key.to_string()), Some(key.to_string())]);
-    assert_eq!(journal.get("create-cvm/web-1").unwrap().unwrap().state, OpState::Succeeded);
+    assert_eq!(journal.get("create-cvm/web-1").await.unwrap().unwrap().state, OpState::Succeeded);
 }
 
 /// Two processes start the same operation at once: they send one key, and one resource exists.

@@ -7,18 +7,20 @@
 use idempotent_retry::journal::{MemoryStore, SqliteJournal};
 use idempotent_retry::testing::check_key_store;
 
-#[test]
-fn memory_store_follows_the_rules() {
-    check_key_store(MemoryStore::new);
+#[tokio::test]
+async fn memory_store_follows_the_rules() {
+    check_key_store(|| async { MemoryStore::new() }).await;
 }
 
-#[test]
-fn sqlite_journal_follows_the_rules() {
+#[tokio::test]
+async fn sqlite_journal_follows_the_rules() {
     let dir = std::env::temp_dir().join(format!("idem-it-{}-rules", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let mut n = 0;
     check_key_store(|| {
         n += 1;
-        SqliteJournal::open(dir.join(format!("journal-{n}.sqlite3"))).unwrap()
-    });
+        let path = dir.join(format!("journal-{n}.sqlite3"));
+        async move { SqliteJournal::open(path).unwrap() }
+    })
+    .await;
 }

@@ -337,7 +337,7 @@ impl World {
             }
             Action::Forget { op } => {
                 let name = format!("post/op-{op}");
-                let forgot = self.process.store.forget(&name).unwrap();
+                let forgot = self.process.store.forget(&name).await.unwrap();
                 // Forgotten after checking the server (the user's part): the operation starts
                 // over, and a key it used is as new as any other.
                 self.ops[*op].open = false;
@@ -399,7 +399,7 @@ impl World {
         let (instance, label) = self.instance_for(op, source);
         let name = Self::name(op, instance);
         let was_waiting =
-            self.process.store.get(&format!("post/op-{op}")).unwrap().filter(|r| r.state == OpState::Waiting);
+            self.process.store.get(&format!("post/op-{op}")).await.unwrap().filter(|r| r.state == OpState::Waiting);
         let posts_before = self.proxy.records().iter().filter(|r| r.method == "POST").count();
         let made_before = self.cloud.created_named(&name);
         let url = format!("{}/cvms", self.proxy.uri());
@@ -448,7 +448,7 @@ impl World {
                 // 6. The journal agrees: its record of this run, when this run's key is the
                 // operation's current one (a fixed key used before another run's is kept
                 // among the operation's retired records, as it was).
-                let record = self.process.store.get(&format!("post/op-{op}")).unwrap();
+                let record = self.process.store.get(&format!("post/op-{op}")).await.unwrap();
                 let record = record.ok_or_else(|| TestCaseError::fail("a success left no record"))?;
                 if done.handle.is_some() {
                     // An earlier run's wait, resumed by a run that does not wait: still waiting.
@@ -476,7 +476,7 @@ impl World {
                 // 8. Created, not ready: tracked, and a failure state is the server's.
                 // (A fixed key kept among the retired records, as it was, has no record to
                 // wait in: a re-run with it replays, or reads the journal, and waits again.)
-                let record = self.process.store.get(&format!("post/op-{op}")).unwrap();
+                let record = self.process.store.get(&format!("post/op-{op}")).await.unwrap();
                 let record = record.ok_or_else(|| TestCaseError::fail("a wait left no record"))?;
                 prop_assert!(
                     record.state == OpState::Waiting || record.key != failed.key,
@@ -600,7 +600,9 @@ impl World {
                 let ever: BTreeSet<&str> =
                     history.iter().filter(|(_, f, _)| !f).map(|(r, _, _)| r.id.as_str()).collect();
                 let prefix = format!("rec-{}/", s.coll);
-                for record in self.process.store.list().unwrap().iter().filter(|r| r.operation.starts_with(&prefix)) {
+                for record in
+                    self.process.store.list().await.unwrap().iter().filter(|r| r.operation.starts_with(&prefix))
+                {
                     let presumed = record.identity.as_ref().and_then(|i| i.get("presumed")).is_some();
                     if let (OpState::Succeeded, Some(id), false) = (
                         record.state,

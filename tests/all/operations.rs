@@ -121,7 +121,7 @@ async fn s09_an_expired_key_is_settled_by_reading_back() {
 
         let err = create().send().await.unwrap_err();
         assert!(err.may_have_been_applied(), "{err}");
-        let record = ops.store().get("create-cvm/web-1").unwrap().unwrap();
+        let record = ops.store().get("create-cvm/web-1").await.unwrap().unwrap();
         assert_eq!(record.state, OpState::Unknown);
         let first_key = record.key.clone();
 
@@ -144,7 +144,7 @@ async fn s09_an_expired_key_is_settled_by_reading_back() {
             assert_eq!(done.resolution, Resolution::Created);
             assert_ne!(done.key, first_key, "a fresh create gets a fresh key");
         }
-        assert_eq!(ops.store().get("create-cvm/web-1").unwrap().unwrap().state, OpState::Succeeded);
+        assert_eq!(ops.store().get("create-cvm/web-1").await.unwrap().unwrap().state, OpState::Succeeded);
     }
 }
 
@@ -309,7 +309,7 @@ async fn rejections_and_bad_options() {
     let err =
         ops.operation("bad-route").post(format!("{}/nowhere", rig.proxy.uri())).body("{}").send().await.unwrap_err();
     assert!(matches!(&err, OperationError::Rejected { status, .. } if *status == StatusCode::NOT_FOUND), "{err}");
-    assert_eq!(ops.store().get("bad-route").unwrap().unwrap().state, OpState::NotApplied);
+    assert_eq!(ops.store().get("bad-route").await.unwrap().unwrap().state, OpState::NotApplied);
 
     let key = IdempotencyKey::new("k-123").unwrap();
     let err = ops.operation("x").post(rig.cvms()).body("{}").key(key).no_key().send().await.unwrap_err();
@@ -328,7 +328,7 @@ async fn a_client_without_the_layer_is_reported() {
     let err = ops.operation("x").post(rig.cvms()).json(&json!({"name": "x"})).send().await.unwrap_err();
 
     assert!(err.to_string().contains("no IdempotentRetry layer"), "{err}");
-    assert_eq!(ops.store().get("x").unwrap().unwrap().state, OpState::Unknown);
+    assert_eq!(ops.store().get("x").await.unwrap().unwrap().state, OpState::Unknown);
     // The request options a layer would have read went nowhere: no key on the wire.
     assert_eq!(rig.proxy.records()[0].key(&rig.profile), None);
 }
@@ -343,13 +343,13 @@ async fn what_cannot_be_sent_is_invalid_and_not_journaled() {
         let err = ops.operation(url).post(url).json(&json!({})).no_key().send().await.unwrap_err();
         assert!(matches!(err, OperationError::InvalidOptions { .. }), "{url}: {err}");
         assert!(!err.may_have_been_applied());
-        assert!(ops.store().get(url).unwrap().is_none(), "{url}: nothing journaled");
+        assert!(ops.store().get(url).await.unwrap().is_none(), "{url}: nothing journaled");
     }
     let zero = fast_policy().with_deadline(Duration::ZERO);
     let err = ops.operation("zero").post(rig.cvms()).json(&json!({})).no_key().policy(zero).send().await.unwrap_err();
     assert!(matches!(err, OperationError::InvalidOptions { .. }), "{err}");
     assert!(err.to_string().contains("deadline is zero"), "{err}");
-    assert!(ops.store().get("zero").unwrap().is_none(), "nothing journaled");
+    assert!(ops.store().get("zero").await.unwrap().is_none(), "nothing journaled");
     assert_eq!(posts(&rig), 0);
 }
 
@@ -384,31 +384,32 @@ async fn a_succeeded_fixed_key_past_retention_is_not_resent() {
 #[derive(Debug, Default)]
 struct FinishFails(MemoryStore);
 
+#[async_trait::async_trait]
 impl idempotent_retry::journal::KeyStore for FinishFails {
-    fn begin(
+    async fn begin(
         &self,
         intent: &idempotent_retry::journal::Intent<'_>,
     ) -> Result<idempotent_retry::journal::Begun, idempotent_retry::journal::JournalError> {
-        self.0.begin(intent)
+        self.0.begin(intent).await
     }
-    fn finish(
+    async fn finish(
         &self,
         _: &str,
         _: &idempotent_retry::journal::Finish,
     ) -> Result<bool, idempotent_retry::journal::JournalError> {
         Err(idempotent_retry::journal::JournalError::Corrupt { path: "/tmp/broken.sqlite3".into() })
     }
-    fn get(
+    async fn get(
         &self,
         operation: &str,
     ) -> Result<Option<idempotent_retry::journal::Record>, idempotent_retry::journal::JournalError> {
-        self.0.get(operation)
+        self.0.get(operation).await
     }
-    fn list(&self) -> Result<Vec<idempotent_retry::journal::Record>, idempotent_retry::journal::JournalError> {
-        self.0.list()
+    async fn list(&self) -> Result<Vec<idempotent_retry::journal::Record>, idempotent_retry::journal::JournalError> {
+        self.0.list().await
     }
-    fn forget(&self, operation: &str) -> Result<bool, idempotent_retry::journal::JournalError> {
-        self.0.forget(operation)
+    async fn forget(&self, operation: &str) -> Result<bool, idempotent_retry::journal::JournalError> {
+        self.0.forget(operation).await
     }
 }
 

@@ -512,7 +512,7 @@ async fn an_identity_mismatch_is_recorded_as_ours_and_not_created_again() {
     let made = rig.cloud.resources(&replicas(APP, VM));
     assert_eq!(made.len(), 1);
     assert_eq!(err.report.created, [made[0].id.clone()], "reported: {}", err.report);
-    let recorded = store.list().unwrap();
+    let recorded = store.list().await.unwrap();
     assert!(
         recorded.iter().any(|r| r.identity.as_ref().is_some_and(|i| i["id"] == made[0].id.as_str())),
         "recorded: {recorded:?}"

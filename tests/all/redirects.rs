@@ -115,7 +115,7 @@ async fn a_redirect_the_client_followed_is_reported_not_taken_for_the_answer() {
         || ops.operation("create-cvm/web-1").post(format!("{}/cvms", server.uri())).json(&json!({})).derived_key(1);
     let err = op().send().await.unwrap_err();
     assert!(err.may_have_been_applied(), "{err}");
-    assert_eq!(store.get("create-cvm/web-1").unwrap().unwrap().state, OpState::Unknown);
+    assert_eq!(store.get("create-cvm/web-1").await.unwrap().unwrap().state, OpState::Unknown);
 }
 
 #[tokio::test]
@@ -140,7 +140,7 @@ async fn a_303_is_the_writes_answer_and_its_result_is_read_where_it_points() {
 
     assert_eq!((done.resolution, done.status.map(|s| s.as_u16())), (Resolution::Created, Some(303)));
     assert_eq!(done.identity["id"], "c-1", "read at the Location");
-    let record = store.get("create-cvm/web-1").unwrap().unwrap();
+    let record = store.get("create-cvm/web-1").await.unwrap().unwrap();
     assert_eq!((record.state, record.status), (OpState::Succeeded, Some(303)));
     assert_eq!(posts.lock().unwrap().len(), 1);
 }
@@ -178,5 +178,5 @@ async fn a_redirect_loop_or_a_stream_ends_and_never_says_not_applied() {
         .await
         .unwrap_err();
     assert!(matches!(err, OperationError::GaveUp { may_have_been_applied: true, .. }), "{err}");
-    assert_eq!(store.get("keyless").unwrap().unwrap().state, OpState::Unknown);
+    assert_eq!(store.get("keyless").await.unwrap().unwrap().state, OpState::Unknown);
 }

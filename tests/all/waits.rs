@@ -65,8 +65,8 @@ impl Rig {
             .await
     }
 
-    fn record(&self) -> idempotent_retry::journal::Record {
-        self.store.get("create-cvm/web-1").unwrap().expect("journaled")
+    async fn record(&self) -> idempotent_retry::journal::Record {
+        self.store.get("create-cvm/web-1").await.unwrap().expect("journaled")
     }
 }
 
@@ -110,7 +110,7 @@ async fn a_status_that_moves_is_waited_for_through_faults() {
     let id = started.created().identity["id"].as_str().unwrap().to_owned();
     let handle = Handle::Resource { url: format!("{}/cvms/{id}", rig.proxy.uri()) };
     assert_eq!(started.created().handle.as_ref(), Some(&handle));
-    let record = rig.record();
+    let record = rig.record().await;
     assert_eq!(
         (record.state, record.handle.as_ref(), record.identity.clone()),
         (OpState::Waiting, Some(&handle), Some(json!({"id": id})))
@@ -124,7 +124,7 @@ async fn a_status_that_moves_is_waited_for_through_faults() {
         (Resolution::Created, json!("running"), None)
     );
     assert_eq!(rig.time.delays(), polls_until_ready());
-    assert_eq!((rig.record().state, rig.record().handle), (OpState::Succeeded, None));
+    assert_eq!((rig.record().await.state, rig.record().await.handle), (OpState::Succeeded, None));
     assert_eq!(rig.cloud.created(), 1);
 }
 
@@ -187,13 +187,13 @@ async fn an_operation_location_then_a_resource_state_is_two_stages_each_journale
         .await
         .unwrap();
     assert!(matches!(started.created().handle, Some(Handle::StatusMonitor { .. })));
-    assert!(matches!(rig.record().handle, Some(Handle::StatusMonitor { .. })));
+    assert!(matches!(rig.record().await.handle, Some(Handle::StatusMonitor { .. })));
 
     let done = started.wait().await.unwrap();
 
     assert_eq!(done.resource["status"], "running");
     assert_eq!(rig.time.delays(), [ms(1000), ms(2000), ms(4000), ms(8000)]);
-    assert_eq!(rig.record().state, OpState::Succeeded);
+    assert_eq!(rig.record().await.state, OpState::Succeeded);
 }
 
 #[tokio::test]
@@ -205,7 +205,7 @@ async fn a_google_operation_is_polled_until_done_and_its_response_is_the_resourc
     assert_eq!(done.status.map(|s| s.as_u16()), Some(200));
     assert_eq!((done.resource["name"].clone(), done.resource["status"].clone()), (json!("web-1"), json!("running")));
     assert_eq!(rig.time.delays(), polls_until_ready());
-    assert!(matches!(rig.record().state, OpState::Succeeded));
+    assert!(matches!(rig.record().await.state, OpState::Succeeded));
 }
 
 #[tokio::test]
@@ -253,7 +253,7 @@ async fn failure_states_end_the_wait_and_leave_the_resource_tracked() {
             (other, _) => panic!("{style:?}: {other}"),
         }
         assert!(err.may_have_been_applied(), "it was created");
-        assert_eq!(rig.record().state, OpState::Waiting, "{style:?}: tracked");
+        assert_eq!(rig.record().await.state, OpState::Waiting, "{style:?}: tracked");
         // A re-run resumes the wait; it sends nothing.
         let again = rig
             .ops()
@@ -284,7 +284,7 @@ async fn the_wait_ends_at_its_timeout_and_a_re_run_resumes_it() {
 
     assert_eq!((done.resolution, done.resource["status"].clone()), (Resolution::Resumed, json!("running")));
     assert_eq!((rig.cloud.created(), rig.cloud.keys_seen().len()), (1, 1), "resumed, never sent again");
-    assert_eq!(rig.record().state, OpState::Succeeded);
+    assert_eq!(rig.record().await.state, OpState::Succeeded);
 }
 
 #[tokio::test]
@@ -335,7 +335,7 @@ async fn a_poll_url_on_another_origin_is_not_followed() {
     let OperationError::Wait(failed) = &err else { panic!("{err}") };
     assert!(failed.source.to_string().contains("another origin"), "{err}");
     assert_eq!(rig.cloud.requests().len(), 0, "nothing was sent there");
-    assert_eq!(rig.record().state, OpState::Succeeded, "what was created is on record");
+    assert_eq!(rig.record().await.state, OpState::Succeeded, "what was created is on record");
 }
 
 #[tokio::test]
@@ -373,12 +373,12 @@ async fn a_resource_recovered_by_reading_back_is_waited_for_and_recorded_without
     let started = create().start().await.unwrap();
     assert_eq!(started.created().resolution, Resolution::Recovered);
     drop(started);
-    let waiting = store.get("create-cvm/web-1").unwrap().unwrap();
+    let waiting = store.get("create-cvm/web-1").await.unwrap().unwrap();
     assert_eq!((waiting.state, waiting.status), (OpState::Waiting, None), "found by reading back: no status");
     let done = create().send().await.unwrap();
 
     assert_eq!((done.resolution, done.resource["status"].clone()), (Resolution::Resumed, json!("running")));
-    let record = store.get("create-cvm/web-1").unwrap().unwrap();
+    let record = store.get("create-cvm/web-1").await.unwrap().unwrap();
     assert_eq!((record.state, record.status), (OpState::Succeeded, None), "still no status: never resent blind");
     let posts = cloud.keys_seen().len();
     let again = create().send().await.unwrap();
@@ -398,7 +398,7 @@ async fn a_success_run_again_with_a_wait_waits() {
     let done = create().wait(running()).send().await.unwrap();
 
     assert_eq!((done.resolution, done.resource["status"].clone()), (Resolution::Replayed, json!("running")));
-    assert_eq!(rig.record().state, OpState::Succeeded);
+    assert_eq!(rig.record().await.state, OpState::Succeeded);
     assert_eq!(rig.cloud.created(), 1);
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 use idempotent_retry::journal::{Begun, Intent, KeyPlan, KeyStore, OpState, SqliteJournal};
 use rusqlite::types::Value as Sql;
 
-use super::{ITERATIONS, t0};
+use super::{ITERATIONS, runtime, t0};
 
 /// A column's value from a line of the input: `NULL`, `i:<integer>`, `f:<real>`, `b:<bytes>`
 /// (a blob), or text.
@@ -40,6 +40,7 @@ fn journal_records() {
     // Touched only from the target's thread; a panic ends the test.
     let raw = std::panic::AssertUnwindSafe(rusqlite::Connection::open(&path).unwrap());
     let fingerprint = idempotent_retry::journal::fingerprint("POST", "u", b"{}");
+    let rt = runtime();
     bolero::check!().with_iterations(ITERATIONS).for_each(|input: &[u8]| {
         let mut lines = input.split(|b| *b == b'\n');
         let mut next = |default: Sql| column(lines.next(), default);
@@ -67,8 +68,8 @@ fn journal_records() {
         let (stored_key, stored_status, stored_created): (Sql, Sql, Sql) =
             raw.query_row("SELECT key, status, created_at FROM operations", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
 
-        let got = journal.get("op");
-        let listed = journal.list();
+        let got = rt.block_on(journal.get("op"));
+        let listed = rt.block_on(journal.list());
         assert_eq!(got.is_ok(), listed.is_ok(), "get and list agree: {got:?} {listed:?}");
         if let Err(e) = &got {
             assert!(!e.to_string().is_empty());
@@ -94,8 +95,8 @@ fn journal_records() {
             }
             assert_eq!(listed.as_ref().unwrap().first(), Some(record));
         }
-        let intent = Intent { operation: "op", method: "POST", url: "u", fingerprint: &fingerprint, key: KeyPlan::Random, now: t0() };
-        let begun = journal.begin(&intent);
+        let intent = Intent::new("op", "POST", "u", &fingerprint, KeyPlan::Random, t0());
+        let begun = rt.block_on(journal.begin(&intent));
         match (&got, &begun) {
             (Err(_), Ok(begun)) => panic!("began {begun:?} over a record it cannot read"),
             (Ok(Some(record)), Ok(Begun::Send { claim, resumed })) if record.state.is_unsettled() && record.key.is_some() => {

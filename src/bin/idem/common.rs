@@ -1,7 +1,6 @@
 //! Options shared by the subcommands, and how they become a client, a journal and output.
 
 use std::io::Read;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use idempotent_retry::{
     IdempotentRetry, KeyCarrier, Operations, RetryPolicy, ServerConvention,
-    journal::{KeyStore, MemoryStore, SqliteJournal},
+    journal::{KeyStore, MemoryStore, PostgresJournal, SqliteJournal},
     wait::WaitFor,
 };
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
@@ -199,12 +198,73 @@ impl RetryArgs {
 /// Where keys are kept.
 #[derive(Debug, Args)]
 pub struct JournalArgs {
-    /// The journal file [default: $XDG_STATE_HOME/idempotent-retry/journal.sqlite3].
-    #[arg(long, value_name = "PATH", conflicts_with = "no_journal")]
-    pub journal: Option<PathBuf>,
+    /// The journal: a SQLite file, or a PostgreSQL database shared by every machine
+    /// (postgres://user@host/db) [default: $XDG_STATE_HOME/idempotent-retry/journal.sqlite3].
+    #[arg(long, value_name = "PATH|URL", env = "IDEM_JOURNAL", conflicts_with = "no_journal")]
+    pub journal: Option<String>,
     /// Keep keys in memory only: a re-run after a crash cannot resume.
     #[arg(long)]
     pub no_journal: bool,
+}
+
+/// A journal `--journal` names: a SQLite file, or a PostgreSQL database.
+pub enum Journal {
+    Sqlite(SqliteJournal),
+    Postgres(PostgresJournal),
+}
+
+impl Journal {
+    /// Opens the journal `spec` names (`None`: the default SQLite file) for `scope`. With
+    /// `existing`, a SQLite file that is not there is an error, not a new journal. A URL of
+    /// another scheme than `postgres://` or `postgresql://` is refused: it is no file.
+    pub async fn open(spec: Option<&str>, scope: &str, existing: bool) -> Result<Self, Failed> {
+        let spec = match spec {
+            Some(spec) => spec.to_owned(),
+            None => match SqliteJournal::default_path() {
+                Some(path) => path.display().to_string(),
+                None => {
+                    return Err(fail(
+                        Exit::Usage,
+                        "no home directory for the journal; pass --journal PATH or --no-journal",
+                    ));
+                }
+            },
+        };
+        let not_sent = |e: &dyn std::error::Error| {
+            fail(Exit::Usage, format!("{}; nothing was sent", idempotent_retry::error::chain(e)))
+        };
+        if let Some((scheme, _)) = spec.split_once("://") {
+            if !matches!(scheme.to_ascii_lowercase().as_str(), "postgres" | "postgresql") {
+                return Err(fail(
+                    Exit::Usage,
+                    format!(
+                        "--journal {}: a {scheme}:// URL is not a journal (a SQLite file's path, or a postgres:// URL); nothing was sent",
+                        idempotent_retry::journal::redact_url(&spec)
+                    ),
+                ));
+            }
+            let journal = PostgresJournal::builder(&spec).scope(scope).open().await.map_err(|e| not_sent(&e))?;
+            return Ok(Journal::Postgres(journal));
+        }
+        let journal = if existing { SqliteJournal::open_existing(&spec) } else { SqliteJournal::open(&spec) };
+        Ok(Journal::Sqlite(journal.map_err(|e| not_sent(&e))?))
+    }
+
+    /// Where it is, as it may be shown.
+    pub fn location(&self) -> String {
+        match self {
+            Journal::Sqlite(j) => j.path().display().to_string(),
+            Journal::Postgres(j) => j.location().to_owned(),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> Arc<dyn KeyStore> {
+        match self {
+            Journal::Sqlite(j) => Arc::new(j.clone()),
+            Journal::Postgres(j) => Arc::new(j.clone()),
+        }
+    }
 }
 
 /// The output format.
@@ -322,20 +382,13 @@ pub fn layer(
     Ok(builder.build())
 }
 
-/// The journal the options describe, and where it is.
-pub fn store(journal: &JournalArgs) -> Result<(Arc<dyn KeyStore>, Option<PathBuf>), Failed> {
+/// The journal the options describe, and where it is (`None` in memory).
+pub async fn store(journal: &JournalArgs, scope: &str) -> Result<(Arc<dyn KeyStore>, Option<String>), Failed> {
     if journal.no_journal {
         return Ok((Arc::new(MemoryStore::new()), None));
     }
-    let path = match &journal.journal {
-        Some(path) => path.clone(),
-        None => SqliteJournal::default_path().ok_or_else(|| {
-            fail(Exit::Usage, "no home directory for the journal; pass --journal PATH or --no-journal")
-        })?,
-    };
-    let store = SqliteJournal::open(&path)
-        .map_err(|e| fail(Exit::Usage, format!("{}; nothing was sent", idempotent_retry::error::chain(&e))))?;
-    Ok((Arc::new(store), Some(path)))
+    let opened = Journal::open(journal.journal.as_deref(), scope, false).await?;
+    Ok((opened.store(), Some(opened.location())))
 }
 
 /// Operations through a fresh HTTPS client that sends `headers` on every request.

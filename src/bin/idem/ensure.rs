@@ -97,7 +97,7 @@ pub async fn run(args: EnsureArgs) -> Exit {
 }
 
 async fn ensure(args: EnsureArgs) -> Result<Exit, Failed> {
-    let (reconciler, bar) = reconciler(&args)?;
+    let (reconciler, bar) = reconciler(&args).await?;
     let mut reconciler = match &bar {
         Some(bar) => {
             let bar = bar.clone();
@@ -161,7 +161,7 @@ async fn ensure(args: EnsureArgs) -> Result<Exit, Failed> {
 }
 
 /// The reconciler the arguments describe, and a progress bar when stderr is a terminal.
-fn reconciler(args: &EnsureArgs) -> Result<(Reconciler, Option<indicatif::ProgressBar>), Failed> {
+async fn reconciler(args: &EnsureArgs) -> Result<(Reconciler, Option<indicatif::ProgressBar>), Failed> {
     if args.count > Desired::MAX {
         return Err(fail(
             Exit::Usage,
@@ -188,7 +188,7 @@ fn reconciler(args: &EnsureArgs) -> Result<(Reconciler, Option<indicatif::Progre
     let deadline = args.shared.retry.deadline_or(600.0)?;
     let request_deadline = deadline.min(std::time::Duration::from_secs(60));
     let layer = common::layer(&convention, &args.shared.retry, request_deadline, args.shared.output.quiet)?;
-    let (store, _) = common::store(&args.shared.journal)?;
+    let (store, _) = common::store(&args.shared.journal, &args.shared.scope).await?;
     let ops = common::operations(layer, store, &args.shared.scope, args.shared.retry.retention, headers)?;
     let operation = args.operation.clone().unwrap_or_else(|| {
         format!("ensure-count {}", common::operation_name("POST", &args.collection_url, &body_bytes))

@@ -76,7 +76,7 @@ async fn main() -> ExitCode {
     let exit = match cli.command {
         Command::Post(args) => post::run(*args).await,
         Command::EnsureCount(args) => ensure::run(*args).await,
-        Command::Journal(command) => journal::run(command),
+        Command::Journal(command) => journal::run(command).await,
     };
     exit.into()
 }

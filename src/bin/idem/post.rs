@@ -109,7 +109,7 @@ async fn post(args: PostArgs) -> Result<Exit, Failed> {
     let input = Input::read(&args, &convention)?;
     let deadline = args.shared.retry.deadline_or(60.0)?;
     let layer = common::layer(&convention, &args.shared.retry, deadline, args.shared.output.quiet)?;
-    let (store, journal_path) = common::store(&args.shared.journal)?;
+    let (store, journal_path) = common::store(&args.shared.journal, &args.shared.scope).await?;
     let ops = common::operations(layer, store, &args.shared.scope, args.shared.retry.retention, input.headers.clone())?;
     // A derived key derives from the operation's name: the one the user gave.
     let name = args.derive_key.clone().unwrap_or_else(|| common::operation_name("POST", &args.url, &input.body));
@@ -336,7 +336,7 @@ impl Report {
         }
     }
 
-    fn tell(&self, result: Result<Completed, OperationError>, journal: Option<&PathBuf>) -> Exit {
+    fn tell(&self, result: Result<Completed, OperationError>, journal: Option<&String>) -> Exit {
         match result {
             Ok(done) => self.done(&done),
             Err(OperationError::Rejected { status, body, attempts, key, key_reuse, .. }) => {
@@ -403,7 +403,7 @@ impl Report {
 
     /// Created, not ready: a failure state is a refusal; anything else (the timeout, polls
     /// that failed) leaves it to a re-run, which resumes the wait.
-    fn not_ready(&self, failed: &WaitFailed, journal: Option<&PathBuf>) -> Exit {
+    fn not_ready(&self, failed: &WaitFailed, journal: Option<&String>) -> Exit {
         eprintln!("idem: {}", idempotent_retry::error::chain(failed));
         let (outcome, exit) = match &failed.source {
             WaitError::Failed { .. } | WaitError::UnexpectedState { .. } => ("failed", Exit::Refused),
@@ -413,7 +413,7 @@ impl Report {
         match (journal, failed.handle.is_some()) {
             (Some(path), true) => eprintln!(
                 "idem: it was created and is tracked in the journal at {}: re-running the same command resumes the wait, it never creates again",
-                path.display()
+                path
             ),
             (None, true) => eprintln!("idem: it was created; without a journal a re-run cannot resume the wait"),
             (_, false) => eprintln!("idem: it was created, and is on record; there is nowhere to wait for it"),
@@ -536,13 +536,13 @@ struct Told<'a> {
 }
 
 /// Says whether running the same command again is safe.
-fn explain_rerun(may_have_been_applied: bool, key: Option<&IdempotencyKey>, journal: Option<&PathBuf>) {
+fn explain_rerun(may_have_been_applied: bool, key: Option<&IdempotencyKey>, journal: Option<&String>) {
     let applied = if may_have_been_applied { "it may have been applied" } else { "it was not applied" };
     match (key, journal) {
         (Some(key), Some(path)) => eprintln!(
             "idem: {applied}; re-running the same command is safe: it resumes key sha256:{} from the journal at {}",
             key.fingerprint(),
-            path.display()
+            path
         ),
         (Some(key), None) => eprintln!(
             "idem: {applied}; re-running is safe only with the same key (there is no journal): --idempotency-key {key}"

@@ -112,19 +112,15 @@ impl Api {
 
     /// Marks the generations under `prefix` that created `id` deleted.
     async fn mark_deleted(&self, prefix: &str, id: &str) -> Result<()> {
-        let (prefix, id) = (prefix.to_owned(), id.to_owned());
-        self.blocking(move |store| {
-            for (_, record) in generations(store, &prefix)? {
-                if created_id(&record) == Some(id.as_str()) {
-                    let tombstone = Finish::new(record.claim(), OpState::Succeeded, SystemClock.now())
-                        .status(record.status)
-                        .identity(Some(json!({"id": id, "deleted": true})));
-                    store.finish(&record.operation, &tombstone)?;
-                }
+        for (_, record) in generations(&*self.store, prefix).await? {
+            if created_id(&record) == Some(id) {
+                let tombstone = Finish::new(record.claim(), OpState::Succeeded, SystemClock.now())
+                    .status(record.status)
+                    .identity(Some(json!({"id": id, "deleted": true})));
+                self.store.finish(&record.operation, &tombstone).await?;
             }
-            Ok(())
-        })
-        .await
+        }
+        Ok(())
     }
 
     /// Makes the CVM hold `count` replicas, each running; surplus this set created is deleted
@@ -187,9 +183,7 @@ impl Api {
     /// `not_found_checks`.) A generation whose create has not answered yet has no id: it is
     /// resumed, never passed over.
     async fn generation(&self, prefix: &str) -> Result<u64> {
-        let owned = prefix.to_owned();
-        let latest =
-            self.blocking(move |store| Ok(generations(store, &owned)?.into_iter().max_by_key(|(g, _)| *g))).await?;
+        let latest = generations(&*self.store, prefix).await?.into_iter().max_by_key(|(g, _)| *g);
         let Some((generation, record)) = latest else { return Ok(1) };
         if is_deleted(&record) {
             return Ok(generation + 1);
@@ -202,21 +196,14 @@ impl Api {
             _ => Ok(generation),
         }
     }
-
-    async fn blocking<T: Send + 'static>(
-        &self,
-        call: impl FnOnce(&dyn KeyStore) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || call(&*store)).await?
-    }
 }
 
 /// Every generation's record under `prefix` (`{prefix}/g{n}`).
-fn generations(store: &dyn KeyStore, prefix: &str) -> Result<Vec<(u64, Record)>> {
+async fn generations(store: &dyn KeyStore, prefix: &str) -> Result<Vec<(u64, Record)>> {
     let start = format!("{prefix}/g");
     Ok(store
-        .list()?
+        .list()
+        .await?
         .into_iter()
         .filter_map(|r| r.operation.strip_prefix(&start).and_then(|g| g.parse().ok()).map(|g| (g, r)))
         .collect())

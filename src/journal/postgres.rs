@@ -1,0 +1,749 @@
+//! The PostgreSQL journal (feature `postgres`): one database shared by every machine of a fleet.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use sha2::{Digest, Sha256};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{NoTls, Row};
+
+use super::{Begun, Finish, Intent, JournalError, KeyPlan, KeyStore, OpState, Record, from_millis, to_millis};
+use crate::key::IdempotencyKey;
+
+/// The schema's version, in the `migrations` table. Version 1 is the first.
+const SCHEMA_VERSION: i32 = 1;
+
+/// The advisory lock every opener takes while it creates or migrates the schema.
+const MIGRATION_LOCK: i64 = 0x1de5_0001;
+
+/// The columns of a record, in the order [`decode`] reads them.
+const COLUMNS: &str =
+    "operation, key, method, url, fingerprint, state, created_at, updated_at, status, identity, fixed_key, handle";
+
+/// A journal in a PostgreSQL database, shared by every machine that runs the same operations:
+/// CI runners, ephemeral Terraform agents, a fleet retrying one pipeline step at once. The
+/// rules are [`SqliteJournal`](super::SqliteJournal)'s (the table on [`KeyStore`]), and these
+/// hold across machines:
+///
+/// - **Atomic begin.** Each `begin` is one transaction that takes a transaction-scoped advisory
+///   lock on the operation (`pg_advisory_xact_lock`; none survives the transaction, so
+///   PgBouncer's transaction pooling cannot strand one) and reads the record `FOR UPDATE`:
+///   two machines beginning the same operation at the same instant never both send.
+/// - **Leases.** A run that sends holds its record as a lease (its owner and an expiry by the
+///   database's clock, 90 s by default), released when it finishes. Another machine that finds
+///   a live lease gets [`Begun::Running`]: it waits for that run to settle and answers with its
+///   result, never with a create of its own and never with a new key. A lease whose holder
+///   died (kill -9, a lost machine) expires, and the next run resumes the same key.
+/// - **Scopes.** Records are keyed by (scope, operation): two accounts or tenants sharing one
+///   database never see each other's records ([`PostgresJournalBuilder::scope`]).
+/// - **Schema.** Versioned, created (or migrated) by the first opener under an advisory lock,
+///   in a schema of its own (`idempotent_retry` unless [told otherwise](PostgresJournalBuilder::schema));
+///   any number of machines may open a new database at once. [`gc`](Self::gc) removes settled
+///   records past the server's retention.
+/// - **Bounded.** Connecting, each statement and each lock wait are bounded
+///   ([`PostgresJournalBuilder::timeout`], 5 s); the password of the connection string never
+///   appears in errors, logs or records.
+///
+/// The key of a run is committed before the run sends; its outcome is committed with
+/// `synchronous_commit = off` (losing it to a crash of the database leaves the record pending:
+/// the next run resumes the key, and the server replays).
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn run() -> Result<(), idempotent_retry::journal::JournalError> {
+/// use idempotent_retry::journal::{KeyStore, PostgresJournal};
+///
+/// let journal = PostgresJournal::builder("postgres://ci@db.internal/deploys")
+///     .scope("tenant-42")
+///     .open()
+///     .await?;
+/// for record in journal.list().await? {
+///     println!("{} {} {}", record.operation, record.state, record.url);
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PostgresJournal {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    /// The connection string without its password, for messages.
+    shown: String,
+    /// The schema, quoted as an identifier.
+    schema: String,
+    scope: String,
+    owner: String,
+    lease: Duration,
+    timeout: Duration,
+}
+
+impl fmt::Debug for PostgresJournal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresJournal")
+            .field("at", &self.inner.shown)
+            .field("schema", &self.inner.schema)
+            .field("scope", &self.inner.scope)
+            .field("owner", &self.inner.owner)
+            .field("lease", &self.inner.lease)
+            .finish()
+    }
+}
+
+/// Builds a [`PostgresJournal`]. Every setting has a default; see each method.
+#[derive(Clone)]
+pub struct PostgresJournalBuilder {
+    url: String,
+    schema: String,
+    scope: String,
+    owner: Option<String>,
+    lease: Duration,
+    timeout: Duration,
+    pool_size: usize,
+}
+
+impl fmt::Debug for PostgresJournalBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresJournalBuilder")
+            .field("at", &redact_conninfo(&self.url))
+            .field("schema", &self.schema)
+            .field("scope", &self.scope)
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresJournal {
+    /// How long a run holds its record unless told otherwise: 90 s (brandur's Stripe-style
+    /// keys use the same).
+    pub const DEFAULT_LEASE: Duration = Duration::from_secs(90);
+    /// The schema the journal's tables live in unless told otherwise.
+    pub const DEFAULT_SCHEMA: &'static str = "idempotent_retry";
+    /// The bound on connecting, on each statement and on each lock wait: 5 s.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// A builder for the journal in the database at `url`: a `postgres://` or `postgresql://`
+    /// URL, or libpq's `key=value` form.
+    pub fn builder(url: impl Into<String>) -> PostgresJournalBuilder {
+        PostgresJournalBuilder {
+            url: url.into(),
+            schema: Self::DEFAULT_SCHEMA.to_owned(),
+            scope: String::new(),
+            owner: None,
+            lease: Self::DEFAULT_LEASE,
+            timeout: Self::DEFAULT_TIMEOUT,
+            pool_size: 8,
+        }
+    }
+
+    /// Opens the journal at `url` with every default.
+    ///
+    /// # Errors
+    ///
+    /// As [`PostgresJournalBuilder::open`].
+    pub async fn open(url: impl Into<String>) -> Result<Self, JournalError> {
+        Self::builder(url).open().await
+    }
+
+    /// Where the journal is, without the password.
+    pub fn location(&self) -> &str {
+        &self.inner.shown
+    }
+
+    /// The scope whose records this journal reads and writes.
+    pub fn scope(&self) -> &str {
+        &self.inner.scope
+    }
+
+    /// Removes this scope's settled records (succeeded or not applied) last changed before
+    /// `before`, and the retired records of the same age: so the tables do not grow forever.
+    /// Choose `before` past the server's retention. A fixed key's success is kept whatever its
+    /// age: it is what keeps that key from being sent again after the server forgot it (and
+    /// from creating a second resource). How many records went.
+    ///
+    /// # Errors
+    ///
+    /// When the database cannot be used.
+    pub async fn gc(&self, before: SystemTime) -> Result<u64, JournalError> {
+        let inner = &self.inner;
+        let client = inner.client().await?;
+        let cutoff = to_millis(before);
+        let settled = "state IN ('succeeded', 'not_applied', 'failed') AND updated_at < $2 \
+                       AND NOT (fixed_key AND state = 'succeeded')";
+        let current = format!("DELETE FROM {}.operations WHERE scope = $1 AND {settled}", inner.schema);
+        let retired = format!("DELETE FROM {}.retired WHERE scope = $1 AND {settled}", inner.schema);
+        let gone = client.execute(&current, &[&inner.scope, &cutoff]).await.map_err(|e| inner.fail(e))?;
+        let old = client.execute(&retired, &[&inner.scope, &cutoff]).await.map_err(|e| inner.fail(e))?;
+        Ok(gone + old)
+    }
+}
+
+impl PostgresJournalBuilder {
+    /// The schema (PostgreSQL namespace) the tables live in (default
+    /// [`DEFAULT_SCHEMA`](PostgresJournal::DEFAULT_SCHEMA)): one database can hold several
+    /// journals side by side.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// The scope (account, tenant) whose records the journal reads and writes (default: the
+    /// empty scope). Records of other scopes are never seen: not by `begin`'s pinning checks,
+    /// not by `list`.
+    pub fn scope(mut self, scope: impl Into<String>) -> Self {
+        self.scope = scope.into();
+        self
+    }
+
+    /// Who this journal's runs are, in the leases they hold (default: the host's name, the
+    /// process id and a random part, new for every journal opened).
+    pub fn owner(mut self, owner: impl Into<String>) -> Self {
+        self.owner = Some(owner.into());
+        self
+    }
+
+    /// How long a run holds its record before another machine may take it over (default
+    /// [`DEFAULT_LEASE`](PostgresJournal::DEFAULT_LEASE), 90 s, by the database's clock). A run
+    /// that lasts longer is not stopped: another machine then resumes the same key, and the
+    /// server's in-flight answer (409) or replay keeps it to one resource.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// The bound on connecting, on each statement and on each lock wait (default
+    /// [`DEFAULT_TIMEOUT`](PostgresJournal::DEFAULT_TIMEOUT)).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The most connections the journal holds open (default 8).
+    pub fn pool_size(mut self, size: usize) -> Self {
+        self.pool_size = size.max(1);
+        self
+    }
+
+    /// Connects, and creates or migrates the schema if it must (under an advisory lock: any
+    /// number of machines may do this at once).
+    ///
+    /// # Errors
+    ///
+    /// [`JournalError::Unavailable`] when the database cannot be reached or refuses the
+    /// connection; [`JournalError::Other`] when the URL cannot be read or the schema is newer
+    /// than this program knows.
+    pub async fn open(self) -> Result<PostgresJournal, JournalError> {
+        let shown = redact_conninfo(&self.url);
+        let mut config: tokio_postgres::Config =
+            self.url.parse().map_err(|e: tokio_postgres::Error| JournalError::Other {
+                path: shown.clone(),
+                reason: format!("not a PostgreSQL connection string: {}", clean(&e)),
+            })?;
+        let ms = self.timeout.as_millis().max(1);
+        config.connect_timeout(self.timeout);
+        config.options(format!(
+            "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={}",
+            ms * 4
+        ));
+        config.application_name("idempotent-retry");
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(self.pool_size)
+            .wait_timeout(Some(self.timeout))
+            .create_timeout(Some(self.timeout))
+            .recycle_timeout(Some(self.timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| JournalError::Other { path: shown.clone(), reason: e.to_string() })?;
+        let owner = self.owner.unwrap_or_else(default_owner);
+        let inner = Inner {
+            pool,
+            shown,
+            schema: quote_ident(&self.schema),
+            scope: self.scope,
+            owner,
+            lease: self.lease,
+            timeout: self.timeout,
+        };
+        inner.migrate().await?;
+        Ok(PostgresJournal { inner: Arc::new(inner) })
+    }
+}
+
+/// `host/pid/random`: who holds a lease, told apart from every other journal instance.
+fn default_owner() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".to_owned());
+    format!("{host}/{}/{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+/// `"name"`, with inner quotes doubled: a schema name used as an identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A connection string as it may be shown: a URL without its password (and query values), or
+/// libpq's `key=value` form with `password` masked.
+pub(crate) fn redact_conninfo(conninfo: &str) -> String {
+    if conninfo.contains("://") {
+        return crate::target::redact_str(conninfo);
+    }
+    conninfo
+        .split_whitespace()
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.trim().eq_ignore_ascii_case("password") => format!("{key}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// An error's text with whatever it quotes of the connection string left out.
+fn clean(e: &tokio_postgres::Error) -> String {
+    let text = e.to_string();
+    // tokio-postgres names the parameter it could not read, never its value; keep it short.
+    text.lines().next().unwrap_or_default().to_owned()
+}
+
+/// The advisory lock of `what` (an operation or a key) in `scope`: 64 bits of a SHA-256.
+fn lock_id(class: &str, scope: &str, what: &str) -> i64 {
+    let mut hash = Sha256::new();
+    for part in [class, scope, what] {
+        hash.update(part.as_bytes());
+        hash.update([0]);
+    }
+    let digest = hash.finalize();
+    i64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+impl Inner {
+    async fn client(&self) -> Result<deadpool_postgres::Object, JournalError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| JournalError::Unavailable { path: self.shown.clone(), reason: pool_error(&e) })
+    }
+
+    fn fail(&self, e: tokio_postgres::Error) -> JournalError {
+        let path = self.shown.clone();
+        match e.code() {
+            Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE || *c == SqlState::QUERY_CANCELED => {
+                JournalError::Locked { path, waited: self.timeout }
+            }
+            // Connection exceptions (08…) and a server going away (57P01-03: shutdown, crash,
+            // not accepting connections yet).
+            Some(c) if c.code().starts_with("08") || c.code().starts_with("57P") => {
+                JournalError::Unavailable { path, reason: clean(&e) }
+            }
+            _ if e.is_closed() || e.as_db_error().is_none() => JournalError::Unavailable { path, reason: clean(&e) },
+            _ => JournalError::Other { path, reason: clean(&e) },
+        }
+    }
+
+    /// Creates or migrates the schema, under the migration lock: many openers of a new database
+    /// at once wait for the first, then find the schema there.
+    async fn migrate(&self) -> Result<(), JournalError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.fail(e))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(|e| self.fail(e))?;
+        let s = &self.schema;
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {s};
+             CREATE TABLE IF NOT EXISTS {s}.migrations (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now());"
+        ))
+        .await
+        .map_err(|e| self.fail(e))?;
+        let version: Option<i32> = tx
+            .query_one(&format!("SELECT max(version) FROM {s}.migrations"), &[])
+            .await
+            .map_err(|e| self.fail(e))?
+            .get(0);
+        let version = version.unwrap_or(0);
+        if version > SCHEMA_VERSION {
+            return Err(JournalError::Other {
+                path: self.shown.clone(),
+                reason: format!("its schema (version {version}) is newer than this program knows ({SCHEMA_VERSION})"),
+            });
+        }
+        if version < 1 {
+            tx.batch_execute(&format!(
+                "CREATE TABLE {s}.operations (
+                    scope       TEXT NOT NULL,
+                    operation   TEXT NOT NULL,
+                    key         TEXT,
+                    method      TEXT NOT NULL,
+                    url         TEXT NOT NULL,
+                    fingerprint TEXT NOT NULL,
+                    state       TEXT NOT NULL,
+                    created_at  BIGINT NOT NULL,
+                    updated_at  BIGINT NOT NULL,
+                    status      INTEGER,
+                    identity    TEXT,
+                    fixed_key   BOOLEAN NOT NULL,
+                    handle      TEXT,
+                    lease_owner TEXT,
+                    lease_until TIMESTAMPTZ,
+                    PRIMARY KEY (scope, operation)
+                );
+                CREATE INDEX operations_by_key ON {s}.operations (scope, key);
+                CREATE TABLE {s}.retired (
+                    scope       TEXT NOT NULL,
+                    operation   TEXT NOT NULL,
+                    key         TEXT NOT NULL,
+                    method      TEXT NOT NULL,
+                    url         TEXT NOT NULL,
+                    fingerprint TEXT NOT NULL,
+                    state       TEXT NOT NULL,
+                    created_at  BIGINT NOT NULL,
+                    updated_at  BIGINT NOT NULL,
+                    status      INTEGER,
+                    identity    TEXT,
+                    fixed_key   BOOLEAN NOT NULL,
+                    handle      TEXT,
+                    PRIMARY KEY (scope, operation, key)
+                );
+                CREATE INDEX retired_by_key ON {s}.retired (scope, key);
+                INSERT INTO {s}.migrations (version) VALUES (1);"
+            ))
+            .await
+            .map_err(|e| self.fail(e))?;
+        }
+        tx.commit().await.map_err(|e| self.fail(e))
+    }
+
+    async fn begin(&self, intent: &Intent<'_>) -> Result<Begun, JournalError> {
+        let s = &self.schema;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.fail(e))?;
+        // The operation's lock first, then the key's: two begins never wait on each other in
+        // a circle.
+        let op_lock = lock_id("operation", &self.scope, intent.operation);
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&op_lock]).await.map_err(|e| self.fail(e))?;
+        if let KeyPlan::Fixed(key) = &intent.key {
+            let key_lock = lock_id("key", &self.scope, key.as_str());
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&key_lock]).await.map_err(|e| self.fail(e))?;
+        }
+        let select = format!(
+            "SELECT {COLUMNS}, lease_owner, (lease_until > now()) AS leased FROM {s}.operations \
+             WHERE scope = $1 AND operation = $2 FOR UPDATE"
+        );
+        let row = tx.query_opt(&select, &[&self.scope, &intent.operation]).await.map_err(|e| self.fail(e))?;
+        let existing = row.as_ref().map(|r| self.decode(r)).transpose()?;
+        if let (Some(row), Some(record)) = (&row, &existing) {
+            let owner: Option<String> = row.get("lease_owner");
+            let leased: Option<bool> = row.get("leased");
+            if record.state == OpState::Pending && leased == Some(true) && owner.as_deref() != Some(self.owner.as_str())
+            {
+                // Another machine's live run: nothing is written, and nothing may be sent.
+                return Ok(Begun::Running(record.clone()));
+            }
+        }
+        let (earlier, conflict) = match &intent.key {
+            KeyPlan::Fixed(key) => {
+                let earlier = tx
+                    .query_opt(
+                        &format!("SELECT {COLUMNS} FROM {s}.retired WHERE scope = $1 AND operation = $2 AND key = $3"),
+                        &[&self.scope, &intent.operation, &key.as_str()],
+                    )
+                    .await
+                    .map_err(|e| self.fail(e))?;
+                let conflict = tx
+                    .query_opt(
+                        &format!(
+                            "SELECT {COLUMNS} FROM {s}.operations WHERE scope = $1 AND key = $2 AND operation <> $3 AND fingerprint <> $4 \
+                             UNION ALL SELECT {COLUMNS} FROM {s}.retired WHERE scope = $1 AND key = $2 AND operation <> $3 AND fingerprint <> $4 \
+                             LIMIT 1"
+                        ),
+                        &[&self.scope, &key.as_str(), &intent.operation, &intent.fingerprint],
+                    )
+                    .await
+                    .map_err(|e| self.fail(e))?;
+                (earlier.map(|r| self.decode(&r)).transpose()?, conflict.map(|r| self.decode(&r)).transpose()?)
+            }
+            _ => (None, None),
+        };
+        let planned = intent
+            .plan(existing.as_ref(), earlier.as_ref(), conflict.as_ref())
+            .map_err(JournalError::PayloadMismatch)?;
+        let Some(write) = planned.write else { return Ok(planned.begun) };
+        if let Some(retired) = &planned.retire {
+            tx.execute(
+                &format!(
+                    "INSERT INTO {s}.retired (scope, {COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+                     ON CONFLICT (scope, operation, key) DO UPDATE SET method = excluded.method, url = excluded.url, \
+                     fingerprint = excluded.fingerprint, state = excluded.state, created_at = excluded.created_at, \
+                     updated_at = excluded.updated_at, status = excluded.status, identity = excluded.identity, \
+                     fixed_key = excluded.fixed_key, handle = excluded.handle"
+                ),
+                &self.params(retired).as_refs(),
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        }
+        let mut params = self.params(&write);
+        let lease = self.lease.as_secs_f64();
+        params.lease = Some((self.owner.clone(), lease));
+        tx.execute(
+            &format!(
+                "INSERT INTO {s}.operations (scope, {COLUMNS}, lease_owner, lease_until) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, now() + make_interval(secs => $15)) \
+                 ON CONFLICT (scope, operation) DO UPDATE SET key = excluded.key, method = excluded.method, \
+                 url = excluded.url, fingerprint = excluded.fingerprint, state = excluded.state, \
+                 created_at = excluded.created_at, updated_at = excluded.updated_at, status = excluded.status, \
+                 identity = excluded.identity, fixed_key = excluded.fixed_key, handle = excluded.handle, \
+                 lease_owner = excluded.lease_owner, lease_until = excluded.lease_until"
+            ),
+            &params.as_refs(),
+        )
+        .await
+        .map_err(|e| self.fail(e))?;
+        tx.commit().await.map_err(|e| self.fail(e))?;
+        Ok(planned.begun)
+    }
+
+    async fn finish(&self, operation: &str, finish: &Finish) -> Result<bool, JournalError> {
+        let s = &self.schema;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.fail(e))?;
+        // Losing the outcome to a crash of the database leaves the record pending, which is
+        // safe: the next run resumes the key. The key itself was committed durably by `begin`.
+        tx.batch_execute("SET LOCAL synchronous_commit = off").await.map_err(|e| self.fail(e))?;
+        let identity = finish.identity.as_ref().map(serde_json::Value::to_string);
+        let handle = finish.handle.as_ref().map(|h| serde_json::to_string(h).expect("a handle serializes"));
+        let status = finish.status.map(i32::from);
+        let key = finish.claim.key.as_ref().map(IdempotencyKey::as_str);
+        let updated = tx
+            .execute(
+                &format!(
+                    "UPDATE {s}.operations SET state = $3, status = $4, identity = $5, updated_at = $6, handle = $7, \
+                     lease_owner = NULL, lease_until = NULL \
+                     WHERE scope = $1 AND operation = $2 AND key IS NOT DISTINCT FROM $8 AND created_at = $9"
+                ),
+                &[
+                    &self.scope,
+                    &operation,
+                    &finish.state.as_str(),
+                    &status,
+                    &identity,
+                    &to_millis(finish.now),
+                    &handle,
+                    &key,
+                    &to_millis(finish.claim.created_at),
+                ],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        tx.commit().await.map_err(|e| self.fail(e))?;
+        Ok(updated > 0)
+    }
+
+    async fn get(&self, operation: &str) -> Result<Option<Record>, JournalError> {
+        let client = self.client().await?;
+        let query = format!("SELECT {COLUMNS} FROM {}.operations WHERE scope = $1 AND operation = $2", self.schema);
+        let row = client.query_opt(&query, &[&self.scope, &operation]).await.map_err(|e| self.fail(e))?;
+        row.map(|r| self.decode(&r)).transpose()
+    }
+
+    async fn list(&self) -> Result<Vec<Record>, JournalError> {
+        let client = self.client().await?;
+        let query =
+            format!("SELECT {COLUMNS} FROM {}.operations WHERE scope = $1 ORDER BY created_at, operation", self.schema);
+        let rows = client.query(&query, &[&self.scope]).await.map_err(|e| self.fail(e))?;
+        rows.iter().map(|r| self.decode(r)).collect()
+    }
+
+    async fn forget(&self, operation: &str) -> Result<bool, JournalError> {
+        let s = &self.schema;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.fail(e))?;
+        let op_lock = lock_id("operation", &self.scope, operation);
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&op_lock]).await.map_err(|e| self.fail(e))?;
+        tx.execute(&format!("DELETE FROM {s}.retired WHERE scope = $1 AND operation = $2"), &[&self.scope, &operation])
+            .await
+            .map_err(|e| self.fail(e))?;
+        let forgot = tx
+            .execute(
+                &format!("DELETE FROM {s}.operations WHERE scope = $1 AND operation = $2"),
+                &[&self.scope, &operation],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        tx.commit().await.map_err(|e| self.fail(e))?;
+        Ok(forgot > 0)
+    }
+
+    /// A record from a row whose first columns are [`COLUMNS`]: exactly what was stored, or an
+    /// error naming the column that is damaged (as the SQLite journal reads its rows).
+    fn decode(&self, row: &Row) -> Result<Record, JournalError> {
+        let bad = |what: &str| JournalError::Other {
+            path: self.shown.clone(),
+            reason: format!("the journal's `{what}` of operation {:?} cannot be read", row.get::<_, String>(0)),
+        };
+        let key: Option<String> = row.try_get(1).map_err(|_| bad("key"))?;
+        let state: String = row.try_get(5).map_err(|_| bad("state"))?;
+        let time = |column: usize, name: &str| {
+            let ms: i64 = row.try_get(column).map_err(|_| bad(name))?;
+            if ms < 0 { Err(bad(name)) } else { Ok(from_millis(ms)) }
+        };
+        let status = match row.try_get::<_, Option<i32>>(8).map_err(|_| bad("status"))? {
+            Some(s) => Some(u16::try_from(s).ok().filter(|s| (100..=599).contains(s)).ok_or_else(|| bad("status"))?),
+            None => None,
+        };
+        let identity: Option<String> = row.try_get(9).map_err(|_| bad("identity"))?;
+        let handle: Option<String> = row.try_get(11).map_err(|_| bad("handle"))?;
+        Ok(Record {
+            operation: row.try_get(0).map_err(|_| bad("operation"))?,
+            key: key.map(IdempotencyKey::new).transpose().map_err(|_| bad("key"))?,
+            method: row.try_get(2).map_err(|_| bad("method"))?,
+            url: row.try_get(3).map_err(|_| bad("url"))?,
+            fingerprint: row.try_get(4).map_err(|_| bad("fingerprint"))?,
+            state: OpState::parse(&state).ok_or_else(|| bad("state"))?,
+            created_at: time(6, "created_at")?,
+            updated_at: time(7, "updated_at")?,
+            status,
+            identity: identity.map(|s| serde_json::from_str(&s)).transpose().map_err(|_| bad("identity"))?,
+            fixed_key: row.try_get(10).map_err(|_| bad("fixed_key"))?,
+            handle: handle.map(|s| serde_json::from_str(&s)).transpose().map_err(|_| bad("handle"))?,
+        })
+    }
+
+    fn params(&self, r: &Record) -> Params {
+        Params {
+            scope: self.scope.clone(),
+            operation: r.operation.clone(),
+            key: r.key.as_ref().map(|k| k.as_str().to_owned()),
+            method: r.method.clone(),
+            url: r.url.clone(),
+            fingerprint: r.fingerprint.clone(),
+            state: r.state.as_str(),
+            created_at: to_millis(r.created_at),
+            updated_at: to_millis(r.updated_at),
+            status: r.status.map(i32::from),
+            identity: r.identity.as_ref().map(serde_json::Value::to_string),
+            fixed_key: r.fixed_key,
+            handle: r.handle.as_ref().map(|h| serde_json::to_string(h).expect("a handle serializes")),
+            lease: None,
+        }
+    }
+}
+
+/// A record's columns as statement parameters, in [`COLUMNS`]' order after the scope.
+struct Params {
+    scope: String,
+    operation: String,
+    key: Option<String>,
+    method: String,
+    url: String,
+    fingerprint: String,
+    state: &'static str,
+    created_at: i64,
+    updated_at: i64,
+    status: Option<i32>,
+    identity: Option<String>,
+    fixed_key: bool,
+    handle: Option<String>,
+    /// The lease's owner and length in seconds, for the operations table.
+    lease: Option<(String, f64)>,
+}
+
+impl Params {
+    fn as_refs(&self) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+        let mut refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
+            &self.scope,
+            &self.operation,
+            &self.key,
+            &self.method,
+            &self.url,
+            &self.fingerprint,
+            &self.state,
+            &self.created_at,
+            &self.updated_at,
+            &self.status,
+            &self.identity,
+            &self.fixed_key,
+            &self.handle,
+        ];
+        if let Some((owner, secs)) = &self.lease {
+            refs.push(owner);
+            refs.push(secs);
+        }
+        refs
+    }
+}
+
+fn pool_error(e: &deadpool_postgres::PoolError) -> String {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => clean(e),
+        other => other.to_string(),
+    }
+}
+
+#[async_trait::async_trait]
+impl KeyStore for PostgresJournal {
+    async fn begin(&self, intent: &Intent<'_>) -> Result<Begun, JournalError> {
+        match self.inner.begin(intent).await {
+            // A connection the database dropped (a restart) fails its first use: once more,
+            // on a new one. Safe: a transaction that did not commit wrote nothing, and one that
+            // did is this journal's own run, which the second begin resumes.
+            Err(JournalError::Unavailable { .. }) => self.inner.begin(intent).await,
+            result => result,
+        }
+    }
+
+    async fn finish(&self, operation: &str, finish: &Finish) -> Result<bool, JournalError> {
+        match self.inner.finish(operation, finish).await {
+            Err(JournalError::Unavailable { .. }) => self.inner.finish(operation, finish).await,
+            result => result,
+        }
+    }
+
+    async fn get(&self, operation: &str) -> Result<Option<Record>, JournalError> {
+        match self.inner.get(operation).await {
+            Err(JournalError::Unavailable { .. }) => self.inner.get(operation).await,
+            result => result,
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<Record>, JournalError> {
+        match self.inner.list().await {
+            Err(JournalError::Unavailable { .. }) => self.inner.list().await,
+            result => result,
+        }
+    }
+
+    async fn forget(&self, operation: &str) -> Result<bool, JournalError> {
+        self.inner.forget(operation).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(redact_conninfo("postgres://ci:s3cret@db:5432/deploys"), "postgres://ci:***@db:5432/deploys");
+        assert_eq!(
+            redact_conninfo("host=db user=ci password=s3cret dbname=x"),
+            "host=db user=ci password=*** dbname=x"
+        );
+        let builder = PostgresJournal::builder("postgresql://ci:s3cret@db/x?sslmode=disable&password=p2");
+        let shown = format!("{builder:?}");
+        assert!(!shown.contains("s3cret") && !shown.contains("p2"), "{shown}");
+    }
+
+    #[test]
+    fn locks_are_per_scope_and_class() {
+        assert_ne!(lock_id("operation", "a", "op"), lock_id("operation", "b", "op"));
+        assert_ne!(lock_id("operation", "a", "op"), lock_id("key", "a", "op"));
+        assert_eq!(lock_id("key", "a", "k"), lock_id("key", "a", "k"));
+        assert_eq!(quote_ident(r#"we"ird"#), r#""we""ird""#);
+    }
+}

@@ -170,6 +170,9 @@ pub struct Intent<'a> {
     /// The run this one waited for ([`Begun::Running`]): if it is the record's run and it
     /// succeeded, its success is this run's answer, and nothing new starts.
     pub waited_for: Option<Claim>,
+    /// The operation happens once: a success on record answers every later run, whatever
+    /// the key source (see [`OperationBuilder::once`](crate::operation::OperationBuilder::once)).
+    pub once: bool,
 }
 
 /// One run's hold on an operation's record: its key and when that key was first recorded.
@@ -339,7 +342,13 @@ impl<'a> Intent<'a> {
         key: KeyPlan,
         now: SystemTime,
     ) -> Self {
-        Self { operation, method, url, fingerprint, key, now, waited_for: None }
+        Self { operation, method, url, fingerprint, key, now, waited_for: None, once: false }
+    }
+
+    /// The same intent, for an operation that happens [once](Self::once).
+    pub fn happening_once(mut self, once: bool) -> Self {
+        self.once = once;
+        self
     }
 
     /// The same intent, by a run that waited for the run with `claim` to settle.
@@ -358,6 +367,7 @@ impl<'a> Intent<'a> {
             key: self.key.clone(),
             now: self.now,
             waited_for: self.waited_for.clone(),
+            once: self.once,
         }
     }
 }
@@ -372,6 +382,7 @@ pub(crate) struct OwnedIntent {
     key: KeyPlan,
     now: SystemTime,
     waited_for: Option<Claim>,
+    once: bool,
 }
 
 impl OwnedIntent {
@@ -379,6 +390,7 @@ impl OwnedIntent {
     pub(crate) fn intent(&self) -> Intent<'_> {
         Intent::new(&self.operation, &self.method, &self.url, &self.fingerprint, self.key.clone(), self.now)
             .after(self.waited_for.clone())
+            .happening_once(self.once)
     }
 }
 
@@ -418,10 +430,11 @@ impl Intent<'_> {
         let start = |key: Option<IdempotencyKey>, created_at: SystemTime| planned(key, created_at, false);
         let resume = |key: IdempotencyKey, created_at: SystemTime| planned(Some(key), created_at, true);
         let nothing = |begun: Begun| Planned { write: None, retire: None, begun };
-        // The run this one waited for succeeded: that is this run's answer (the same payload
-        // only), not a reason to start another.
+        // The run this one waited for succeeded, or the operation happens once and succeeded:
+        // that is this run's answer (the same payload only), not a reason to start another.
         if let Some(r) = existing.filter(|r| {
-            r.state == OpState::Succeeded && self.waited_for.as_ref().is_some_and(|claim| r.is_claimed_by(claim))
+            r.state == OpState::Succeeded
+                && (self.once || self.waited_for.as_ref().is_some_and(|claim| r.is_claimed_by(claim)))
         }) {
             if r.fingerprint != self.fingerprint {
                 return Err(mismatch(r, r.key.as_ref()));
@@ -573,6 +586,7 @@ impl Finish {
 /// | pending or unknown, without a key | *unsettled* | *unsettled* | *unsettled* |
 /// | waiting (created, not yet ready) | *waiting*: resume the wait (same payload only) | *waiting* (same payload only) | *waiting* (same payload only) |
 /// | succeeded | mint a new key (a new run) | a key this operation used: *succeeded* (or, if that run failed, the key again, same payload only); another key: a new run | a new run |
+/// | succeeded, the operation happening [once](Intent::once), or the run this one waited for | *succeeded* (same payload only) | *succeeded* (same payload only) | *succeeded* (same payload only) |
 /// | failed | mint a new key | as for succeeded | a new run |
 ///
 /// *Unsettled*, *waiting* and *succeeded* write nothing: a record that may have taken effect survives any

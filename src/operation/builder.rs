@@ -35,6 +35,7 @@ pub struct OperationBuilder<'a> {
     pub(super) policy: Option<RetryPolicy>,
     pub(super) deadline: Option<Duration>,
     pub(super) wait: Option<WaitFor>,
+    pub(super) once: bool,
 }
 
 impl<'a> OperationBuilder<'a> {
@@ -116,6 +117,17 @@ impl<'a> OperationBuilder<'a> {
     /// No key: the endpoint takes none. A lost response is then settled by the read-back.
     pub fn no_key(mut self) -> Self {
         self.sources.push(KeySource::None);
+        self
+    }
+
+    /// The operation happens once: a success the journal holds for it answers every later run
+    /// (resolution [`Recorded`](super::Resolution::Recorded), refreshed by the read-back when
+    /// there is one), whatever the key source; nothing is sent. Without it a run after a
+    /// success is a new run of the operation (with a random key, or none, a new resource). To
+    /// run it anew, [forget](crate::journal::KeyStore::forget) it. `idem post` runs every
+    /// command once.
+    pub fn once(mut self) -> Self {
+        self.once = true;
         self
     }
 

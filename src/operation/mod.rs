@@ -333,6 +333,7 @@ impl Operations {
             policy: None,
             deadline: None,
             wait: None,
+            once: false,
         }
     }
 }

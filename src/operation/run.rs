@@ -129,8 +129,11 @@ impl OperationBuilder<'_> {
                     self.wait_for_holder(&held, waiting_since, polls).await?;
                     waited_for = Some(held.claim());
                 }
-                // The run waited for succeeded: its result is this run's. Nothing is sent.
-                Begun::Succeeded(record) if waited_for.as_ref().is_some_and(|c| record.is_claimed_by(c)) => {
+                // The run waited for succeeded, or the operation happens once and did: that
+                // result is this run's. Nothing is sent.
+                Begun::Succeeded(record)
+                    if self.once || waited_for.as_ref().is_some_and(|c| record.is_claimed_by(c)) =>
+                {
                     let claim = record.claim();
                     return self.succeeded_earlier(record, no_key_reason).await.map(|done| Start::done(done, claim));
                 }
@@ -457,8 +460,9 @@ impl OperationBuilder<'_> {
         plan: KeyPlan,
         waited_for: Option<Claim>,
     ) -> Result<Begun, OperationError> {
-        let intent =
-            Intent::new(&self.name, self.method.as_str(), url, fp, plan, self.ops.clock.now()).after(waited_for);
+        let intent = Intent::new(&self.name, self.method.as_str(), url, fp, plan, self.ops.clock.now())
+            .after(waited_for)
+            .happening_once(self.once);
         self.ops.store().begin(&intent).await.map_err(OperationError::journal)
     }
 

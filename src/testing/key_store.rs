@@ -62,6 +62,8 @@ where
         "keyless runs after a settled one get claims of their own" => keyless_runs_get_distinct_claims,
         "forgetting settles an unsettled record" => forget_settles,
         "a waiting record is resumed by any re-run and never sent again" => waiting_records_are_resumed,
+        "an operation that happens once is answered from its success" => once_is_answered_from_success,
+        "a run that waited for another is answered with its success" => waited_for_run_is_the_answer,
     ];
     for (name, rule) in rules {
         let store: Arc<dyn KeyStore> = Arc::new(make().await);
@@ -293,4 +295,43 @@ async fn waiting_records_are_resumed(store: &dyn KeyStore) {
     assert!(finish(store, "op", &claim, OpState::Succeeded).await, "the wait ends");
     let record = store.get("op").await.expect("the store works").expect("kept");
     assert_eq!((record.state, record.handle), (OpState::Succeeded, None));
+}
+
+async fn once_is_answered_from_success(store: &dyn KeyStore) {
+    for plan in [KeyPlan::Random, fixed("k"), KeyPlan::None] {
+        let op = format!("once-{plan:?}");
+        let once = |plan: KeyPlan| {
+            let fingerprint = fp("{}");
+            let op = op.clone();
+            async move { store.begin(&Intent::new(&op, "POST", URL, &fingerprint, plan, T0).happening_once(true)).await }
+        };
+        let Begun::Send { claim, .. } = once(plan.clone()).await.expect("the store works") else {
+            panic!("a first send")
+        };
+        finish(store, &op, &claim, OpState::Succeeded).await;
+        for again in [KeyPlan::Random, KeyPlan::None, fixed("k-other")] {
+            match once(again.clone()).await.expect("the store works") {
+                Begun::Succeeded(r) => assert_eq!(r.claim(), claim, "{plan:?} then {again:?}"),
+                other => panic!("{plan:?} then {again:?}: expected the success, got {other:?}"),
+            }
+        }
+        let fingerprint = fp(r#"{"a":1}"#);
+        let other =
+            store.begin(&Intent::new(&op, "POST", URL, &fingerprint, KeyPlan::Random, T0).happening_once(true)).await;
+        assert!(is_mismatch(other), "{plan:?}: pinned to its payload");
+    }
+}
+
+async fn waited_for_run_is_the_answer(store: &dyn KeyStore) {
+    let (claim, _) = send(store, "op", "{}", KeyPlan::Random, T0).await;
+    finish(store, "op", &claim, OpState::Succeeded).await;
+    let fingerprint = fp("{}");
+    let after = Intent::new("op", "POST", URL, &fingerprint, KeyPlan::Random, T0).after(Some(claim.clone()));
+    match store.begin(&after).await.expect("the store works") {
+        Begun::Succeeded(r) => assert_eq!(r.claim(), claim),
+        other => panic!("expected the run waited for, got {other:?}"),
+    }
+    // Not waited for: a succeeded random run run again is a new run, as always.
+    let (next, resumed) = send(store, "op", "{}", KeyPlan::Random, T0).await;
+    assert!(next.key != claim.key && !resumed);
 }

@@ -495,3 +495,23 @@ async fn a_count_above_the_maximum_is_refused_before_anything_is_sent() {
     }
     assert!(cloud.requests().is_empty(), "nothing sent");
 }
+
+/// The same command is one operation: once it succeeded, running it again (here, or with a
+/// journal of the same machine) answers from the journal and sends nothing, keyless included.
+#[tokio::test]
+async fn the_same_command_after_a_success_sends_nothing() {
+    let cloud = cloud(ServerProfile::stripe()).await;
+    let url = format!("{}/cvms", cloud.uri());
+    let scratch = Scratch::new("once");
+    let journal = scratch.journal();
+    for flags in [&[][..], &["--no-idempotency-key"][..]] {
+        let body = format!(r#"{{"name":"once-{}"}}"#, flags.len());
+        let args = [&["post", &url, "--json", &body, "--output", "json", "--journal", &journal][..], flags].concat();
+        let first = scratch.run(&args).await;
+        let again = scratch.run(&args).await;
+        assert_eq!((first.code(), again.code()), (0, 0), "{first:?}\n{again:?}");
+        assert_eq!(again.json()["outcome"], "recorded", "{again:?}");
+        assert_eq!(again.json()["body"]["id"], first.json()["body"]["id"], "the journal's record of it");
+        assert_eq!(cloud.created_named(&format!("once-{}", flags.len())), 1, "{flags:?}");
+    }
+}

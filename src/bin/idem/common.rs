@@ -205,6 +205,11 @@ pub struct JournalArgs {
     /// Keep keys in memory only: a re-run after a crash cannot resume.
     #[arg(long)]
     pub no_journal: bool,
+    /// With a PostgreSQL journal: how long a run holds an operation before another machine
+    /// may take it over, in seconds [default: 90]. Another machine that finds a live run
+    /// waits for it and answers with its result; a run killed holds it until this runs out.
+    #[arg(long, value_name = "SECS")]
+    pub lease: Option<f64>,
 }
 
 /// A journal `--journal` names: a SQLite file, or a PostgreSQL database.
@@ -217,7 +222,7 @@ impl Journal {
     /// Opens the journal `spec` names (`None`: the default SQLite file) for `scope`. With
     /// `existing`, a SQLite file that is not there is an error, not a new journal. A URL of
     /// another scheme than `postgres://` or `postgresql://` is refused: it is no file.
-    pub async fn open(spec: Option<&str>, scope: &str, existing: bool) -> Result<Self, Failed> {
+    pub async fn open(spec: Option<&str>, scope: &str, existing: bool, lease: Option<f64>) -> Result<Self, Failed> {
         let spec = match spec {
             Some(spec) => spec.to_owned(),
             None => match SqliteJournal::default_path() {
@@ -243,7 +248,11 @@ impl Journal {
                     ),
                 ));
             }
-            let journal = PostgresJournal::builder(&spec).scope(scope).open().await.map_err(|e| not_sent(&e))?;
+            let mut builder = PostgresJournal::builder(&spec).scope(scope);
+            if let Some(lease) = lease {
+                builder = builder.lease(seconds(lease, "--lease")?);
+            }
+            let journal = builder.open().await.map_err(|e| not_sent(&e))?;
             return Ok(Journal::Postgres(journal));
         }
         let journal = if existing { SqliteJournal::open_existing(&spec) } else { SqliteJournal::open(&spec) };
@@ -387,7 +396,7 @@ pub async fn store(journal: &JournalArgs, scope: &str) -> Result<(Arc<dyn KeySto
     if journal.no_journal {
         return Ok((Arc::new(MemoryStore::new()), None));
     }
-    let opened = Journal::open(journal.journal.as_deref(), scope, false).await?;
+    let opened = Journal::open(journal.journal.as_deref(), scope, false, journal.lease).await?;
     Ok((opened.store(), Some(opened.location())))
 }
 

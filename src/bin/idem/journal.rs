@@ -94,7 +94,7 @@ fn duration(text: &str) -> Result<Duration, String> {
 }
 
 async fn open(at: &Where) -> Result<Journal, Failed> {
-    Journal::open(at.journal.as_deref(), &at.scope, true).await
+    Journal::open(at.journal.as_deref(), &at.scope, true, None).await
 }
 
 pub async fn run(command: JournalCommand) -> Exit {

@@ -35,8 +35,12 @@ Examples:
   idem post https://cloud.example/cvms --json '{\"name\":\"web-1\"}' \\
       --wait-for status=running --fail-on status=error --wait-timeout 900
 
-Running the same command again while the journal holds it as pending (a crash, a kill -9, a
-CI retry) resumes its key: the server answers with the original instead of creating twice.
+A command is one operation (named after its method, URL and body). Running it again while the
+journal holds it as pending (a crash, a kill -9, a CI retry) resumes its key: the server answers
+with the original instead of creating twice. Once it succeeded, running it again answers from
+the journal and sends nothing; `idem journal forget` it to send it as a new operation. With a
+shared journal (--journal postgres://…) this holds on every machine: a machine that finds the
+command running elsewhere waits for it and answers with its result.
 A run whose outcome is unknown and that cannot be resumed (it was sent without a key) is never
 sent again: check the server, then `idem journal forget` it.";
 
@@ -289,9 +293,10 @@ impl Input {
         })
     }
 
-    /// The operation to send.
+    /// The operation to send: once (the same command that succeeded is answered from the
+    /// journal, never sent again).
     fn operation<'a>(&self, op: OperationBuilder<'a>) -> OperationBuilder<'a> {
-        let mut op = op.body(self.body.clone());
+        let mut op = op.body(self.body.clone()).once();
         if self.json {
             op = op.header("content-type", "application/json");
         }
@@ -460,8 +465,9 @@ impl Report {
             }
         }
         let status = done.status.map(|s| s.as_u16());
-        let body = match self.waited {
-            // The resource as the wait left it, not the create's first answer.
+        let body = match self.waited || (done.body.is_empty() && !done.resource.is_null()) {
+            // The resource as the wait left it (not the create's first answer), or, when nothing
+            // was sent, what the journal knows of it.
             true => serde_json::to_vec(&done.resource).expect("JSON serializes").into(),
             false => done.body.clone(),
         };

@@ -35,6 +35,13 @@
 //! they checked the server: the operation starts over, every key as new. The instance is in the resource's name, so the server's log tells which
 //! instance each resource was made for.
 //!
+//! Two machines share the journal: `Switch` moves the next actions to the other one (a client
+//! and a journal of its own on the same store, another lease owner), so what one machine left
+//! (a killed run, a waiting record, a success) is what the other meets. The journal is a SQLite
+//! file, or, with `MODEL_STORE=postgres`, a real PostgreSQL (the server libpq's environment
+//! names, as `pg_virtualenv` exports it; a schema of its own for each case, leases of 1 ms so
+//! that a killed run's lease has run out when the next action comes).
+//!
 //! 256 cases by default, from a fixed seed (`MODEL_CASES=N` for more; `PROPTEST_RNG_SEED=N`
 //! draws others).
 
@@ -126,6 +133,8 @@ enum Action {
     },
     /// The next create's provisioning fails.
     FailProvisioning,
+    /// The next actions run on the other machine.
+    Switch,
 }
 
 /// How long a create provisions, and how long a wait waits: a wait may time out, and its
@@ -191,6 +200,7 @@ fn action() -> impl Strategy<Value = Action> {
         2 => (any::<u64>(), prop_oneof![Just(0u8), Just(10), Just(30), Just(50)])
             .prop_map(|(seed, percent)| Action::Faults { seed, percent }),
         1 => Just(Action::FailProvisioning),
+        2 => Just(Action::Switch),
     ]
 }
 
@@ -215,11 +225,68 @@ struct OpModel {
     by_key: HashMap<String, u32>,
 }
 
-/// One process: a client, the journal opened on the case's file, its reconcilers.
+/// One process: a client, the journal opened on the case's store, its reconcilers.
 struct Process {
     ops: Operations,
-    store: Arc<SqliteJournal>,
+    store: Arc<dyn KeyStore>,
     reconcilers: HashMap<(usize, u64, bool, bool), Reconciler>,
+}
+
+/// Where the case's journal is.
+#[derive(Debug, Clone)]
+enum Backend {
+    Sqlite(PathBuf),
+    #[cfg(feature = "postgres")]
+    Postgres {
+        url: String,
+        schema: String,
+    },
+}
+
+impl Backend {
+    /// The store `MODEL_STORE` names (`sqlite`, the default, or `postgres`) for the case in `dir`.
+    fn for_case(dir: &Path, n: u64) -> Self {
+        match std::env::var("MODEL_STORE").as_deref() {
+            Ok("postgres") => Self::postgres(n),
+            Ok("sqlite") | Err(_) => Backend::Sqlite(dir.join("journal.sqlite3")),
+            Ok(other) => panic!("MODEL_STORE={other}: sqlite or postgres"),
+        }
+    }
+
+    #[cfg(feature = "postgres")]
+    fn postgres(n: u64) -> Self {
+        let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
+        let host = std::env::var("PGHOST").expect("MODEL_STORE=postgres needs a server: run inside pg_virtualenv");
+        let url = format!(
+            "postgres://{}:{}@{host}:{}/{}",
+            var("PGUSER", "postgres"),
+            var("PGPASSWORD", ""),
+            var("PGPORT", "5432"),
+            var("PGDATABASE", "postgres")
+        );
+        Backend::Postgres { url, schema: format!("idem_model_{}_{n}", std::process::id()) }
+    }
+
+    #[cfg(not(feature = "postgres"))]
+    fn postgres(_: u64) -> Self {
+        panic!("MODEL_STORE=postgres needs the postgres feature")
+    }
+
+    async fn open(&self) -> Arc<dyn KeyStore> {
+        match self {
+            Backend::Sqlite(path) => Arc::new(SqliteJournal::open(path).unwrap()),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres { url, schema } => Arc::new(
+                idempotent_retry::journal::PostgresJournal::builder(url)
+                    .schema(schema)
+                    .scope("model")
+                    .lease(Duration::from_millis(1))
+                    .open()
+                    .await
+                    .unwrap(),
+            ),
+        }
+    }
 }
 
 struct World {
@@ -227,9 +294,11 @@ struct World {
     time: Time,
     cloud: FakeCloud,
     proxy: ChaosProxy,
-    journal: PathBuf,
+    journal: Backend,
     repo: Option<PathBuf>,
-    process: Process,
+    /// The two machines, and the one the actions run on.
+    processes: Vec<Process>,
+    current: usize,
     ops: Vec<OpModel>,
     next_instance: u32,
     /// Ids of items the foreign writer put in each collection.
@@ -249,7 +318,7 @@ fn collection(coll: usize) -> String {
 }
 
 impl World {
-    async fn new(profile: ServerProfile, dir: &Path) -> Self {
+    async fn new(profile: ServerProfile, dir: &Path, n: u64) -> Self {
         let time = Time::new();
         let cloud = FakeCloud::builder(profile.clone())
             .clock(time.clock.clone())
@@ -257,9 +326,10 @@ impl World {
             .start()
             .await;
         let proxy = ChaosProxy::builder(cloud.address()).time_travel(time.clock.clone()).start().await;
-        let journal = dir.join("journal.sqlite3");
+        let journal = Backend::for_case(dir, n);
         let repo = git_repo(dir);
-        let process = Self::process(&profile, &time, &journal);
+        let processes =
+            vec![Self::process(&profile, &time, &journal).await, Self::process(&profile, &time, &journal).await];
         Self {
             profile,
             time,
@@ -267,7 +337,8 @@ impl World {
             proxy,
             journal,
             repo,
-            process,
+            processes,
+            current: 0,
             ops: (0..POST_OPS).map(|_| OpModel::default()).collect(),
             next_instance: 0,
             foreign: vec![BTreeSet::new(); COLLECTIONS],
@@ -275,9 +346,9 @@ impl World {
         }
     }
 
-    fn process(profile: &ServerProfile, time: &Time, journal: &Path) -> Process {
+    async fn process(profile: &ServerProfile, time: &Time, journal: &Backend) -> Process {
         let client = client(profile.configure(time.layer().policy(policy())));
-        let store = Arc::new(SqliteJournal::open(journal).unwrap());
+        let store = journal.open().await;
         let ops = Operations::with_store(client, store.clone())
             .clock(time.clock.clone())
             .sleeper(time.sleeper.clone())
@@ -318,7 +389,11 @@ impl World {
             Action::Post { .. } | Action::Reconcile { .. } => self.act(action, None).await,
             Action::Crash { action, at, deliver } => self.act(action, Some((*at, *deliver))).await,
             Action::Restart => {
-                self.process = Self::process(&self.profile, &self.time, &self.journal);
+                self.processes[self.current] = Self::process(&self.profile, &self.time, &self.journal).await;
+                Ok(())
+            }
+            Action::Switch => {
+                self.current = 1 - self.current;
                 Ok(())
             }
             Action::Foreign { coll, add } => {
@@ -337,7 +412,7 @@ impl World {
             }
             Action::Forget { op } => {
                 let name = format!("post/op-{op}");
-                let forgot = self.process.store.forget(&name).await.unwrap();
+                let forgot = self.processes[self.current].store.forget(&name).await.unwrap();
                 // Forgotten after checking the server (the user's part): the operation starts
                 // over, and a key it used is as new as any other.
                 self.ops[*op].open = false;
@@ -398,12 +473,16 @@ impl World {
         let Options { payload, read_back, wait } = options;
         let (instance, label) = self.instance_for(op, source);
         let name = Self::name(op, instance);
-        let was_waiting =
-            self.process.store.get(&format!("post/op-{op}")).await.unwrap().filter(|r| r.state == OpState::Waiting);
+        let was_waiting = self.processes[self.current]
+            .store
+            .get(&format!("post/op-{op}"))
+            .await
+            .unwrap()
+            .filter(|r| r.state == OpState::Waiting);
         let posts_before = self.proxy.records().iter().filter(|r| r.method == "POST").count();
         let made_before = self.cloud.created_named(&name);
         let url = format!("{}/cvms", self.proxy.uri());
-        let ops = self.process.ops.clone();
+        let ops = self.processes[self.current].ops.clone();
         let (source, repo) = (source.clone(), self.repo.clone());
         let body = json!({"name": name, "v": payload});
         let find = ReadBack::find_in_list(url.clone(), "name", name.clone());
@@ -448,7 +527,7 @@ impl World {
                 // 6. The journal agrees: its record of this run, when this run's key is the
                 // operation's current one (a fixed key used before another run's is kept
                 // among the operation's retired records, as it was).
-                let record = self.process.store.get(&format!("post/op-{op}")).await.unwrap();
+                let record = self.processes[self.current].store.get(&format!("post/op-{op}")).await.unwrap();
                 let record = record.ok_or_else(|| TestCaseError::fail("a success left no record"))?;
                 if done.handle.is_some() {
                     // An earlier run's wait, resumed by a run that does not wait: still waiting.
@@ -476,7 +555,7 @@ impl World {
                 // 8. Created, not ready: tracked, and a failure state is the server's.
                 // (A fixed key kept among the retired records, as it was, has no record to
                 // wait in: a re-run with it replays, or reads the journal, and waits again.)
-                let record = self.process.store.get(&format!("post/op-{op}")).await.unwrap();
+                let record = self.processes[self.current].store.get(&format!("post/op-{op}")).await.unwrap();
                 let record = record.ok_or_else(|| TestCaseError::fail("a wait left no record"))?;
                 prop_assert!(
                     record.state == OpState::Waiting || record.key != failed.key,
@@ -536,11 +615,11 @@ impl World {
         let history_before = self.cloud.history(&collection);
         let ours_before = history_before.iter().filter(|(_, foreign, live)| !foreign && *live).count();
         let key = (s.coll, s.generation, s.keyless, s.ready);
-        let mut r = match self.process.reconcilers.remove(&key) {
+        let mut r = match self.processes[self.current].reconcilers.remove(&key) {
             Some(r) => r,
             None => {
                 let url = format!("{}/{collection}", self.proxy.uri());
-                let mut r = Reconciler::new(self.process.ops.clone(), url, format!("rec-{}", s.coll))
+                let mut r = Reconciler::new(self.processes[self.current].ops.clone(), url, format!("rec-{}", s.coll))
                     .generation(s.generation)
                     .create_body(json!({"name": "ours"}))
                     .clock(self.time.clock.clone())
@@ -600,8 +679,13 @@ impl World {
                 let ever: BTreeSet<&str> =
                     history.iter().filter(|(_, f, _)| !f).map(|(r, _, _)| r.id.as_str()).collect();
                 let prefix = format!("rec-{}/", s.coll);
-                for record in
-                    self.process.store.list().await.unwrap().iter().filter(|r| r.operation.starts_with(&prefix))
+                for record in self.processes[self.current]
+                    .store
+                    .list()
+                    .await
+                    .unwrap()
+                    .iter()
+                    .filter(|r| r.operation.starts_with(&prefix))
                 {
                     let presumed = record.identity.as_ref().and_then(|i| i.get("presumed")).is_some();
                     if let (OpState::Succeeded, Some(id), false) = (
@@ -617,7 +701,7 @@ impl World {
                     }
                 }
             }
-            self.process.reconcilers.insert(key, r);
+            self.processes[self.current].reconcilers.insert(key, r);
         }
         Ok(())
     }
@@ -713,7 +797,7 @@ async fn run_case(case: Case) -> Result<(), TestCaseError> {
     let dir = std::env::temp_dir().join(format!("idem-model-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let mut world = World::new(profiles()[case.profile].clone(), &dir).await;
+    let mut world = World::new(profiles()[case.profile].clone(), &dir, n).await;
     let mut result = Ok(());
     for action in &case.actions {
         result = world.step(action).await;

@@ -1,7 +1,6 @@
 //! What the resources ask of the cloud, answered two ways: through idempotent-retry (the
 //! default), or the usual way (feature `naive`), for comparison.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -26,9 +25,10 @@ pub struct Settings {
     pub endpoint: String,
     /// Sent as `Authorization: Bearer …`, if any.
     pub token: Option<String>,
-    /// Where the journal is (default: the crate's default journal).
+    /// Where the journal is: a SQLite file's path, or a `postgres://` URL shared by every
+    /// agent (default: the crate's default journal).
     #[cfg_attr(feature = "naive", allow(dead_code))] // the naive twin keeps no journal
-    pub journal: Option<PathBuf>,
+    pub journal: Option<String>,
 }
 
 /// A CVM as the cloud has it.

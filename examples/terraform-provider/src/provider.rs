@@ -1,7 +1,6 @@
 //! The provider: its configuration, and the API its resources share once configured.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
@@ -72,7 +71,7 @@ impl Provider for FakeCloudProvider {
                     "journal" => attribute(
                         AttributeType::String,
                         AttributeConstraint::Optional,
-                        "The journal of idempotency keys (default: $XDG_STATE_HOME/idempotent-retry/journal.sqlite3)",
+                        "The journal of idempotency keys: a SQLite file, or postgres://user@host/db shared by every agent (default: $XDG_STATE_HOME/idempotent-retry/journal.sqlite3)",
                     ),
                 },
                 ..Default::default()
@@ -88,9 +87,9 @@ impl Provider for FakeCloudProvider {
         let settings = Settings {
             endpoint: endpoint.to_string(),
             token: config.token.as_ref_option().map(|t| t.to_string()),
-            journal: config.journal.as_ref_option().map(|p| PathBuf::from(p.as_ref())),
+            journal: config.journal.as_ref_option().map(|p| p.to_string()),
         };
-        match Api::new(&settings) {
+        match Api::new(&settings).await {
             Ok(api) => {
                 *self.shared.0.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(api));
                 Some(())

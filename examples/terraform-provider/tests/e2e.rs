@@ -359,3 +359,71 @@ fn replaced_sets_killed_at_random_leave_nothing_behind_on_fake_cloud() {
 fn replaced_sets_killed_at_random_leave_nothing_behind_on_a_third_party_middleware() {
     replaced_sets_killed(Server::FastApi);
 }
+
+/// The PostgreSQL server libpq's environment names (as `pg_virtualenv` exports it), or `None`
+/// with a loud message; under `CI=true` a missing server fails the test.
+fn postgres() -> Option<String> {
+    let Ok(host) = std::env::var("PGHOST") else {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true and no PostgreSQL: run inside pg_virtualenv");
+        eprintln!(
+            "\n!!!!! SKIPPING the shared-journal end-to-end test: no PostgreSQL (run inside pg_virtualenv) !!!!!\n"
+        );
+        return None;
+    };
+    let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
+    Some(format!(
+        "postgres://{}:{}@{host}:{}/{}",
+        var("PGUSER", "postgres"),
+        var("PGPASSWORD", ""),
+        var("PGPORT", "5432"),
+        var("PGDATABASE", "postgres")
+    ))
+}
+
+/// Issue 18: ephemeral agents. Agent A applies and is killed while a replica's create is on its
+/// way; agent B, a new machine with A's state (a remote backend's handover), applies to the
+/// end; agent C, another new machine with B's state, removes the replica set. With one
+/// PostgreSQL journal for all three the server ends exactly as configured; with a SQLite
+/// journal on each agent, C cannot prove any replica its own and its destroy fails.
+fn agents(shared: Option<&str>) -> (bool, SetsOutcome) {
+    let tools = tools().expect("checked by the caller");
+    let cloud = Cloud::serving(tools, Server::FakeCloud, FAULT_RATE, 23, Duration::from_millis(300));
+    let tag = if shared.is_some() { "shared" } else { "own" };
+    let agent = |name: &str| {
+        let workspace = Workspace::new(tools, Flavor::Ours, &format!("agent-{tag}-{name}"));
+        match shared {
+            Some(url) => workspace.with_journal(url),
+            None => workspace,
+        }
+    };
+    let sets = vec![("vm-agents".to_owned(), 3)];
+    let a = agent("a");
+    a.configure_sets(&cloud, 1, &sets);
+    killed_in_create(&cloud, &a, &["apply", "-auto-approve", "-no-color", "-input=false"], 3);
+    let b = agent("b");
+    b.adopt_state(&a);
+    b.configure_sets(&cloud, 1, &sets);
+    let (output, _) = b.apply();
+    assert!(output.status.success(), "{tag}: agent b: {}", shown(&output));
+    let c = agent("c");
+    c.adopt_state(&b);
+    c.configure_sets(&cloud, 1, &[]);
+    let (output, _) = c.apply();
+    cloud.set_faults(0.0, 23);
+    (output.status.success(), SetsOutcome::measure(&cloud, &c, 1, &[]))
+}
+
+#[test]
+fn ephemeral_agents_on_one_shared_journal_leave_exactly_the_config() {
+    let Some(_) = tools() else { return };
+    let Some(url) = postgres() else { return };
+    let (applied, outcome) = agents(Some(&url));
+    assert!(applied, "agent c's apply with the shared journal");
+    assert!(outcome.is_exact(), "shared journal: {outcome:?}");
+    let (applied, outcome) = agents(None);
+    assert!(!applied && outcome.stale > 0, "a journal per agent: c cannot prove the replicas: {outcome:?}");
+    println!(
+        "agents a (killed in a create), b, c: shared journal exact; journals of their own: c's destroy failed, {} stale replicas",
+        outcome.stale
+    );
+}

@@ -22,7 +22,7 @@ pub struct Api {
 }
 
 impl Api {
-    pub fn new(settings: &Settings) -> Result<Self> {
+    pub async fn new(settings: &Settings) -> Result<Self> {
         let mut headers = HeaderMap::new();
         if let Some(token) = &settings.token {
             headers.insert(AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {token}")).context("the token")?);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use idempotent_retry::journal::{Finish, KeyStore, OpState, Record, SqliteJournal};
+use idempotent_retry::journal::{Finish, KeyStore, OpState, PostgresJournal, Record, SqliteJournal};
 use idempotent_retry::operation::{OperationError, ReadBack};
 use idempotent_retry::reconcile::{Desired, Prune};
 use idempotent_retry::time::{Clock, SystemClock};
@@ -25,7 +25,7 @@ pub struct Api {
 }
 
 impl Api {
-    pub fn new(settings: &Settings) -> Result<Self> {
+    pub async fn new(settings: &Settings) -> Result<Self> {
         let mut headers = HeaderMap::new();
         if let Some(token) = &settings.token {
             let mut value = HeaderValue::from_str(&format!("Bearer {token}")).context("the token")?;
@@ -38,11 +38,17 @@ impl Api {
         // Patient: an apply is worth more than a few extra requests, and the deadline bounds it.
         let policy = RetryPolicy::standard().with_max_attempts(10).with_deadline(Duration::from_secs(120));
         let layer = IdempotentRetry::builder().policy(policy).build();
-        let path = match &settings.journal {
-            Some(path) => path.clone(),
-            None => SqliteJournal::default_path().context("no home directory for the journal; set `journal`")?,
+        let store: Arc<dyn KeyStore> = match settings.journal.as_deref() {
+            // Shared by every agent that applies for this account: its records scoped to it.
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Arc::new(PostgresJournal::builder(url).scope(scope(settings)).open().await?)
+            }
+            Some(path) => Arc::new(SqliteJournal::open(path)?),
+            None => {
+                let path = SqliteJournal::default_path().context("no home directory for the journal; set `journal`")?;
+                Arc::new(SqliteJournal::open(&path)?)
+            }
         };
-        let store: Arc<dyn KeyStore> = Arc::new(SqliteJournal::open(&path)?);
         let client = reqwest_middleware::ClientBuilder::new(http).with(layer).build();
         let ops = Operations::with_store(client, store.clone()).scope(scope(settings));
         Ok(Self { endpoint: settings.endpoint.trim_end_matches('/').to_owned(), ops, store })
@@ -251,7 +257,9 @@ mod tests {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let journal = std::env::temp_dir().join(format!("fakecloud-provider-{name}-{}.sqlite3", std::process::id()));
         let _ = std::fs::remove_file(&journal);
-        Api::new(&Settings { endpoint: server.uri(), token: None, journal: Some(journal) }).unwrap()
+        Api::new(&Settings { endpoint: server.uri(), token: None, journal: Some(journal.display().to_string()) })
+            .await
+            .unwrap()
     }
 
     /// A read answered with something that is not a CVM is an error: Terraform keeps the CVM

@@ -329,6 +329,8 @@ pub struct Workspace {
     pub dir: PathBuf,
     flavor: Flavor,
     terraform: PathBuf,
+    /// The provider's journal: a shared database's URL, or (`None`) a SQLite file here.
+    journal: Option<String>,
 }
 
 impl Workspace {
@@ -342,7 +344,28 @@ impl Workspace {
             tools.provider_dir(flavor).display()
         );
         std::fs::write(dir.join("cli.tfrc"), overrides).unwrap();
-        Self { dir, flavor, terraform: tools.terraform.clone() }
+        Self { dir, flavor, terraform: tools.terraform.clone(), journal: None }
+    }
+
+    /// The same workspace, its provider keeping keys in the journal at `url` (shared).
+    pub fn with_journal(mut self, url: &str) -> Self {
+        self.journal = Some(url.to_owned());
+        self
+    }
+
+    /// Takes over `other`'s Terraform state, as an agent of a remote backend would: its
+    /// `terraform.tfstate` (or, when a kill cut it, the backup Terraform keeps).
+    pub fn adopt_state(&self, other: &Workspace) {
+        let current = other.dir.join("terraform.tfstate");
+        let readable = |p: &Path| std::fs::read(p).ok().filter(|b| serde_json::from_slice::<Value>(b).is_ok());
+        let state = readable(&current).or_else(|| readable(&other.dir.join("terraform.tfstate.backup")));
+        if let Some(state) = state {
+            std::fs::write(self.dir.join("terraform.tfstate"), state).unwrap();
+        }
+    }
+
+    fn journal(&self) -> String {
+        self.journal.clone().unwrap_or_else(|| self.dir.join("journal.sqlite3").display().to_string())
     }
 
     /// Writes the configuration: `cvms` CVMs and a replica set of `replicas`.
@@ -380,7 +403,7 @@ resource "fakecloud_cvm" "web" {{
 }}
 "#,
             endpoint = cloud.api,
-            journal = self.dir.join("journal.sqlite3").display(),
+            journal = self.journal(),
         );
         for (name, vm, replicas) in sets {
             config.push_str(&format!(

@@ -2,8 +2,10 @@
 //!
 //! Every retry library keeps its key in memory for one call; when the process dies, a re-run
 //! mints a new key and the server creates a duplicate. A [`KeyStore`] keeps the key with the
-//! *operation*: it is written (and, for [`SqliteJournal`], committed to disk)
-//! before the request goes out, so a crash, a re-run or a CI retry resumes with the same key.
+//! *operation*: it is written (and, for [`SqliteJournal`], committed to disk; for
+//! `PostgresJournal`, committed to a database every machine shares) before the request goes
+//! out, so a crash, a re-run or a CI retry, on this machine or another, resumes with the same
+//! key.
 //!
 //! The rules for choosing the key are on [`KeyStore`].
 
@@ -601,7 +603,7 @@ impl Finish {
 /// [`finish`](Self::finish) is a compare-and-set on the run's [`Claim`]: a run that reports
 /// late never overwrites the record of a newer run.
 ///
-/// Implemented by [`MemoryStore`] and [`SqliteJournal`]; implement it to keep
+/// Implemented by [`MemoryStore`], [`SqliteJournal`] and `PostgresJournal`; implement it to keep
 /// keys elsewhere, e.g. in Terraform state, and check the implementation with
 /// `testing::check_key_store` (feature `test-util`). [`begin`](Self::begin) must be atomic
 /// with respect to other processes using the same store, and durable before it returns: the

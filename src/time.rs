@@ -382,6 +382,13 @@ pub(crate) fn parse_rfc3339(text: &str) -> Option<SystemTime> {
     Some(UNIX_EPOCH + Duration::new(secs, nanos))
 }
 
+/// `future`, unless `limit` passes first by the wall clock (`Err(())`): for I/O with a real
+/// database (the PostgreSQL journal), whose own timeouts cannot fire when it never answers.
+#[cfg(feature = "postgres")]
+pub(crate) async fn io_bound<F: Future>(limit: Duration, future: F) -> Result<F::Output, ()> {
+    tokio::time::timeout(limit, future).await.map_err(|_| ())
+}
+
 /// Blocks this thread for `duration`: for blocking code (the journal's SQLite calls) that waits
 /// out a lock. Not for the engine, whose waits go through the injected [`Sleeper`].
 #[cfg(feature = "journal")]

@@ -12,6 +12,42 @@ use tokio_postgres::{NoTls, Row};
 use super::{Begun, Finish, Intent, JournalError, KeyPlan, KeyStore, OpState, Record, from_millis, to_millis};
 use crate::key::IdempotencyKey;
 
+/// Runs `$work` (an expression using `$client`, a pooled connection) bounded as a whole: a
+/// database that accepts a connection and then never answers (a frozen host, a stalled proxy)
+/// fails the call as [`JournalError::Unavailable`] after [`Inner::stall_bound`], and that
+/// connection is closed rather than pooled again. With `again`, a connection that turns out
+/// dropped (a database restart) is replaced once: safe, since a transaction that did not commit
+/// wrote nothing, and one that did is this journal's own, which the second try finds.
+///
+/// A macro, not a function taking an async closure: the futures must stay `Send` for
+/// `async_trait`, which higher-ranked async closures are not yet.
+macro_rules! call {
+    ($inner:expr, again: $again:expr, |$client:ident| $work:expr) => {{
+        let inner: &Inner = $inner;
+        let bound = inner.stall_bound();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            #[allow(unused_mut)]
+            let mut $client = inner.client().await?;
+            let result = match crate::time::io_bound(bound, async { $work }).await {
+                Ok(result) => result,
+                Err(()) => {
+                    drop(deadpool_postgres::Object::take($client));
+                    break Err(JournalError::Unavailable {
+                        path: inner.shown.clone(),
+                        reason: format!("no answer within {} ms", bound.as_millis()),
+                    });
+                }
+            };
+            match result {
+                Err(JournalError::Unavailable { .. }) if $again && tries == 1 => continue,
+                result => break result,
+            }
+        }
+    }};
+}
+
 /// The schema's version, in the `migrations` table. Version 1 is the first.
 const SCHEMA_VERSION: i32 = 1;
 
@@ -43,8 +79,14 @@ const COLUMNS: &str =
 ///   any number of machines may open a new database at once. [`gc`](Self::gc) removes settled
 ///   records past the server's retention.
 /// - **Bounded.** Connecting, each statement and each lock wait are bounded
-///   ([`PostgresJournalBuilder::timeout`], 5 s); the password of the connection string never
-///   appears in errors, logs or records.
+///   ([`PostgresJournalBuilder::timeout`], 5 s, set per transaction with `SET LOCAL`), and
+///   each call as a whole by three times that: a database that takes the connection and then
+///   never answers fails the call as [`JournalError::Unavailable`], and a `begin` that fails
+///   sends nothing. The password of the connection string never appears in errors, logs or
+///   records.
+/// - **PgBouncer.** Nothing lives in the session: no startup options, no session settings, no
+///   session locks. Transaction pooling (`pool_mode = transaction`) works as a direct
+///   connection does.
 ///
 /// The key of a run is committed before the run sends; its outcome is committed with
 /// `synchronous_commit = off` (losing it to a crash of the database leaves the record pending:
@@ -169,16 +211,19 @@ impl PostgresJournal {
     ///
     /// When the database cannot be used.
     pub async fn gc(&self, before: SystemTime) -> Result<u64, JournalError> {
-        let inner = &self.inner;
-        let client = inner.client().await?;
+        let inner = &*self.inner;
         let cutoff = to_millis(before);
         let settled = "state IN ('succeeded', 'not_applied', 'failed') AND updated_at < $2 \
                        AND NOT (fixed_key AND state = 'succeeded')";
         let current = format!("DELETE FROM {}.operations WHERE scope = $1 AND {settled}", inner.schema);
         let retired = format!("DELETE FROM {}.retired WHERE scope = $1 AND {settled}", inner.schema);
-        let gone = client.execute(&current, &[&inner.scope, &cutoff]).await.map_err(|e| inner.fail(e))?;
-        let old = client.execute(&retired, &[&inner.scope, &cutoff]).await.map_err(|e| inner.fail(e))?;
-        Ok(gone + old)
+        call!(inner, again: true, |client| {
+                let tx = inner.transaction(&mut client, "").await?;
+                let gone = tx.execute(&current, &[&inner.scope, &cutoff]).await.map_err(|e| inner.fail(e))?;
+                let old = tx.execute(&retired, &[&inner.scope, &cutoff]).await.map_err(|e| inner.fail(e))?;
+                tx.commit().await.map_err(|e| inner.fail(e))?;
+                Ok(gone + old)
+        })
     }
 }
 
@@ -243,12 +288,10 @@ impl PostgresJournalBuilder {
                 path: shown.clone(),
                 reason: format!("not a PostgreSQL connection string: {}", clean(&e)),
             })?;
-        let ms = self.timeout.as_millis().max(1);
+        // The statement and lock bounds are set per transaction (`SET LOCAL`), not as startup
+        // options: PgBouncer refuses the `options` startup parameter, and the URL's own
+        // `options` stay the user's.
         config.connect_timeout(self.timeout);
-        config.options(format!(
-            "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={}",
-            ms * 4
-        ));
         config.application_name("idempotent-retry");
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
@@ -269,7 +312,7 @@ impl PostgresJournalBuilder {
             lease: self.lease,
             timeout: self.timeout,
         };
-        inner.migrate().await?;
+        call!(&inner, again: true, |client| inner.migrate(&mut client).await)?;
         Ok(PostgresJournal { inner: Arc::new(inner) })
     }
 }
@@ -307,6 +350,10 @@ pub(crate) fn redact_conninfo(conninfo: &str) -> String {
 
 /// An error's text with whatever it quotes of the connection string left out.
 fn clean(e: &tokio_postgres::Error) -> String {
+    // The server's own words (a refused startup parameter, a missing role), with its code.
+    if let Some(db) = e.as_db_error() {
+        return format!("{} ({})", db.message(), db.code().code());
+    }
     let text = e.to_string();
     // tokio-postgres names the parameter it could not read, never its value; keep it short.
     text.lines().next().unwrap_or_default().to_owned()
@@ -331,6 +378,31 @@ impl Inner {
             .map_err(|e| JournalError::Unavailable { path: self.shown.clone(), reason: pool_error(&e) })
     }
 
+    /// How long one call may take once connected: each of its statements and lock waits is
+    /// bounded by the timeout in the database, and the whole by three of them here.
+    fn stall_bound(&self) -> Duration {
+        self.timeout.saturating_mul(3)
+    }
+
+    /// A transaction whose statements and lock waits are bounded by the journal's timeout,
+    /// with `extra` settings (`SET LOCAL …;`) in the same round trip.
+    async fn transaction<'c>(
+        &self,
+        client: &'c mut deadpool_postgres::Object,
+        extra: &str,
+    ) -> Result<deadpool_postgres::Transaction<'c>, JournalError> {
+        let tx = client.transaction().await.map_err(|e| self.fail(e))?;
+        let ms = self.timeout.as_millis().max(1);
+        tx.batch_execute(&format!(
+            "SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}; \
+             SET LOCAL idle_in_transaction_session_timeout = {}; {extra}",
+            ms * 4
+        ))
+        .await
+        .map_err(|e| self.fail(e))?;
+        Ok(tx)
+    }
+
     fn fail(&self, e: tokio_postgres::Error) -> JournalError {
         let path = self.shown.clone();
         match e.code() {
@@ -349,9 +421,8 @@ impl Inner {
 
     /// Creates or migrates the schema, under the migration lock: many openers of a new database
     /// at once wait for the first, then find the schema there.
-    async fn migrate(&self) -> Result<(), JournalError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(|e| self.fail(e))?;
+    async fn migrate(&self, client: &mut deadpool_postgres::Object) -> Result<(), JournalError> {
+        let tx = self.transaction(client, "").await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(|e| self.fail(e))?;
         let s = &self.schema;
         tx.batch_execute(&format!(
@@ -418,10 +489,9 @@ impl Inner {
         tx.commit().await.map_err(|e| self.fail(e))
     }
 
-    async fn begin(&self, intent: &Intent<'_>) -> Result<Begun, JournalError> {
+    async fn begin(&self, client: &mut deadpool_postgres::Object, intent: &Intent<'_>) -> Result<Begun, JournalError> {
         let s = &self.schema;
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(|e| self.fail(e))?;
+        let tx = self.transaction(client, "").await?;
         // The operation's lock first, then the key's: two begins never wait on each other in
         // a circle.
         let op_lock = lock_id("operation", &self.scope, intent.operation);
@@ -508,13 +578,16 @@ impl Inner {
         Ok(planned.begun)
     }
 
-    async fn finish(&self, operation: &str, finish: &Finish) -> Result<bool, JournalError> {
+    async fn finish(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        operation: &str,
+        finish: &Finish,
+    ) -> Result<bool, JournalError> {
         let s = &self.schema;
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(|e| self.fail(e))?;
         // Losing the outcome to a crash of the database leaves the record pending, which is
         // safe: the next run resumes the key. The key itself was committed durably by `begin`.
-        tx.batch_execute("SET LOCAL synchronous_commit = off").await.map_err(|e| self.fail(e))?;
+        let tx = self.transaction(client, "SET LOCAL synchronous_commit = off;").await?;
         let identity = finish.identity.as_ref().map(serde_json::Value::to_string);
         let handle = finish.handle.as_ref().map(|h| serde_json::to_string(h).expect("a handle serializes"));
         let status = finish.status.map(i32::from);
@@ -544,25 +617,30 @@ impl Inner {
         Ok(updated > 0)
     }
 
-    async fn get(&self, operation: &str) -> Result<Option<Record>, JournalError> {
-        let client = self.client().await?;
+    async fn get(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        operation: &str,
+    ) -> Result<Option<Record>, JournalError> {
+        let tx = self.transaction(client, "").await?;
         let query = format!("SELECT {COLUMNS} FROM {}.operations WHERE scope = $1 AND operation = $2", self.schema);
-        let row = client.query_opt(&query, &[&self.scope, &operation]).await.map_err(|e| self.fail(e))?;
+        let row = tx.query_opt(&query, &[&self.scope, &operation]).await.map_err(|e| self.fail(e))?;
+        tx.commit().await.map_err(|e| self.fail(e))?;
         row.map(|r| self.decode(&r)).transpose()
     }
 
-    async fn list(&self) -> Result<Vec<Record>, JournalError> {
-        let client = self.client().await?;
+    async fn list(&self, client: &mut deadpool_postgres::Object) -> Result<Vec<Record>, JournalError> {
+        let tx = self.transaction(client, "").await?;
         let query =
             format!("SELECT {COLUMNS} FROM {}.operations WHERE scope = $1 ORDER BY created_at, operation", self.schema);
-        let rows = client.query(&query, &[&self.scope]).await.map_err(|e| self.fail(e))?;
+        let rows = tx.query(&query, &[&self.scope]).await.map_err(|e| self.fail(e))?;
+        tx.commit().await.map_err(|e| self.fail(e))?;
         rows.iter().map(|r| self.decode(r)).collect()
     }
 
-    async fn forget(&self, operation: &str) -> Result<bool, JournalError> {
+    async fn forget(&self, client: &mut deadpool_postgres::Object, operation: &str) -> Result<bool, JournalError> {
         let s = &self.schema;
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(|e| self.fail(e))?;
+        let tx = self.transaction(client, "").await?;
         let op_lock = lock_id("operation", &self.scope, operation);
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&op_lock]).await.map_err(|e| self.fail(e))?;
         tx.execute(&format!("DELETE FROM {s}.retired WHERE scope = $1 AND operation = $2"), &[&self.scope, &operation])
@@ -688,38 +766,28 @@ fn pool_error(e: &deadpool_postgres::PoolError) -> String {
 #[async_trait::async_trait]
 impl KeyStore for PostgresJournal {
     async fn begin(&self, intent: &Intent<'_>) -> Result<Begun, JournalError> {
-        match self.inner.begin(intent).await {
-            // A connection the database dropped (a restart) fails its first use: once more,
-            // on a new one. Safe: a transaction that did not commit wrote nothing, and one that
-            // did is this journal's own run, which the second begin resumes.
-            Err(JournalError::Unavailable { .. }) => self.inner.begin(intent).await,
-            result => result,
-        }
+        let inner = &*self.inner;
+        call!(inner, again: true, |client| inner.begin(&mut client, intent).await)
     }
 
     async fn finish(&self, operation: &str, finish: &Finish) -> Result<bool, JournalError> {
-        match self.inner.finish(operation, finish).await {
-            Err(JournalError::Unavailable { .. }) => self.inner.finish(operation, finish).await,
-            result => result,
-        }
+        let inner = &*self.inner;
+        call!(inner, again: true, |client| inner.finish(&mut client, operation, finish).await)
     }
 
     async fn get(&self, operation: &str) -> Result<Option<Record>, JournalError> {
-        match self.inner.get(operation).await {
-            Err(JournalError::Unavailable { .. }) => self.inner.get(operation).await,
-            result => result,
-        }
+        let inner = &*self.inner;
+        call!(inner, again: true, |client| inner.get(&mut client, operation).await)
     }
 
     async fn list(&self) -> Result<Vec<Record>, JournalError> {
-        match self.inner.list().await {
-            Err(JournalError::Unavailable { .. }) => self.inner.list().await,
-            result => result,
-        }
+        let inner = &*self.inner;
+        call!(inner, again: true, |client| inner.list(&mut client).await)
     }
 
     async fn forget(&self, operation: &str) -> Result<bool, JournalError> {
-        self.inner.forget(operation).await
+        let inner = &*self.inner;
+        call!(inner, again: false, |client| inner.forget(&mut client, operation).await)
     }
 }
 

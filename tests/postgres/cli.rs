@@ -120,7 +120,8 @@ async fn a_fleet_running_one_command_at_once_makes_one_resource() {
     let name = format!("web-{}", std::process::id());
     let (cloud, proxy) = faulty_cloud(11).await;
     let api = format!("{}/cvms", proxy.uri());
-    let codes = post_everywhere("shared", &api, &name, "fleet-once", |_| url.clone(), None).await;
+    let scope = support::schema("fleet-once"); // a scope of this run's own
+    let codes = post_everywhere("shared", &api, &name, &scope, |_| url.clone(), None).await;
 
     assert_eq!(cloud.created_named(&name), 1, "one resource for one command: {codes:?}");
     assert!(codes.iter().all(|c| *c == Some(0)), "every machine answers with it: {codes:?}");
@@ -143,10 +144,11 @@ async fn a_fleet_killed_at_random_still_makes_one_resource() {
     let api = format!("{}/cvms", proxy.uri());
     let mut dice = Dice(0x5eed_2026);
     let tag = std::process::id();
+    let scope = support::schema("fleet-kill"); // a scope of this run's own: its records only
     for round in 0..5 {
         let name = format!("web-{tag}-{round}");
         let pg = |_: &Machine| url.clone();
-        let codes = post_everywhere(&format!("kill-{round}"), &api, &name, "fleet-kill", pg, Some(&mut dice)).await;
+        let codes = post_everywhere(&format!("kill-{round}"), &api, &name, &scope, pg, Some(&mut dice)).await;
         let after = Machine::new(&format!("after-{round}"), 0);
         let body = format!(r#"{{"name":"{name}"}}"#);
         let args = [
@@ -157,7 +159,7 @@ async fn a_fleet_killed_at_random_still_makes_one_resource() {
             "--journal",
             &url,
             "--scope",
-            "fleet-kill",
+            &scope,
             "--lease",
             "3",
             "--output",
@@ -167,7 +169,7 @@ async fn a_fleet_killed_at_random_still_makes_one_resource() {
 
         assert_eq!(plain.status.code(), Some(0), "round {round}: {codes:?} {}", String::from_utf8_lossy(&plain.stderr));
         assert_eq!(cloud.created_named(&name), 1, "round {round}: one resource: {codes:?}");
-        let list = ["journal", "list", "--journal", &url, "--scope", "fleet-kill", "--output", "json"];
+        let list = ["journal", "list", "--journal", &url, "--scope", &scope, "--output", "json"];
         let records: Value = serde_json::from_slice(&after.idem(&list).output().await.unwrap().stdout).unwrap();
         let records = records.as_array().expect("a list");
         assert_eq!(records.len(), round + 1, "one operation a round: {records:?}");

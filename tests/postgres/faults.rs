@@ -163,3 +163,81 @@ async fn a_lock_held_elsewhere_is_bounded_and_nothing_is_sent() {
     assert_eq!(cloud.created(), 1, "nothing more sent");
     tx.rollback().await.unwrap();
 }
+
+/// A bound for a test's wait on a call that must end by itself: far past the journal's own.
+const GUARD: Duration = Duration::from_secs(60);
+
+/// A database that takes the connection and then never answers (a frozen host, a stalled
+/// PgBouncer; its own timeouts cannot fire, it never hears the statements): `begin` fails as
+/// unavailable within the journal's bound, nothing is sent, and once the database answers again
+/// the journal works on a fresh connection.
+#[tokio::test]
+async fn a_database_that_never_answers_at_begin_is_bounded_and_nothing_is_sent() {
+    let Some((_url, _server)) = support::server().await else { return };
+    let Some(freezer) = support::Freezer::start().await else { return };
+    let cloud = FakeCloud::start(ServerProfile::stripe()).await;
+    let journal = support::builder(&freezer.url(), &support::schema("frozen-begin"))
+        .timeout(Duration::from_millis(500))
+        .open()
+        .await
+        .unwrap();
+    let ops = ops(Arc::new(journal.clone()));
+    let create = |name: &str| {
+        ops.operation(format!("create-cvm/{name}"))
+            .post(format!("{}/cvms", cloud.uri()))
+            .json(&json!({"name": name}))
+            .send()
+    };
+    create("web-1").await.unwrap(); // a connection in the pool, in use before the freeze
+    freezer.freeze(true);
+
+    let err =
+        tokio::time::timeout(GUARD, create("web-2")).await.expect("the journal's call ends by itself").unwrap_err();
+    let listed = tokio::time::timeout(GUARD, journal.list()).await.expect("list ends by itself");
+
+    assert!(matches!(err, OperationError::Journal(JournalError::Unavailable { .. })), "{err}");
+    assert!(err.to_string().contains("nothing was sent"), "{err}");
+    assert!(matches!(listed, Err(JournalError::Unavailable { .. })), "{listed:?}");
+    assert_eq!(cloud.created(), 1, "nothing sent while the journal was silent");
+    freezer.freeze(false);
+    let done = tokio::time::timeout(GUARD, create("web-2")).await.unwrap().unwrap();
+    assert_eq!(done.resolution, Resolution::Created);
+    assert_eq!(cloud.created(), 2);
+}
+
+/// The database stops answering while the create is on its way: `finish` cannot record the
+/// answer within its bound, the run says the create may have been applied, and the next run
+/// (once the database answers and the lease is out) resumes the key: one CVM.
+#[tokio::test]
+async fn a_database_that_stops_answering_before_finish_leaves_the_key_to_the_next_run() {
+    let Some((_url, _server)) = support::server().await else { return };
+    let Some(freezer) = support::Freezer::start().await else { return };
+    let schema = support::schema("frozen-finish");
+    let cloud = FakeCloud::start(ServerProfile::stripe()).await;
+    let proxy = ChaosProxy::start(cloud.address(), Schedule::pass()).await;
+    let gate = proxy.gate(Some(http::Method::POST));
+    let open = |lease: Duration| {
+        support::builder(&freezer.url(), &schema).timeout(Duration::from_millis(500)).lease(lease).open()
+    };
+    let first = ops(Arc::new(open(Duration::from_secs(1)).await.unwrap()));
+    let cvms = format!("{}/cvms", proxy.uri());
+    let create = |ops: &Operations| {
+        let (ops, cvms) = (ops.clone(), cvms.clone());
+        async move { ops.operation("create-cvm/web-1").post(cvms).json(&json!({"name": "web-1"})).send().await }
+    };
+    let run = tokio::spawn(create(&first));
+    gate.until_held(1).await; // the key is on record; the create on its way
+    freezer.freeze(true);
+    gate.open();
+
+    let lost = tokio::time::timeout(GUARD, run).await.expect("the run ends by itself").unwrap().unwrap_err();
+
+    assert!(matches!(lost, OperationError::Unrecorded { .. }), "{lost}");
+    assert!(lost.may_have_been_applied());
+    freezer.freeze(false);
+    // The second machine finds the first run's lease live, waits it out, resumes the key.
+    let second = ops(Arc::new(open(Duration::from_secs(1)).await.unwrap()));
+    let done = tokio::time::timeout(GUARD, create(&second)).await.unwrap().unwrap();
+    assert_eq!(done.resolution, Resolution::Replayed, "{done:?}");
+    assert_eq!(cloud.created(), 1, "one CVM");
+}

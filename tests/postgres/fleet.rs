@@ -217,6 +217,19 @@ async fn the_password_never_shows() {
     }
 }
 
+/// A database that refuses the connection says why, in the server's words, not "db error".
+#[tokio::test]
+async fn a_refusal_says_the_servers_reason() {
+    let Some((url, _server)) = support::server().await else { return };
+    let elsewhere = match url.rsplit_once('/') {
+        Some((server, _)) => format!("{server}/no_such_database_here"),
+        None => return,
+    };
+    let refused = PostgresJournal::open(elsewhere).await.unwrap_err();
+    let text = refused.to_string();
+    assert!(text.contains("\"no_such_database_here\" does not exist") && text.contains("3D000"), "{text}");
+}
+
 /// `gc` removes settled records older than the cutoff, keeps a fixed key's success (it keeps
 /// the key from being sent again), and never touches what may have taken effect.
 #[tokio::test]

@@ -12,6 +12,7 @@
 //! failure, never a skip. `IDEM_PG_CLUSTER="15 regress"` (what `.ci/run` sets inside
 //! `pg_virtualenv`) lets the fault tests restart the server with `pg_ctlcluster`.
 
+mod bouncer;
 mod cli;
 mod faults;
 mod fleet;

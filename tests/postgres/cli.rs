@@ -151,20 +151,8 @@ async fn a_fleet_killed_at_random_still_makes_one_resource() {
         let codes = post_everywhere(&format!("kill-{round}"), &api, &name, &scope, pg, Some(&mut dice)).await;
         let after = Machine::new(&format!("after-{round}"), 0);
         let body = format!(r#"{{"name":"{name}"}}"#);
-        let args = [
-            "post",
-            &api,
-            "--json",
-            &body,
-            "--journal",
-            &url,
-            "--scope",
-            &scope,
-            "--lease",
-            "3",
-            "--output",
-            "json",
-        ];
+        let args =
+            ["post", &api, "--json", &body, "--journal", &url, "--scope", &scope, "--lease", "3", "--output", "json"];
         let plain = after.idem(&args).output().await.unwrap();
 
         assert_eq!(plain.status.code(), Some(0), "round {round}: {codes:?} {}", String::from_utf8_lossy(&plain.stderr));

@@ -191,7 +191,11 @@ impl Bouncer {
         let dir = TempDir::new("bouncer");
         let user = std::env::var("PGUSER").unwrap_or_else(|_| "postgres".to_owned());
         let upstream_port = std::env::var("PGPORT").unwrap_or_else(|_| "5432".to_owned());
-        std::fs::write(dir.path.join("users.txt"), format!("\"{user}\" \"\"\n")).unwrap();
+        // PgBouncer logs in to the server with the password its auth file holds for the user
+        // (plain text, `"` doubled), so a server that asks for one (pg_virtualenv's does) lets
+        // it in; clients reach PgBouncer itself on trust.
+        let password = std::env::var("PGPASSWORD").unwrap_or_default().replace('"', "\"\"");
+        std::fs::write(dir.path.join("users.txt"), format!("\"{user}\" \"{password}\"\n")).unwrap();
         let config = dir.path.join("pgbouncer.ini");
         std::fs::write(
             &config,

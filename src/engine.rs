@@ -22,6 +22,7 @@ use crate::middleware::RetryEvent;
 use crate::options::RequestOptions;
 use crate::outcome::RetryOutcome;
 use crate::policy::RetryPolicy;
+use crate::rate_limit::{AdaptiveRateLimiter, SendCost};
 use crate::redirect::Redirect;
 use crate::replay::ReplayDetector;
 use crate::retry_after::retry_after;
@@ -39,6 +40,8 @@ pub(crate) struct Engine {
     pub max_key_len: usize,
     pub max_body: usize,
     pub budget: Option<Arc<RetryBudget>>,
+    /// The adaptive rate limiter, when turned on.
+    pub rate: Option<Arc<AdaptiveRateLimiter>>,
     pub classifier: Arc<dyn Classifier>,
     pub replay: ReplayDetector,
     pub clock: Arc<dyn Clock>,
@@ -56,6 +59,7 @@ impl std::fmt::Debug for Engine {
             .field("max_key_len", &self.max_key_len)
             .field("max_body", &self.max_body)
             .field("budget", &self.budget)
+            .field("rate", &self.rate)
             .field("replay", &self.replay)
             .finish_non_exhaustive()
     }
@@ -117,6 +121,7 @@ impl Engine {
         options: &RequestOptions,
     ) -> Result<Response, Error> {
         let mut exchange = self.prepare(request, options)?;
+        self.pace_first(&mut exchange).await?;
         loop {
             let ended = self.attempt(&mut exchange, extensions, next.clone()).await;
             if let Some(redirect) = crate::redirect::of(&exchange.template, &ended) {
@@ -124,7 +129,12 @@ impl Engine {
                 continue;
             }
             let replayed = self.is_replay(&exchange, &ended);
-            let delay = match self.classify(&exchange, &ended, replayed) {
+            let verdict = self.classify(&exchange, &ended, replayed);
+            if let Some(rate) = &self.rate {
+                let throttled = matches!(verdict, Verdict::Retry { kind: RetryKind::Throttled, .. });
+                rate.record(budget_host(&exchange.template), self.clock.now(), throttled);
+            }
+            let delay = match verdict {
                 Verdict::Done => return self.finish(ended, exchange, replayed),
                 Verdict::KeyReuse => {
                     exchange.span.record("outcome", "key_reuse");
@@ -311,8 +321,45 @@ impl Engine {
                 }
             }
         }
+        let delay = match &self.rate {
+            Some(rate) => {
+                let cost = match kind {
+                    RetryKind::Transport(TransportCause::Timeout) => SendCost::RetryAfterTimeout,
+                    _ => SendCost::Retry,
+                };
+                let left = x.policy.deadline().map(|deadline| deadline.saturating_sub(setback.elapsed));
+                match rate.reserve(budget_host(&x.template), now, cost, left) {
+                    Ok(wait) => delay.max(wait),
+                    Err(_) => {
+                        x.span.record("outcome", "deadline_exceeded");
+                        return Err(Error::DeadlineExceeded);
+                    }
+                }
+            }
+            None => delay,
+        };
         telemetry::retry(kind.as_str(), delay);
         Ok(delay)
+    }
+
+    /// Waits for the first send's turn when the host has been throttling (the adaptive rate
+    /// limiter); a turn past the deadline sends nothing.
+    async fn pace_first(&self, x: &mut Exchange<'_>) -> Result<(), Error> {
+        let Some(rate) = &self.rate else { return Ok(()) };
+        let deadline = x.policy.deadline();
+        match rate.reserve(budget_host(&x.template), self.clock.now(), SendCost::First, deadline) {
+            Ok(Duration::ZERO) => Ok(()),
+            Ok(wait) => {
+                tracing::debug!(wait_ms = wait.as_millis() as u64, "waiting for the adaptive rate limit");
+                self.sleeper.sleep(wait).await;
+                x.tally.total_delay += wait;
+                Ok(())
+            }
+            Err(wait) => {
+                x.span.record("outcome", "rate_limited");
+                Err(Error::RateLimited { wait })
+            }
+        }
     }
 
     /// A write answered with a redirect: followed within its origin as one more attempt (the

@@ -32,7 +32,8 @@ use crate::key::{IdempotencyKey, KeyError};
 /// # }
 /// ```
 ///
-/// Every variant but [`InvalidKey`](Self::InvalidKey) and [`InvalidRequest`](Self::InvalidRequest)
+/// Every variant but [`InvalidKey`](Self::InvalidKey), [`InvalidRequest`](Self::InvalidRequest)
+/// and [`RateLimited`](Self::RateLimited)
 /// carries a [`Failure`]: the attempts made, the key, the last status or transport cause, and
 /// whether the request may have been applied. The message says what the engine decided; its
 /// [`source`](std::error::Error::source) is the `Failure`, which says how the last attempt ended,
@@ -55,6 +56,15 @@ pub enum Error {
     /// the resource back to find out.
     #[error("outcome unknown after {attempts}: the request may have been applied and carries no idempotency key, so it was not resent", attempts = attempts(.0))]
     OutcomeUnknown(#[source] Box<Failure>),
+
+    /// The [adaptive rate limiter](crate::rate_limit) would hold the request's first send
+    /// past its deadline: the host has been throttling, and the rate it allows leaves no turn in
+    /// time. Nothing was sent; running it again later may succeed.
+    #[error("rate limited: the host throttled, and the next turn to send is {}s away, past the deadline; nothing was sent", .wait.as_secs_f64())]
+    RateLimited {
+        /// How long the request would have had to wait.
+        wait: Duration,
+    },
 
     /// Every attempt allowed by the policy failed transiently.
     #[error("gave up after {attempts}", attempts = attempts(.0))]
@@ -171,10 +181,10 @@ impl Error {
         }
     }
 
-    /// The details of the failed attempts, for every variant but the two "nothing was sent" ones.
+    /// The details of the failed attempts, for every variant but the "nothing was sent" ones.
     pub fn failure(&self) -> Option<&Failure> {
         match self {
-            Error::InvalidKey(_) | Error::InvalidRequest(_) => None,
+            Error::InvalidKey(_) | Error::InvalidRequest(_) | Error::RateLimited { .. } => None,
             Error::OutcomeUnknown(f)
             | Error::AttemptsExhausted(f)
             | Error::DeadlineExceeded(f)
@@ -203,6 +213,7 @@ impl Error {
             self,
             Error::AttemptsExhausted(_)
                 | Error::DeadlineExceeded(_)
+                | Error::RateLimited { .. }
                 | Error::BudgetExhausted(_)
                 | Error::NotReplayable(_)
         )

@@ -124,6 +124,7 @@ mod options;
 mod outcome;
 pub mod pagination;
 mod policy;
+pub mod rate_limit;
 pub mod reconcile;
 mod redirect;
 mod replay;

@@ -18,6 +18,7 @@ use crate::key::IdempotencyKey;
 use crate::options::RequestOptions;
 use crate::outcome::RetryOutcome;
 use crate::policy::RetryPolicy;
+use crate::rate_limit::AdaptiveRateLimiter;
 use crate::replay::ReplayDetector;
 use crate::time::{Clock, Random, SeededRng, Sleeper, SystemClock, TokioSleeper};
 
@@ -92,6 +93,7 @@ impl IdempotentRetry {
                 max_key_len: IdempotencyKey::DEFAULT_MAX_LEN,
                 max_body: IdempotentRetry::DEFAULT_MAX_BODY,
                 budget: Some(Arc::new(RetryBudget::new())),
+                rate: None,
                 classifier: Arc::new(DefaultClassifier),
                 replay: ReplayDetector::standard(),
                 clock: Arc::new(SystemClock),
@@ -105,6 +107,11 @@ impl IdempotentRetry {
     /// The retry budget in use, if any.
     pub fn budget(&self) -> Option<&Arc<RetryBudget>> {
         self.engine.budget.as_ref()
+    }
+
+    /// The adaptive rate limiter in use, if turned on.
+    pub fn rate_limiter(&self) -> Option<&Arc<AdaptiveRateLimiter>> {
+        self.engine.rate.as_ref()
     }
 }
 
@@ -170,6 +177,21 @@ impl IdempotentRetryBuilder {
     /// Turns the retry budget off: only the policy bounds retries.
     pub fn no_budget(mut self) -> Self {
         self.engine.budget = None;
+        self
+    }
+
+    /// Turns on adaptive client-side rate limiting (the AWS SDKs' adaptive retry mode; see
+    /// [`rate_limit`](crate::rate_limit)), with a limiter of this layer's own. Off by default:
+    /// until a host throttles (a 429) it costs nothing; after that every send to the host waits
+    /// for a token, at a rate that drops on each throttle and grows back along a cubic curve.
+    pub fn adaptive(self) -> Self {
+        self.adaptive_limiter(Arc::new(AdaptiveRateLimiter::new()))
+    }
+
+    /// Adaptive rate limiting with a limiter shared with other layers (every worker of a
+    /// process, say), so they slow down together.
+    pub fn adaptive_limiter(mut self, limiter: Arc<AdaptiveRateLimiter>) -> Self {
+        self.engine.rate = Some(limiter);
         self
     }
 

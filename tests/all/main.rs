@@ -23,4 +23,5 @@ mod scenarios;
 mod skew;
 mod stream;
 mod support;
+mod throttling;
 mod waits;

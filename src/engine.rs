@@ -22,7 +22,7 @@ use crate::middleware::RetryEvent;
 use crate::options::RequestOptions;
 use crate::outcome::RetryOutcome;
 use crate::policy::RetryPolicy;
-use crate::rate_limit::{AdaptiveRateLimiter, SendCost};
+use crate::rate_limit::AdaptiveRateLimiter;
 use crate::redirect::Redirect;
 use crate::replay::ReplayDetector;
 use crate::retry_after::retry_after;
@@ -323,12 +323,8 @@ impl Engine {
         }
         let delay = match &self.rate {
             Some(rate) => {
-                let cost = match kind {
-                    RetryKind::Transport(TransportCause::Timeout) => SendCost::RetryAfterTimeout,
-                    _ => SendCost::Retry,
-                };
                 let left = x.policy.deadline().map(|deadline| deadline.saturating_sub(setback.elapsed));
-                match rate.reserve(budget_host(&x.template), now, cost, left) {
+                match rate.reserve(budget_host(&x.template), now, left) {
                     Ok(wait) => delay.max(wait),
                     Err(_) => {
                         x.span.record("outcome", "deadline_exceeded");
@@ -347,7 +343,7 @@ impl Engine {
     async fn pace_first(&self, x: &mut Exchange<'_>) -> Result<(), Error> {
         let Some(rate) = &self.rate else { return Ok(()) };
         let deadline = x.policy.deadline();
-        match rate.reserve(budget_host(&x.template), self.clock.now(), SendCost::First, deadline) {
+        match rate.reserve(budget_host(&x.template), self.clock.now(), deadline) {
             Ok(Duration::ZERO) => Ok(()),
             Ok(wait) => {
                 tracing::debug!(wait_ms = wait.as_millis() as u64, "waiting for the adaptive rate limit");

@@ -18,13 +18,16 @@
 //!   flat near the rate that was throttled, then probing beyond it.
 //! - The new rate never exceeds twice the measured rate, and never falls below 0.5 requests a
 //!   second.
-//! - A first attempt takes 1 token, a retry 5, a retry after a timeout 10. A request that finds
-//!   too few tokens reserves them and waits until the bucket would have them: concurrent
-//!   senders queue up behind each other instead of all going at once.
+//! - Every send takes one token, retries included (aws-sdk-go-v2's `DefaultRequestCost`, and
+//!   botocore's; smithy-rs charges a retry 5 and a retry after a timeout 10, which after a
+//!   first throttle, at the floor rate, holds a retry 8 to 18 s: the [budget](crate::budget)
+//!   already makes retries the scarcer resource). A send that finds no token reserves one and
+//!   waits until the bucket would have it: concurrent senders queue up behind each other
+//!   instead of all going at once.
 //!
 //! The constants and the published test vectors are those of aws-sdk-go-v2's
-//! `aws/retry/adaptive_ratelimit.go` and smithy-rs's `client_rate_limiter.rs`; the unit tests
-//! below reproduce the vectors exactly.
+//! `aws/retry/adaptive_ratelimit.go` (as smithy-rs's `client_rate_limiter.rs` has them too);
+//! the unit tests below reproduce the vectors exactly.
 //!
 //! Time comes from the layer's injected [`Clock`](crate::time::Clock), waits go through its
 //! [`Sleeper`](crate::time::Sleeper), and a wait that would not fit the request's deadline is
@@ -34,15 +37,18 @@
 //!
 //! ```
 //! use std::time::{Duration, SystemTime};
-//! use idempotent_retry::rate_limit::{AdaptiveRateLimiter, SendCost};
+//! use idempotent_retry::rate_limit::AdaptiveRateLimiter;
 //!
 //! let limiter = AdaptiveRateLimiter::new();
 //! let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
 //! // Off until the host throttles: nothing waits.
-//! assert_eq!(limiter.reserve("api.example.com", t0, SendCost::First, None), Ok(Duration::ZERO));
+//! assert_eq!(limiter.reserve("api.example.com", t0, None), Ok(Duration::ZERO));
 //! limiter.record("api.example.com", t0, true); // a 429
 //! let state = limiter.state("api.example.com").unwrap();
-//! assert!(state.enabled && state.fill_rate >= 0.5);
+//! assert!(state.enabled && state.fill_rate == 0.5); // the floor: nothing was measured yet
+//! // Now each send waits for its token, and reserving one queues the next behind it.
+//! assert_eq!(limiter.reserve("api.example.com", t0, None), Ok(Duration::from_secs(2)));
+//! assert_eq!(limiter.reserve("api.example.com", t0, None), Ok(Duration::from_secs(4)));
 //! // Another host is not slowed down.
 //! assert!(limiter.state("other.example.com").is_none());
 //! ```
@@ -64,27 +70,8 @@ const MIN_FILL_RATE: f64 = 0.5;
 /// The smallest bucket.
 const MIN_CAPACITY: f64 = 1.0;
 
-/// What one send costs, in tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum SendCost {
-    /// A request's first attempt (1 token).
-    First,
-    /// A retry (5 tokens).
-    Retry,
-    /// A retry after a timeout (10 tokens).
-    RetryAfterTimeout,
-}
-
-impl SendCost {
-    fn tokens(self) -> f64 {
-        match self {
-            SendCost::First => 1.0,
-            SendCost::Retry => 5.0,
-            SendCost::RetryAfterTimeout => 10.0,
-        }
-    }
-}
+/// Tokens one send takes.
+const SEND_COST: f64 = 1.0;
 
 /// A host's limiter, as it stands: for tests, dashboards and logs.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -232,23 +219,17 @@ impl AdaptiveRateLimiter {
         Self::default()
     }
 
-    /// Takes the tokens for one send to `host` at `now`, and says how long to wait before
+    /// Takes the token for one send to `host` at `now`, and says how long to wait before
     /// sending. `Err(wait)` when the wait would take all of `max_wait` (what is left of a
     /// deadline) or more: nothing is taken.
     ///
     /// # Errors
     ///
     /// The wait needed, when it reaches `max_wait`.
-    pub fn reserve(
-        &self,
-        host: &str,
-        now: SystemTime,
-        cost: SendCost,
-        max_wait: Option<Duration>,
-    ) -> Result<Duration, Duration> {
+    pub fn reserve(&self, host: &str, now: SystemTime, max_wait: Option<Duration>) -> Result<Duration, Duration> {
         let mut hosts = lock(&self.hosts);
         match hosts.get_mut(host) {
-            Some(cubic) => cubic.reserve(seconds(now), cost.tokens(), max_wait),
+            Some(cubic) => cubic.reserve(seconds(now), SEND_COST, max_wait),
             // A host never heard from has never throttled.
             None => Ok(Duration::ZERO),
         }
@@ -383,7 +364,7 @@ mod tests {
         let at = |s: f64| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(s);
         for n in 0..100 {
             limiter.record("h", at(n as f64 * 0.01), false);
-            assert_eq!(limiter.reserve("h", at(n as f64 * 0.01), SendCost::Retry, None), Ok(Duration::ZERO));
+            assert_eq!(limiter.reserve("h", at(n as f64 * 0.01), None), Ok(Duration::ZERO));
         }
         assert!(!limiter.state("h").unwrap().enabled);
         limiter.record("h", at(1.0), true);
@@ -401,7 +382,7 @@ mod tests {
         for _ in 0..100 {
             seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
             now += (seed >> 11) as f64 / (1u64 << 53) as f64;
-            let wait = cubic.reserve(now, SendCost::First.tokens(), None).expect("no bound");
+            let wait = cubic.reserve(now, SEND_COST, None).expect("no bound");
             now += wait.as_secs_f64();
             cubic.record(now, false);
         }
@@ -414,8 +395,7 @@ mod tests {
         let mut cubic = Cubic::starting_at(0.0);
         cubic.record(0.0, true); // fill rate at its floor, 0.5 a second
         close(0.5, cubic.fill_rate, "fill rate");
-        let waits: Vec<f64> =
-            (0..4).map(|_| cubic.reserve(0.0, SendCost::First.tokens(), None).unwrap().as_secs_f64()).collect();
+        let waits: Vec<f64> = (0..4).map(|_| cubic.reserve(0.0, SEND_COST, None).unwrap().as_secs_f64()).collect();
         for (n, wait) in waits.iter().enumerate() {
             close(2.0 * (n + 1) as f64, *wait, &format!("sender {n}"));
         }

@@ -345,6 +345,29 @@ async fn retry_after_is_honoured() {
 }
 
 #[tokio::test]
+async fn adaptive_paces_the_retry_after_a_throttle() {
+    let cloud = cloud(ServerProfile::stripe()).await;
+    for adaptive in [true, false] {
+        let scratch = Scratch::new(&format!("adaptive-{adaptive}"));
+        let throttle = Fault::Status { status: 429, retry_after: None };
+        let proxy = ChaosProxy::start(cloud.address(), Schedule::script([throttle])).await;
+        let mut args = vec!["post", "--json", "{}", "--journal"];
+        let (url, journal) = (format!("{}/cvms", proxy.uri()), scratch.journal());
+        args.extend([journal.as_str(), url.as_str()]);
+        if adaptive {
+            args.push("--adaptive");
+        }
+        let run = scratch.run(&args).await;
+        assert_eq!(run.code(), 0, "{run:?}");
+        // Once the host throttled, its rate starts at the floor, one send every 2 s; without
+        // adaptive mode only the backoff (100 ms and up, jittered) spaces the retry.
+        let paced = run.stderr().contains("attempt 1/5 failed (429), retrying in 2.0s");
+        assert_eq!(paced, adaptive, "{run:?}");
+    }
+    assert_eq!(cloud.created(), 2);
+}
+
+#[tokio::test]
 async fn ensure_count_0_to_3_to_7_under_faults_and_surplus_rules() {
     let scratch = Scratch::new("ensure");
     let cloud = cloud(ServerProfile::stripe()).await;

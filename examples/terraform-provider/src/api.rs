@@ -29,6 +29,9 @@ pub struct Settings {
     /// agent (default: the crate's default journal).
     #[cfg_attr(feature = "naive", allow(dead_code))] // the naive twin keeps no journal
     pub journal: Option<String>,
+    /// Adaptive client-side rate limiting once the API throttles.
+    #[cfg_attr(feature = "naive", allow(dead_code))] // the naive twin has no retry layer
+    pub adaptive_rate: bool,
 }
 
 /// A CVM as the cloud has it.

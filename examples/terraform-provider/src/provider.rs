@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tf_provider::schema::{Attribute, AttributeConstraint, AttributeType, Block, Description, Schema};
-use tf_provider::value::{ValueEmpty, ValueString};
+use tf_provider::value::{ValueBool, ValueEmpty, ValueString};
 use tf_provider::{Diagnostics, DynamicDataSource, DynamicResource, Provider, map};
 
 use crate::api::{Api, Settings};
@@ -41,6 +41,7 @@ pub struct Config<'a> {
     pub token: ValueString<'a>,
     #[serde(borrow = "'a")]
     pub journal: ValueString<'a>,
+    pub adaptive_rate: ValueBool,
 }
 
 pub(crate) fn attribute(
@@ -73,6 +74,11 @@ impl Provider for FakeCloudProvider {
                         AttributeConstraint::Optional,
                         "The journal of idempotency keys: a SQLite file, or postgres://user@host/db shared by every agent (default: $XDG_STATE_HOME/idempotent-retry/journal.sqlite3)",
                     ),
+                    "adaptive_rate" => attribute(
+                        AttributeType::Bool,
+                        AttributeConstraint::Optional,
+                        "Once the API throttles (429), pace every request to it at a rate that adapts, as the AWS SDKs' adaptive retry mode does (default false)",
+                    ),
                 },
                 ..Default::default()
             },
@@ -88,6 +94,7 @@ impl Provider for FakeCloudProvider {
             endpoint: endpoint.to_string(),
             token: config.token.as_ref_option().map(|t| t.to_string()),
             journal: config.journal.as_ref_option().map(|p| p.to_string()),
+            adaptive_rate: config.adaptive_rate.as_ref_option().copied().unwrap_or(false),
         };
         match Api::new(&settings).await {
             Ok(api) => {

@@ -186,6 +186,11 @@ pub struct RetryArgs {
     /// How long the server keeps keys, in seconds. An older pending key is not resent.
     #[arg(long, value_name = "SECS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
     pub retention: u64,
+    /// Once the server throttles (429), pace every request to it at a rate that adapts (the
+    /// AWS SDKs' adaptive retry mode): requests of one run wait for their turn instead of
+    /// coming back in waves.
+    #[arg(long)]
+    pub adaptive: bool,
 }
 
 impl RetryArgs {
@@ -377,6 +382,9 @@ pub fn layer(
         .with_deadline(deadline)
         .with_attempt_timeout(seconds(retry.attempt_timeout, "--attempt-timeout")?);
     let mut builder = IdempotentRetry::builder().convention(convention).policy(policy);
+    if retry.adaptive {
+        builder = builder.adaptive();
+    }
     if !quiet {
         builder = builder.on_retry(|e| {
             let key = e.key_fingerprint.as_deref().map(|k| format!(" [key sha256:{k}]")).unwrap_or_default();

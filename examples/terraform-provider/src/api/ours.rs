@@ -37,7 +37,11 @@ impl Api {
             reqwest::Client::builder().default_headers(headers).redirect(reqwest::redirect::Policy::none()).build()?;
         // Patient: an apply is worth more than a few extra requests, and the deadline bounds it.
         let policy = RetryPolicy::standard().with_max_attempts(10).with_deadline(Duration::from_secs(120));
-        let layer = IdempotentRetry::builder().policy(policy).build();
+        let mut layer = IdempotentRetry::builder().policy(policy);
+        if settings.adaptive_rate {
+            layer = layer.adaptive();
+        }
+        let layer = layer.build();
         let store: Arc<dyn KeyStore> = match settings.journal.as_deref() {
             // Shared by every agent that applies for this account: its records scoped to it.
             Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
@@ -257,9 +261,14 @@ mod tests {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let journal = std::env::temp_dir().join(format!("fakecloud-provider-{name}-{}.sqlite3", std::process::id()));
         let _ = std::fs::remove_file(&journal);
-        Api::new(&Settings { endpoint: server.uri(), token: None, journal: Some(journal.display().to_string()) })
-            .await
-            .unwrap()
+        Api::new(&Settings {
+            endpoint: server.uri(),
+            token: None,
+            journal: Some(journal.display().to_string()),
+            adaptive_rate: false,
+        })
+        .await
+        .unwrap()
     }
 
     /// A read answered with something that is not a CVM is an error: Terraform keeps the CVM

@@ -78,6 +78,8 @@ struct Exchange<'a> {
     /// The request carries a key or its method is idempotent.
     resendable: bool,
     started: SystemTime,
+    /// When the last attempt went out.
+    sent: SystemTime,
     tally: Tally,
     /// Tokens the last retry took from the budget, to hand back on success.
     withdrawal: Option<Withdrawal>,
@@ -132,7 +134,7 @@ impl Engine {
             let verdict = self.classify(&exchange, &ended, replayed);
             if let Some(rate) = &self.rate {
                 let throttled = matches!(verdict, Verdict::Retry { kind: RetryKind::Throttled, .. });
-                rate.record(budget_host(&exchange.template), self.clock.now(), throttled);
+                rate.record(budget_host(&exchange.template), exchange.sent, self.clock.now(), throttled);
             }
             let delay = match verdict {
                 Verdict::Done => return self.finish(ended, exchange, replayed),
@@ -177,6 +179,7 @@ impl Engine {
             replayable,
             resendable,
             started: self.clock.now(),
+            sent: SystemTime::UNIX_EPOCH,
             tally: Tally {
                 key,
                 attempts: 0,
@@ -235,6 +238,7 @@ impl Engine {
             None => x.template.try_clone().expect("only replayable requests are attempted more than once"),
         };
         x.tally.attempts += 1;
+        x.sent = self.clock.now();
         x.attempt_span = attempt_span(&x.template, x.tally.attempts);
         let reading = Reading { all_bodies: x.options.is_buffered(), max_body: self.max_body };
         attempt::send(next, request, extensions, limit, &*self.sleeper, reading)

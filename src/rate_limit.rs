@@ -18,6 +18,14 @@
 //!   flat near the rate that was throttled, then probing beyond it.
 //! - The new rate never exceeds twice the measured rate, and never falls below 0.5 requests a
 //!   second.
+//! - One cut per round trip, as TCP's CUBIC reacts once per window: a throttle answering a
+//!   request sent before the last cut was already paid for by that cut, and so is one in the
+//!   same half-second bucket as the cut (a server's window that ran out stays out until it
+//!   turns over). The SDKs cut again for each: 32 concurrent requests throttled together cut
+//!   the rate by 0.7³² to the floor, and a fleet that hits a limit once crawls for a minute.
+//! - A throttle before the first half-second bucket closed cuts from the rate measured so far
+//!   in the open bucket (the SDKs take 0 there, the floor: 0.5 requests a second for a client
+//!   that was sending hundreds).
 //! - Every send takes one token, retries included (aws-sdk-go-v2's `DefaultRequestCost`, and
 //!   botocore's; smithy-rs charges a retry 5 and a retry after a timeout 10, which after a
 //!   first throttle, at the floor rate, holds a retry 8 to 18 s: the [budget](crate::budget)
@@ -43,7 +51,7 @@
 //! let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
 //! // Off until the host throttles: nothing waits.
 //! assert_eq!(limiter.reserve("api.example.com", t0, None), Ok(Duration::ZERO));
-//! limiter.record("api.example.com", t0, true); // a 429
+//! limiter.record("api.example.com", t0, t0, true); // a 429 to a request sent at t0
 //! let state = limiter.state("api.example.com").unwrap();
 //! assert!(state.enabled && state.fill_rate == 0.5); // the floor: nothing was measured yet
 //! // Now each send waits for its token, and reserving one queues the next behind it.
@@ -185,6 +193,21 @@ impl Cubic {
         Ok(wait)
     }
 
+    /// An answer to a request sent at `sent`: a throttle of a request sent before the last cut
+    /// only counts into the measured rate.
+    fn answer(&mut self, sent: f64, now: f64, throttled: bool) {
+        let paid_for = sent < self.throttled_at || half_second(now) == half_second(self.throttled_at);
+        if throttled && self.enabled && paid_for {
+            self.measure(now);
+            return;
+        }
+        if throttled && self.measured_rate == 0.0 && !self.enabled {
+            // No bucket closed yet: what the open one holds, over at least half a second.
+            self.measured_rate = (self.in_bucket + 1) as f64 / (now - self.bucket_start).max(0.5);
+        }
+        self.record(now, throttled);
+    }
+
     fn state(&self) -> RateState {
         RateState {
             enabled: self.enabled,
@@ -235,16 +258,17 @@ impl AdaptiveRateLimiter {
         }
     }
 
-    /// Counts the answer `host` gave at `now`: a throttle (a 429) cuts the rate, anything else
-    /// lets it grow back.
-    pub fn record(&self, host: &str, now: SystemTime, throttled: bool) {
-        let now = seconds(now);
+    /// Counts the answer `host` gave at `now` to a request sent at `sent`: a throttle (a 429)
+    /// cuts the rate, unless the request left before the last cut; anything else lets the rate
+    /// grow back.
+    pub fn record(&self, host: &str, sent: SystemTime, now: SystemTime, throttled: bool) {
+        let (sent, now) = (seconds(sent), seconds(now));
         let mut hosts = lock(&self.hosts);
         let cubic = match hosts.get_mut(host) {
             Some(cubic) => cubic,
             None => hosts.entry(host.to_owned()).or_insert_with(|| Cubic::starting_at(now)),
         };
-        cubic.record(now, throttled);
+        cubic.answer(sent, now, throttled);
     }
 
     /// Where `host`'s limiter stands, if any answer from it was counted.
@@ -363,11 +387,11 @@ mod tests {
         let limiter = AdaptiveRateLimiter::new();
         let at = |s: f64| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(s);
         for n in 0..100 {
-            limiter.record("h", at(n as f64 * 0.01), false);
+            limiter.record("h", at(n as f64 * 0.01), at(n as f64 * 0.01), false);
             assert_eq!(limiter.reserve("h", at(n as f64 * 0.01), None), Ok(Duration::ZERO));
         }
         assert!(!limiter.state("h").unwrap().enabled);
-        limiter.record("h", at(1.0), true);
+        limiter.record("h", at(1.0), at(1.0), true);
         assert!(limiter.state("h").unwrap().enabled);
     }
 
@@ -424,5 +448,38 @@ mod tests {
         let wait = cubic.reserve(40.0, 1.0, None).unwrap();
         assert!(wait > Duration::ZERO, "{wait:?}");
         assert!(cubic.fill_rate >= MIN_FILL_RATE && cubic.fill_rate.is_finite());
+    }
+
+    #[test]
+    fn throttles_of_requests_sent_before_the_cut_cut_nothing_more() {
+        let mut cubic = Cubic::starting_at(0.0);
+        for n in 0..200 {
+            cubic.record(n as f64 * 0.01, false); // 100 a second for 2 s
+        }
+        cubic.answer(2.0, 2.0, true);
+        let cut = cubic.fill_rate;
+        assert!(cut > 50.0, "one cut from about 100 a second: {cut}");
+        // 31 more requests sent with the first, throttled too.
+        for _ in 0..31 {
+            cubic.answer(1.99, 2.0, true);
+        }
+        close(cut, cubic.fill_rate, "the rate after the other 31 throttles");
+        // Sent after the cut, throttled in the cut's half second: the window that ran out.
+        cubic.answer(2.1, 2.2, true);
+        close(cut, cubic.fill_rate, "the rate after a throttle in the cut's bucket");
+        // Sent after the cut and throttled in a later bucket: a second cut.
+        cubic.answer(2.3, 2.6, true);
+        assert!(cubic.fill_rate < cut, "{} !< {cut}", cubic.fill_rate);
+    }
+
+    #[test]
+    fn a_throttle_before_the_first_bucket_closed_cuts_from_what_was_sent() {
+        let mut cubic = Cubic::starting_at(0.0);
+        for n in 0..40 {
+            cubic.answer(n as f64 * 0.01, n as f64 * 0.01, false); // 100 a second, 0.4 s
+        }
+        cubic.answer(0.4, 0.4, true);
+        // 41 answers over half a second: 82 a second, cut to 0.7 of it.
+        close(0.7 * 82.0, cubic.fill_rate, "the cut");
     }
 }

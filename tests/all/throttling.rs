@@ -106,29 +106,43 @@ async fn a_turn_past_the_deadline_sends_nothing() {
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(201)).mount(&server).await;
     let host = format!("127.0.0.1:{}", server.address().port());
     let limiter = Arc::new(AdaptiveRateLimiter::new());
-    // The host throttled: the allowed rate is at its floor, one request every 2 s.
-    limiter.record(&host, time.clock.now(), true);
-    let within = |secs| {
-        client(
-            time.layer()
-                .policy(fast_policy().with_deadline(Duration::from_secs(secs)))
-                .adaptive_limiter(limiter.clone()),
-        )
-    };
+    // The host throttled the one request it had: the next turn is a token's time away.
+    limiter.record(&host, time.clock.now(), time.clock.now(), true);
+    let turn = Duration::from_secs_f64(1.0 / limiter.state(&host).unwrap().fill_rate);
+    let within =
+        |deadline| client(time.layer().policy(fast_policy().with_deadline(deadline)).adaptive_limiter(limiter.clone()));
 
-    let err = within(1).post(server.uri()).body("{}").send().await.unwrap_err();
+    let err = within(turn / 2).post(server.uri()).body("{}").send().await.unwrap_err();
     let err = Error::find(&err).expect("the layer's error");
-    assert!(matches!(err, Error::RateLimited { wait } if *wait == Duration::from_secs(2)), "{err}");
+    assert!(matches!(err, Error::RateLimited { wait } if *wait == turn), "{err}");
     assert!(!err.may_have_been_applied() && err.is_retryable(), "{err}");
     assert_eq!(err.attempts(), 0);
     assert!(err.to_string().contains("nothing was sent"), "{err}");
     assert_eq!(requests_seen(&server).await, 0, "nothing left");
     assert!(time.delays().is_empty(), "and nothing waited");
 
-    // The refused turn took no tokens: with 3 s to go, the request waits the same 2 s and goes.
-    within(3).post(server.uri()).body("{}").send().await.expect("a turn 2 s away fits 3 s");
-    assert_eq!(time.delays(), [Duration::from_secs(2)]);
+    // The refused turn took no token: with twice the time, the request waits the same turn.
+    within(turn * 2).post(server.uri()).body("{}").send().await.expect("the turn fits");
+    assert_eq!(time.delays(), [turn]);
     assert_eq!(requests_seen(&server).await, 1);
+}
+
+#[tokio::test]
+async fn a_retry_whose_turn_is_past_the_deadline_stops_there() {
+    let time = Time::new();
+    let server = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(429)).mount(&server).await;
+    let client = client(time.layer().policy(fast_policy().with_deadline(Duration::from_secs(3))).adaptive());
+
+    let err = client.post(server.uri()).body("{}").send().await.unwrap_err();
+    let err = Error::find(&err).expect("the layer's error");
+    // Backoff alone would spend 1.5 s on five attempts and end AttemptsExhausted; each
+    // throttle cuts the rate, and the turn of a retry lands past what is left of the 3 s.
+    assert!(matches!(err, Error::DeadlineExceeded(_)), "{err}");
+    assert!(!err.may_have_been_applied(), "{err}");
+    assert!(err.attempts() < 5, "{err}");
+    assert_eq!(requests_seen(&server).await, err.attempts() as usize);
+    assert!(time.sleeper.total() < Duration::from_secs(3), "{:?}", time.delays());
 }
 
 #[tokio::test]
@@ -142,26 +156,4 @@ async fn off_by_default() {
     client.post(server.uri()).body("{}").send().await.unwrap();
     // Backoff alone: 100, 200, 400 ms.
     assert_eq!(time.delays(), [ms(100), ms(200), ms(400)]);
-}
-
-#[tokio::test]
-async fn a_retry_whose_turn_is_past_the_deadline_stops_there() {
-    let time = Time::new();
-    let server = MockServer::start().await;
-    Mock::given(method("POST")).respond_with(ResponseTemplate::new(429)).mount(&server).await;
-    let host = format!("127.0.0.1:{}", server.address().port());
-    let limiter = Arc::new(AdaptiveRateLimiter::new());
-    limiter.record(&host, time.clock.now(), true);
-    let client = client(
-        time.layer().policy(fast_policy().with_deadline(Duration::from_secs(3))).adaptive_limiter(limiter.clone()),
-    );
-
-    let err = client.post(server.uri()).body("{}").send().await.unwrap_err();
-    let err = Error::find(&err).expect("the layer's error");
-    // The first send waited its 2 s turn; the retry's, 2 s later again at the floor rate of
-    // 0.5 a second, is past what is left of the 3 s.
-    assert!(matches!(err, Error::DeadlineExceeded(_)), "{err}");
-    assert_eq!((err.attempts(), err.may_have_been_applied()), (1, false), "{err}");
-    assert_eq!(requests_seen(&server).await, 1);
-    assert_eq!(time.delays(), [Duration::from_secs(2)]);
 }

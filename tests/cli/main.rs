@@ -359,10 +359,17 @@ async fn adaptive_paces_the_retry_after_a_throttle() {
         }
         let run = scratch.run(&args).await;
         assert_eq!(run.code(), 0, "{run:?}");
-        // Once the host throttled, its rate starts at the floor, one send every 2 s; without
-        // adaptive mode only the backoff (100 ms and up, jittered) spaces the retry.
-        let paced = run.stderr().contains("attempt 1/5 failed (429), retrying in 2.0s");
-        assert_eq!(paced, adaptive, "{run:?}");
+        // Once the host throttled, its rate is 0.7 of what was sent (one request in the first
+        // half second: 1.4 a second, a turn every 714 ms); without adaptive mode only the
+        // backoff (at most 200 ms the first time) spaces the retry.
+        let stderr = run.stderr();
+        let delay = stderr
+            .split("attempt 1/5 failed (429), retrying in ")
+            .nth(1)
+            .and_then(|rest| rest.split("ms").next())
+            .and_then(|ms| ms.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("one retry in milliseconds: {run:?}"));
+        assert_eq!(delay > 400, adaptive, "{delay} ms: {run:?}");
     }
     assert_eq!(cloud.created(), 2);
 }

@@ -72,18 +72,6 @@ async fn throughput(url: &str, schema: &str, runners: usize) -> f64 {
     (runners * PER_RUNNER) as f64 / started.elapsed().as_secs_f64()
 }
 
-fn postgres_url() -> Option<String> {
-    let host = std::env::var("PGHOST").ok()?;
-    let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
-    Some(format!(
-        "postgres://{}:{}@{host}:{}/{}",
-        var("PGUSER", "postgres"),
-        var("PGPASSWORD", ""),
-        var("PGPORT", "5432"),
-        var("PGDATABASE", "postgres")
-    ))
-}
-
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` runs this with no arguments: then
     // it only checks that it starts.
@@ -100,7 +88,7 @@ fn main() {
         let sqlite = latency(&SqliteJournal::open(dir.join("journal.sqlite3")).unwrap(), "sqlite").await;
         rows.push(("SqliteJournal", sqlite));
         let _ = std::fs::remove_dir_all(&dir);
-        let pg = match postgres_url() {
+        let pg = match PostgresJournal::url_from_env() {
             Some(url) => {
                 let schema = format!("idem_bench_{}", std::process::id());
                 let journal = PostgresJournal::builder(&url).schema(&schema).open().await.expect("open");

@@ -182,6 +182,32 @@ impl PostgresJournal {
         }
     }
 
+    /// The server libpq's environment names, as a URL for [`builder`](Self::builder): `PGHOST`
+    /// (required: `None` without it; a directory is a Unix socket), `PGPORT` (5432), `PGUSER`
+    /// (`postgres`), `PGPASSWORD` (none) and `PGDATABASE` (`postgres`), each percent-encoded.
+    /// What `pg_virtualenv` and most CI services export.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use idempotent_retry::journal::PostgresJournal;
+    ///
+    /// let url = PostgresJournal::url_from_env().ok_or("set PGHOST")?;
+    /// let journal = PostgresJournal::builder(url).scope("ci").open().await?;
+    /// # let _ = journal; Ok(()) }
+    /// ```
+    pub fn url_from_env() -> Option<String> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Some(url_from_parts(
+            &var("PGHOST")?,
+            var("PGPORT").as_deref(),
+            var("PGUSER").as_deref(),
+            var("PGPASSWORD").as_deref(),
+            var("PGDATABASE").as_deref(),
+        ))
+    }
+
     /// Opens the journal at `url` with every default.
     ///
     /// # Errors
@@ -225,6 +251,32 @@ impl PostgresJournal {
                 Ok(gone + old)
         })
     }
+}
+
+/// A `postgres://` URL from libpq's parts, each percent-encoded.
+fn url_from_parts(
+    host: &str,
+    port: Option<&str>,
+    user: Option<&str>,
+    password: Option<&str>,
+    db: Option<&str>,
+) -> String {
+    let user = encode(user.unwrap_or("postgres"));
+    let password = password.map(|p| format!(":{}", encode(p))).unwrap_or_default();
+    let (host, port, db) = (encode(host), port.unwrap_or("5432"), encode(db.unwrap_or("postgres")));
+    format!("postgres://{user}{password}@{host}:{port}/{db}")
+}
+
+/// Percent-encodes every byte but RFC 3986's unreserved ones.
+fn encode(part: &str) -> String {
+    let mut out = String::with_capacity(part.len());
+    for byte in part.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => out.push(byte as char),
+            other => out.push_str(&format!("%{other:02X}")),
+        }
+    }
+    out
 }
 
 impl PostgresJournalBuilder {
@@ -793,6 +845,31 @@ impl KeyStore for PostgresJournal {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_url_from_libpq_parts_keeps_every_character_of_them() {
+        use std::str::FromStr;
+        let url = super::url_from_parts(
+            "/var/run/postgresql",
+            Some("5433"),
+            Some("ci user"),
+            Some("p@ss:w/rd%"),
+            Some("db/1"),
+        );
+        assert_eq!(url, "postgres://ci%20user:p%40ss%3Aw%2Frd%25@%2Fvar%2Frun%2Fpostgresql:5433/db%2F1");
+        let config = tokio_postgres::Config::from_str(&url).expect("tokio-postgres reads it");
+        assert_eq!(config.get_user(), Some("ci user"));
+        assert_eq!(config.get_password(), Some(&b"p@ss:w/rd%"[..]));
+        assert_eq!(config.get_dbname(), Some("db/1"));
+        assert_eq!(config.get_ports(), [5433]);
+        assert!(
+            matches!(config.get_hosts(), [tokio_postgres::config::Host::Unix(p)] if p == std::path::Path::new("/var/run/postgresql")),
+            "{:?}",
+            config.get_hosts()
+        );
+        let plain = super::url_from_parts("127.0.0.1", None, None, None, None);
+        assert_eq!(plain, "postgres://postgres@127.0.0.1:5432/postgres");
+    }
+
     use super::*;
 
     #[test]

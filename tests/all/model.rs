@@ -258,15 +258,8 @@ impl Backend {
 
     #[cfg(feature = "postgres")]
     fn postgres(n: u64) -> Self {
-        let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
-        let host = std::env::var("PGHOST").expect("MODEL_STORE=postgres needs a server: run inside pg_virtualenv");
-        let url = format!(
-            "postgres://{}:{}@{host}:{}/{}",
-            var("PGUSER", "postgres"),
-            var("PGPASSWORD", ""),
-            var("PGPORT", "5432"),
-            var("PGDATABASE", "postgres")
-        );
+        let url = idempotent_retry::journal::PostgresJournal::url_from_env()
+            .expect("MODEL_STORE=postgres needs a server: run inside pg_virtualenv");
         Backend::Postgres { url, schema: format!("idem_model_{}_{n}", std::process::id()) }
     }
 

@@ -28,7 +28,7 @@ fn url() -> Option<String> {
     if let Ok(url) = std::env::var("IDEM_PG_URL") {
         return Some(url);
     }
-    let Ok(host) = std::env::var("PGHOST") else {
+    let Some(url) = PostgresJournal::url_from_env() else {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("CI=true and no PostgreSQL: run the suite inside pg_virtualenv (see .ci/run)");
         }
@@ -37,14 +37,7 @@ fn url() -> Option<String> {
         );
         return None;
     };
-    let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
-    Some(format!(
-        "postgres://{}:{}@{host}:{}/{}",
-        var("PGUSER", "postgres"),
-        var("PGPASSWORD", ""),
-        var("PGPORT", "5432"),
-        var("PGDATABASE", "postgres")
-    ))
+    Some(url)
 }
 
 /// A schema of this test process's own: runs of the suite never see each other.

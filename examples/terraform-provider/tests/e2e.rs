@@ -363,21 +363,14 @@ fn replaced_sets_killed_at_random_leave_nothing_behind_on_a_third_party_middlewa
 /// The PostgreSQL server libpq's environment names (as `pg_virtualenv` exports it), or `None`
 /// with a loud message; under `CI=true` a missing server fails the test.
 fn postgres() -> Option<String> {
-    let Ok(host) = std::env::var("PGHOST") else {
+    let Some(url) = idempotent_retry::journal::PostgresJournal::url_from_env() else {
         assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true and no PostgreSQL: run inside pg_virtualenv");
         eprintln!(
             "\n!!!!! SKIPPING the shared-journal end-to-end test: no PostgreSQL (run inside pg_virtualenv) !!!!!\n"
         );
         return None;
     };
-    let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
-    Some(format!(
-        "postgres://{}:{}@{host}:{}/{}",
-        var("PGUSER", "postgres"),
-        var("PGPASSWORD", ""),
-        var("PGPORT", "5432"),
-        var("PGDATABASE", "postgres")
-    ))
+    Some(url)
 }
 
 /// Issue 18: ephemeral agents. Agent A applies and is killed while a replica's create is on its

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use sha2::{Digest, Sha256};
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{NoTls, Row};
 
 use super::{Begun, Finish, Intent, JournalError, KeyPlan, KeyStore, OpState, Record, from_millis, to_millis};
@@ -444,15 +445,20 @@ impl Inner {
         extra: &str,
     ) -> Result<deadpool_postgres::Transaction<'c>, JournalError> {
         let tx = client.transaction().await.map_err(|e| self.fail(e))?;
+        tx.batch_execute(&self.bounds(extra)).await.map_err(|e| self.fail(e))?;
+        Ok(tx)
+    }
+
+    /// The `SET LOCAL`s that bound a transaction's statements and lock waits, and `extra`.
+    /// The hot paths (`begin`, `finish`) send them pipelined with their first statements: the
+    /// server runs them in order, so those statements are bounded too, in one round trip.
+    fn bounds(&self, extra: &str) -> String {
         let ms = self.timeout.as_millis().max(1);
-        tx.batch_execute(&format!(
+        format!(
             "SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}; \
              SET LOCAL idle_in_transaction_session_timeout = {}; {extra}",
             ms * 4
-        ))
-        .await
-        .map_err(|e| self.fail(e))?;
-        Ok(tx)
+        )
     }
 
     fn fail(&self, e: tokio_postgres::Error) -> JournalError {
@@ -543,20 +549,31 @@ impl Inner {
 
     async fn begin(&self, client: &mut deadpool_postgres::Object, intent: &Intent<'_>) -> Result<Begun, JournalError> {
         let s = &self.schema;
-        let tx = self.transaction(client, "").await?;
+        let tx = client.transaction().await.map_err(|e| self.fail(e))?;
         // The operation's lock first, then the key's: two begins never wait on each other in
-        // a circle.
+        // a circle. Bounds, locks and the read go out together; the server runs them in order.
         let op_lock = lock_id("operation", &self.scope, intent.operation);
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&op_lock]).await.map_err(|e| self.fail(e))?;
-        if let KeyPlan::Fixed(key) = &intent.key {
-            let key_lock = lock_id("key", &self.scope, key.as_str());
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&key_lock]).await.map_err(|e| self.fail(e))?;
-        }
+        let key_lock = match &intent.key {
+            KeyPlan::Fixed(key) => lock_id("key", &self.scope, key.as_str()),
+            _ => op_lock,
+        };
         let select = format!(
             "SELECT {COLUMNS}, lease_owner, (lease_until > now()) AS leased FROM {s}.operations \
              WHERE scope = $1 AND operation = $2 FOR UPDATE"
         );
-        let row = tx.query_opt(&select, &[&self.scope, &intent.operation]).await.map_err(|e| self.fail(e))?;
+        let lock = "SELECT pg_advisory_xact_lock($1)";
+        let bounds = self.bounds("");
+        let op_lock: [(&(dyn ToSql + Sync), Type); 1] = [(&op_lock, Type::INT8)];
+        let key_lock: [(&(dyn ToSql + Sync), Type); 1] = [(&key_lock, Type::INT8)];
+        let which: [(&(dyn ToSql + Sync), Type); 2] = [(&self.scope, Type::TEXT), (&intent.operation, Type::TEXT)];
+        let (_, _, _, row) = tokio::try_join!(
+            tx.batch_execute(&bounds),
+            tx.execute_typed(lock, &op_lock),
+            // A second lock of the same id, held by this transaction already, returns at once.
+            tx.execute_typed(lock, &key_lock),
+            tx.query_typed_opt(&select, &which),
+        )
+        .map_err(|e| self.fail(e))?;
         let existing = row.as_ref().map(|r| self.decode(r)).transpose()?;
         if let (Some(row), Some(record)) = (&row, &existing) {
             let owner: Option<String> = row.get("lease_owner");
@@ -612,7 +629,7 @@ impl Inner {
         let mut params = self.params(&write);
         let lease = self.lease.as_secs_f64();
         params.lease = Some((self.owner.clone(), lease));
-        tx.execute(
+        tx.execute_typed(
             &format!(
                 "INSERT INTO {s}.operations (scope, {COLUMNS}, lease_owner, lease_until) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, now() + make_interval(secs => $15)) \
@@ -622,7 +639,7 @@ impl Inner {
                  identity = excluded.identity, fixed_key = excluded.fixed_key, handle = excluded.handle, \
                  lease_owner = excluded.lease_owner, lease_until = excluded.lease_until"
             ),
-            &params.as_refs(),
+            &params.typed(),
         )
         .await
         .map_err(|e| self.fail(e))?;
@@ -639,32 +656,32 @@ impl Inner {
         let s = &self.schema;
         // Losing the outcome to a crash of the database leaves the record pending, which is
         // safe: the next run resumes the key. The key itself was committed durably by `begin`.
-        let tx = self.transaction(client, "SET LOCAL synchronous_commit = off;").await?;
+        let tx = client.transaction().await.map_err(|e| self.fail(e))?;
+        let bounds = self.bounds("SET LOCAL synchronous_commit = off;");
         let identity = finish.identity.as_ref().map(serde_json::Value::to_string);
         let handle = finish.handle.as_ref().map(|h| serde_json::to_string(h).expect("a handle serializes"));
         let status = finish.status.map(i32::from);
         let key = finish.claim.key.as_ref().map(IdempotencyKey::as_str);
-        let updated = tx
-            .execute(
-                &format!(
-                    "UPDATE {s}.operations SET state = $3, status = $4, identity = $5, updated_at = $6, handle = $7, \
+        let (now, created_at) = (to_millis(finish.now), to_millis(finish.claim.created_at));
+        let state = finish.state.as_str();
+        let params: [(&(dyn ToSql + Sync), Type); 9] = [
+            (&self.scope, Type::TEXT),
+            (&operation, Type::TEXT),
+            (&state, Type::TEXT),
+            (&status, Type::INT4),
+            (&identity, Type::TEXT),
+            (&now, Type::INT8),
+            (&handle, Type::TEXT),
+            (&key, Type::TEXT),
+            (&created_at, Type::INT8),
+        ];
+        let sql = format!(
+            "UPDATE {s}.operations SET state = $3, status = $4, identity = $5, updated_at = $6, handle = $7, \
                      lease_owner = NULL, lease_until = NULL \
                      WHERE scope = $1 AND operation = $2 AND key IS NOT DISTINCT FROM $8 AND created_at = $9"
-                ),
-                &[
-                    &self.scope,
-                    &operation,
-                    &finish.state.as_str(),
-                    &status,
-                    &identity,
-                    &to_millis(finish.now),
-                    &handle,
-                    &key,
-                    &to_millis(finish.claim.created_at),
-                ],
-            )
-            .await
-            .map_err(|e| self.fail(e))?;
+        );
+        let update = tx.execute_typed(&sql, &params);
+        let (_, updated) = tokio::try_join!(tx.batch_execute(&bounds), update).map_err(|e| self.fail(e))?;
         tx.commit().await.map_err(|e| self.fail(e))?;
         Ok(updated > 0)
     }
@@ -805,6 +822,28 @@ impl Params {
             refs.push(secs);
         }
         refs
+    }
+
+    /// The same, each with its type: statements sent without a prepare round trip.
+    fn typed(&self) -> Vec<(&(dyn ToSql + Sync), Type)> {
+        let types = [
+            Type::TEXT,   // scope
+            Type::TEXT,   // operation
+            Type::TEXT,   // key
+            Type::TEXT,   // method
+            Type::TEXT,   // url
+            Type::TEXT,   // fingerprint
+            Type::TEXT,   // state
+            Type::INT8,   // created_at
+            Type::INT8,   // updated_at
+            Type::INT4,   // status
+            Type::TEXT,   // identity
+            Type::BOOL,   // fixed_key
+            Type::TEXT,   // handle
+            Type::TEXT,   // lease owner
+            Type::FLOAT8, // lease seconds
+        ];
+        self.as_refs().into_iter().zip(types).collect()
     }
 }
 

@@ -66,6 +66,11 @@ impl ExponentialBackoff {
     /// [`RetryPolicy::standard`](crate::RetryPolicy::standard), with room for server-directed waits.
     pub const STANDARD: Self = Self::new(Duration::from_millis(200), Duration::from_secs(10));
 
+    /// For retries after a throttle: `base` 1 s, `factor` 2, `cap` 20 s, full jitter (the AWS
+    /// SDKs' throttling backoff). A server that throttles wants fewer requests, and a retry 200 ms
+    /// later is likely throttled again; four retries still fit the standard 60 s deadline.
+    pub const THROTTLED: Self = Self::new(Duration::from_secs(1), Duration::from_secs(20));
+
     /// Backoff starting at `base`, doubling, never above `cap`, with full jitter.
     pub const fn new(base: Duration, cap: Duration) -> Self {
         Self { base, factor: 2, cap, jitter: Jitter::Full }

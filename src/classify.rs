@@ -77,7 +77,7 @@ impl fmt::Display for TransportCause {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum RetryKind {
-    /// Rate limited (429): refused before processing.
+    /// Rate limited: a 429 (refused before processing), or a 503 naming a throttling code.
     Throttled,
     /// A gateway or availability failure (502, 503, 504).
     Unavailable,
@@ -291,7 +291,8 @@ where
 /// |---|---|---|---|
 /// | connection refused, DNS or TLS failure (not sent) | retry | retry | retry |
 /// | reset, EOF, timeout after sending (maybe applied) | retry | retry | stop: outcome unknown |
-/// | 429 | retry | retry | retry |
+/// | 429 | retry (throttled) | retry (throttled) | retry (throttled) |
+/// | 503 with a [throttling code](DefaultClassifier::THROTTLING_CODES) | retry (throttled) | retry (throttled) | stop: outcome unknown |
 /// | 502, 503, 504 | retry | retry | stop: outcome unknown |
 /// | 500 | retry | retry | stop: outcome unknown |
 /// | 409 in flight, 423 locked | retry | final | final |
@@ -330,6 +331,53 @@ impl DefaultClassifier {
         Self::DOMAIN_CONFLICT_PHRASES.iter().any(|p| text.contains(p))
     }
 
+    /// Error codes by which a server says it is throttling, as the AWS SDKs list them
+    /// (smithy-rs `THROTTLING_ERRORS`, botocore `_THROTTLED_ERROR_CODES`). Matched exactly.
+    pub const THROTTLING_CODES: &'static [&'static str] = &[
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "TransactionInProgressException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "LimitExceededException",
+        "RequestThrottled",
+        "SlowDown",
+        "PriorRequestNotComplete",
+        "EC2ThrottledException",
+    ];
+
+    /// Whether a response names a throttling code in a structured field: the `x-amzn-ErrorType`
+    /// header, a JSON body's `code`, `__type`, `Code` or `error.code`/`Error.Code`, or an XML
+    /// body's `<Code>`. Free text that merely mentions throttling does not count.
+    pub fn says_throttling(headers: &HeaderMap, body: &[u8]) -> bool {
+        let named = |code: &str| {
+            // `com.amazon.coral.availability#ThrottlingException`, `ThrottlingException:http://…`
+            let code = code.rsplit('#').next().unwrap_or(code);
+            let code = code.split(':').next().unwrap_or(code).trim();
+            Self::THROTTLING_CODES.contains(&code)
+        };
+        if headers.get("x-amzn-errortype").and_then(|v| v.to_str().ok()).is_some_and(named) {
+            return true;
+        }
+        let text = body.trim_ascii_start();
+        if text.starts_with(b"{") {
+            let Ok(serde_json::Value::Object(doc)) = serde_json::from_slice::<serde_json::Value>(text) else {
+                return false;
+            };
+            let field = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).is_some_and(named);
+            let nested = |name: &str| doc.get(name).and_then(|e| e.as_object());
+            return ["code", "__type", "Code"].iter().any(|k| field(doc.get(*k)))
+                || nested("error").is_some_and(|e| field(e.get("code")))
+                || nested("Error").is_some_and(|e| field(e.get("Code")));
+        }
+        let text = String::from_utf8_lossy(text);
+        text.split("<Code>").skip(1).any(|rest| rest.split("</Code>").next().is_some_and(named))
+    }
+
     /// Whether a body carries Stripe's `idempotency_error` type.
     pub fn says_idempotency_error(body: &[u8]) -> bool {
         String::from_utf8_lossy(body).contains("idempotency_error")
@@ -339,7 +387,7 @@ impl DefaultClassifier {
 impl Classifier for DefaultClassifier {
     fn classify(&self, ctx: &AttemptContext<'_>) -> Verdict {
         let keyed = ctx.is_keyed();
-        let (status, body) = match ctx.result() {
+        let (status, headers, body) = match ctx.result() {
             AttemptResult::Error { delivery, cause, error } => {
                 if cause == TransportCause::Other && !error.is_request() && !error.is_body() {
                     // Builder, redirect or another middleware's error: nothing transient about it.
@@ -353,17 +401,23 @@ impl Classifier for DefaultClassifier {
                     may_have_been_applied: delivery == Delivery::MaybeApplied,
                 };
             }
-            AttemptResult::Response { status, body, replayed, .. } => {
+            AttemptResult::Response { status, headers, body, replayed } => {
                 // A replayed answer is the original one: final, unless it is a stored 5xx (which
                 // the engine then stops on, since every retry would get it again).
                 if replayed && !status.is_server_error() {
                     return Verdict::Done;
                 }
-                (status, body.unwrap_or_default())
+                (status, headers, body.unwrap_or_default())
             }
         };
         match status.as_u16() {
             429 => Verdict::retry(RetryKind::Throttled),
+            // Throttled (cheaper in the budget, the throttled backoff, a cut in the adaptive
+            // rate), but still a 503: a proxy may have passed the write on, so it may have been
+            // applied.
+            503 if Self::says_throttling(headers, body) => {
+                Verdict::Retry { kind: RetryKind::Throttled, may_have_been_applied: true }
+            }
             502..=504 => Verdict::retry(RetryKind::Unavailable),
             500 => Verdict::retry(RetryKind::ServerError),
             409 if keyed && Self::says_mismatch(body) => Verdict::KeyReuse,
@@ -498,6 +552,35 @@ mod tests {
         assert_eq!(verdict(201), Verdict::Done);
         assert_eq!(verdict(400), Verdict::Done);
         assert_eq!(verdict(500), Verdict::retry(RetryKind::ServerError), "the engine stops on it");
+    }
+
+    #[test]
+    fn a_503_naming_a_throttling_code_is_a_throttle_that_may_have_been_applied() {
+        let throttled = Verdict::Retry { kind: RetryKind::Throttled, may_have_been_applied: true };
+        for body in [
+            r#"{"__type":"com.amazon.coral.availability#ThrottlingException","message":"Rate exceeded"}"#,
+            r#"{"code":"SlowDown"}"#,
+            r#"  {"Error":{"Code":"RequestLimitExceeded"}}"#,
+            r#"{"error":{"code":"TooManyRequestsException","message":"x"}}"#,
+            "<Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>",
+        ] {
+            assert_eq!(classify(Method::POST, true, 503, body), throttled, "{body}");
+            assert_eq!(classify(Method::POST, false, 503, body), throttled, "{body}: the engine stops a keyless one");
+        }
+        for body in [
+            "Service Unavailable: throttling upstream",
+            r#"{"message":"ThrottlingException"}"#,
+            r#"{"code":"ServiceUnavailable"}"#,
+            "<Code>InternalError</Code>",
+            "{not json",
+            "",
+        ] {
+            assert_eq!(classify(Method::POST, true, 503, body), Verdict::retry(RetryKind::Unavailable), "{body}");
+        }
+        assert_eq!(classify(Method::POST, true, 500, r#"{"code":"SlowDown"}"#), Verdict::retry(RetryKind::ServerError));
+        let mut headers = HeaderMap::new();
+        headers.insert("x-amzn-ErrorType", "ThrottlingException:http://internal.amazon.com/".parse().unwrap());
+        assert!(DefaultClassifier::says_throttling(&headers, b""));
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub(crate) struct Setback {
     pub elapsed: Duration,
     /// Attempts the server refused unprocessed so far, this one included.
     pub refusals: u32,
+    /// The server throttled this attempt: the throttled schedule applies.
+    pub throttled: bool,
 }
 
 /// Why the engine stops retrying.
@@ -72,7 +74,8 @@ pub(crate) enum Decision {
 
 /// The rules, in order: a replayed failure is futile; a keyless request that may have been
 /// applied is not resent; a stream cannot be resent; attempts, refusals and the schedule bound
-/// the retries; and the wait — `max(backoff, min(Retry-After, cap))` — must fit in the deadline, or
+/// the retries; and the wait — `max(backoff, min(Retry-After, cap))`, the backoff from the
+/// throttled schedule after a throttle — must fit in the deadline, or
 /// the engine stops now rather than sleep and then fail.
 pub(crate) fn decide(policy: &RetryPolicy, f: &Setback, rng: &dyn Random) -> Decision {
     if f.replayed_server_error {
@@ -87,7 +90,8 @@ pub(crate) fn decide(policy: &RetryPolicy, f: &Setback, rng: &dyn Random) -> Dec
     if f.attempts >= policy.max_attempts() || f.refusals > MAX_REFUSALS {
         return Decision::Stop(Stop::AttemptsExhausted);
     }
-    let Some(backoff) = policy.backoff().delay(f.attempts, rng) else {
+    let schedule = if f.throttled { policy.throttle_backoff() } else { policy.backoff() };
+    let Some(backoff) = schedule.delay(f.attempts, rng) else {
         return Decision::Stop(Stop::AttemptsExhausted);
     };
     let server = f.server_delay.map_or(Duration::ZERO, |d| d.min(policy.max_retry_after()));
@@ -125,6 +129,7 @@ mod tests {
             server_delay: None,
             elapsed: Duration::ZERO,
             refusals: 0,
+            throttled: false,
         }
     }
 
@@ -134,6 +139,26 @@ mod tests {
 
     fn retry_ms(ms: u64) -> Decision {
         Decision::Retry { delay: Duration::from_millis(ms) }
+    }
+
+    #[test]
+    fn a_throttle_backs_off_on_its_own_schedule() {
+        let policy = policy().with_throttle_backoff(
+            ExponentialBackoff::new(Duration::from_secs(1), Duration::from_secs(20)).jitter(Jitter::None),
+        );
+        let rng = SeededRng::new(0);
+        let throttled = |attempts| Setback { attempts, throttled: true, ..setback() };
+        assert_eq!(decide(&policy, &throttled(1), &rng), retry_ms(1_000));
+        assert_eq!(decide(&policy, &throttled(3), &rng), retry_ms(4_000));
+        assert_eq!(decide(&policy, &setback(), &rng), retry_ms(100), "a transient failure keeps its own");
+        // Retry-After is still the floor.
+        let f = Setback { server_delay: Some(Duration::from_secs(3)), ..throttled(1) };
+        assert_eq!(decide(&policy, &f, &rng), retry_ms(3_000));
+        // with_backoff sets both; the standard policy's throttled schedule starts at 1 s.
+        assert_eq!(run(throttled(1)), retry_ms(100));
+        let standard = RetryPolicy::standard();
+        assert_eq!(format!("{:?}", standard.throttle_backoff()), format!("{:?}", ExponentialBackoff::THROTTLED));
+        assert_eq!(ExponentialBackoff::THROTTLED.ceiling(1), Duration::from_secs(1));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tracing::Instrument;
 use tracing::field::Empty;
 
 use crate::attempt::{self, Ended, Reading};
-use crate::budget::{RetryBudget, RetryCost, Withdrawal};
+use crate::budget::{RetryBudget, RetryCost, RetryPartition, Withdrawal};
 use crate::carrier::KeyCarrier;
 use crate::classify::{AttemptContext, Classifier, RetryKind, TransportCause, Verdict};
 use crate::decide::{Decision, Setback, decide};
@@ -40,6 +40,8 @@ pub(crate) struct Engine {
     pub max_key_len: usize,
     pub max_body: usize,
     pub budget: Option<Arc<RetryBudget>>,
+    /// The budget's partition this layer's requests draw from.
+    pub partition: RetryPartition,
     /// The adaptive rate limiter, when turned on.
     pub rate: Option<Arc<AdaptiveRateLimiter>>,
     pub classifier: Arc<dyn Classifier>,
@@ -59,6 +61,7 @@ impl std::fmt::Debug for Engine {
             .field("max_key_len", &self.max_key_len)
             .field("max_body", &self.max_body)
             .field("budget", &self.budget)
+            .field("partition", &self.partition)
             .field("rate", &self.rate)
             .field("replay", &self.replay)
             .finish_non_exhaustive()
@@ -304,6 +307,7 @@ impl Engine {
             server_delay,
             elapsed: since(x.started, now),
             refusals: x.tally.refusals,
+            throttled: kind == RetryKind::Throttled,
         };
         let delay = match decide(&x.policy, &setback, &*self.rng) {
             Decision::Retry { delay } => delay,
@@ -315,9 +319,10 @@ impl Engine {
         if let Some(budget) = &self.budget {
             let cost = match kind {
                 RetryKind::Transport(TransportCause::Timeout) => RetryCost::AfterTimeout,
+                RetryKind::Throttled => RetryCost::Throttled,
                 _ => RetryCost::Retry,
             };
-            match budget.try_acquire(budget_host(&x.template), cost) {
+            match budget.try_acquire(self.partition(x), budget_host(&x.template), cost, now) {
                 Some(withdrawal) => x.withdrawal = Some(withdrawal),
                 None => {
                     x.span.record("outcome", "budget_exhausted");
@@ -340,6 +345,11 @@ impl Engine {
         };
         telemetry::retry(kind.as_str(), delay);
         Ok(delay)
+    }
+
+    /// The budget partition of this request: its options', or the layer's.
+    fn partition<'x>(&'x self, x: &'x Exchange<'_>) -> &'x RetryPartition {
+        x.options.partition().unwrap_or(&self.partition)
     }
 
     /// Waits for the first send's turn when the host has been throttling (the adaptive rate
@@ -441,7 +451,7 @@ impl Engine {
             }
         };
         if let Some(budget) = &self.budget {
-            budget.on_success(budget_host(&x.template), x.withdrawal);
+            budget.on_success(self.partition(&x), budget_host(&x.template), x.withdrawal, self.clock.now());
         }
         x.span.record("outcome", if replayed { "replayed" } else { "done" });
         let status = response.status();

@@ -10,7 +10,7 @@ use reqwest_middleware::{Middleware, Next};
 use tracing::Instrument;
 use tracing::field::Empty;
 
-use crate::budget::RetryBudget;
+use crate::budget::{RetryBudget, RetryPartition};
 use crate::carrier::KeyCarrier;
 use crate::classify::{Classifier, DefaultClassifier};
 use crate::engine::Engine;
@@ -93,6 +93,7 @@ impl IdempotentRetry {
                 max_key_len: IdempotencyKey::DEFAULT_MAX_LEN,
                 max_body: IdempotentRetry::DEFAULT_MAX_BODY,
                 budget: Some(Arc::new(RetryBudget::new())),
+                partition: RetryPartition::HOST,
                 rate: None,
                 classifier: Arc::new(DefaultClassifier),
                 replay: ReplayDetector::standard(),
@@ -171,6 +172,16 @@ impl IdempotentRetryBuilder {
     /// [`RetryBudget::new`] per layer).
     pub fn budget(mut self, budget: Arc<RetryBudget>) -> Self {
         self.engine.budget = Some(budget);
+        self
+    }
+
+    /// Which of the budget's partitions this layer's requests draw from (default
+    /// [`RetryPartition::HOST`]: one bucket per host). Layers that share one budget `Arc` but
+    /// serve different workloads give each its own partition, as the AWS SDKs'
+    /// `RetryPartition`; a request can pick another with
+    /// [`RequestOptions::retry_partition`](crate::RequestOptions::retry_partition).
+    pub fn retry_partition(mut self, partition: RetryPartition) -> Self {
+        self.engine.partition = partition;
         self
     }
 

@@ -1,5 +1,6 @@
 //! Per-request overrides, passed through request extensions.
 
+use crate::budget::RetryPartition;
 use crate::error::Error;
 use crate::key::IdempotencyKey;
 use crate::policy::RetryPolicy;
@@ -33,6 +34,7 @@ pub struct RequestOptions {
     no_retry: bool,
     buffer_body: bool,
     deadline: Option<std::time::Duration>,
+    partition: Option<RetryPartition>,
 }
 
 impl RequestOptions {
@@ -72,6 +74,20 @@ impl RequestOptions {
     pub fn deadline(mut self, deadline: std::time::Duration) -> Self {
         self.deadline = Some(deadline);
         self
+    }
+
+    /// Draws this request's retries from `partition`'s budget instead of the layer's (see
+    /// [`IdempotentRetryBuilder::retry_partition`](crate::IdempotentRetryBuilder::retry_partition)):
+    /// for a client that serves several tenants or accounts, so one draining its budget leaves
+    /// the others' retries alone.
+    pub fn retry_partition(mut self, partition: RetryPartition) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+
+    /// The retry partition these options select, if any.
+    pub fn partition(&self) -> Option<&RetryPartition> {
+        self.partition.as_ref()
     }
 
     /// Has the layer read the whole response body into memory within the attempt, up to its

@@ -28,6 +28,7 @@ pub struct RetryPolicy {
     attempt_timeout: Option<Duration>,
     max_retry_after: Duration,
     backoff: Arc<dyn Backoff>,
+    throttle_backoff: Arc<dyn Backoff>,
 }
 
 impl RetryPolicy {
@@ -40,6 +41,11 @@ impl RetryPolicy {
     /// | `attempt_timeout` | 10 s | per attempt, further clipped to what remains of the deadline |
     /// | `max_retry_after` | 30 s | a server's `Retry-After` is honoured up to this, never hours |
     /// | `backoff` | [`ExponentialBackoff::STANDARD`] | 200 ms doubling to 10 s, full jitter |
+    /// | `throttle_backoff` | [`ExponentialBackoff::THROTTLED`] | after a throttle: 1 s doubling to 20 s, full jitter (AWS) |
+    ///
+    /// AWS retry behaviour 2.1 starts transient retries at 50 ms; ours start at 200 ms, because
+    /// the writes we retry go through proxies and load balancers whose restarts take longer than
+    /// a dropped packet does, and a create retried too soon meets the first still in flight.
     pub fn standard() -> Self {
         Self {
             max_attempts: 5,
@@ -47,6 +53,7 @@ impl RetryPolicy {
             attempt_timeout: Some(Duration::from_secs(10)),
             max_retry_after: Duration::from_secs(30),
             backoff: Arc::new(ExponentialBackoff::STANDARD),
+            throttle_backoff: Arc::new(ExponentialBackoff::THROTTLED),
         }
     }
 
@@ -101,9 +108,20 @@ impl RetryPolicy {
         self
     }
 
-    /// Sets the delay schedule.
+    /// Sets the delay schedule of every retry, throttled ones included; follow with
+    /// [`with_throttle_backoff`](Self::with_throttle_backoff) to give throttled retries their
+    /// own again.
     pub fn with_backoff(mut self, backoff: impl Backoff + 'static) -> Self {
         self.backoff = Arc::new(backoff);
+        self.throttle_backoff = self.backoff.clone();
+        self
+    }
+
+    /// Sets the delay schedule of retries after a throttle (a 429, a throttling code), apart from
+    /// the one after other failures, as the AWS SDKs do. A server's `Retry-After` is still the
+    /// floor of either.
+    pub fn with_throttle_backoff(mut self, backoff: impl Backoff + 'static) -> Self {
+        self.throttle_backoff = Arc::new(backoff);
         self
     }
 
@@ -127,9 +145,14 @@ impl RetryPolicy {
         self.max_retry_after
     }
 
-    /// The delay schedule.
+    /// The delay schedule of retries after failures other than throttles.
     pub fn backoff(&self) -> &dyn Backoff {
         &*self.backoff
+    }
+
+    /// The delay schedule of retries after a throttle.
+    pub fn throttle_backoff(&self) -> &dyn Backoff {
+        &*self.throttle_backoff
     }
 
     /// Refuses a policy under which nothing could be sent: a zero deadline or attempt timeout.
@@ -160,6 +183,7 @@ impl fmt::Debug for RetryPolicy {
             .field("attempt_timeout", &self.attempt_timeout)
             .field("max_retry_after", &self.max_retry_after)
             .field("backoff", &self.backoff)
+            .field("throttle_backoff", &self.throttle_backoff)
             .finish()
     }
 }

@@ -13,7 +13,7 @@ pub(crate) const RETRIES: &str = "idempotent_retry_retries_total";
 /// How each operation ended (counter; label `outcome`: `created`, `replayed`, `recovered`,
 /// `recorded`, `unknown`, `not_applied`).
 pub(crate) const OPERATIONS: &str = "idempotent_retry_operations_total";
-/// Tokens left in the retry budget (gauge; label `host`).
+/// Tokens left in the retry budget (gauge; labels `host`, and `partition` when one is set).
 pub(crate) const BUDGET_TOKENS: &str = "idempotent_retry_budget_tokens";
 /// Each wait before a retry, in seconds (histogram).
 pub(crate) const RETRY_WAIT: &str = "idempotent_retry_retry_wait_seconds";
@@ -38,8 +38,13 @@ mod on {
         metrics::counter!(OPERATIONS, "outcome" => outcome).increment(1);
     }
 
-    pub(crate) fn budget_tokens(host: &str, tokens: u32) {
-        metrics::gauge!(BUDGET_TOKENS, "host" => host.to_owned()).set(f64::from(tokens));
+    pub(crate) fn budget_tokens(partition: &str, host: &str, tokens: u32) {
+        let gauge = if partition.is_empty() {
+            metrics::gauge!(BUDGET_TOKENS, "host" => host.to_owned())
+        } else {
+            metrics::gauge!(BUDGET_TOKENS, "host" => host.to_owned(), "partition" => partition.to_owned())
+        };
+        gauge.set(f64::from(tokens));
     }
 
     pub(crate) fn resource_wait(outcome: &'static str, waited: Duration) {
@@ -54,7 +59,7 @@ mod on {
     pub(crate) fn attempts(_: &http::Method, _: u32) {}
     pub(crate) fn retry(_: &'static str, _: Duration) {}
     pub(crate) fn operation(_: &'static str) {}
-    pub(crate) fn budget_tokens(_: &str, _: u32) {}
+    pub(crate) fn budget_tokens(_: &str, _: &str, _: u32) {}
     pub(crate) fn resource_wait(_: &'static str, _: Duration) {}
 }
 

@@ -1,26 +1,38 @@
-//! The retry budget under a sustained outage.
+//! The retry budget through the layer: a sustained outage, throttles, time refill, partitions;
+//! exact token counts and delays on injected time.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use idempotent_retry::{Error, budget::RetryBudget};
+use idempotent_retry::budget::{RetryBudget, RetryPartition};
+use idempotent_retry::{Error, RequestOptions};
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use idempotent_retry::time::Clock;
 
 use crate::support::*;
 
 const OPS: usize = 200;
 
-async fn outage() -> MockServer {
+async fn always(status: u16) -> MockServer {
     let server = MockServer::start().await;
-    Mock::given(method("POST")).respond_with(ResponseTemplate::new(503)).mount(&server).await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(status)).mount(&server).await;
     server
 }
 
+fn host(server: &MockServer) -> String {
+    format!("127.0.0.1:{}", server.address().port())
+}
+
+const H: &RetryPartition = &RetryPartition::HOST;
+
 #[tokio::test]
 async fn sustained_503_amplification_is_bounded_by_the_budget() {
-    let server = outage().await;
-    let budget = Arc::new(RetryBudget::new());
-    let client = client(Time::new().layer().policy(fast_policy().without_deadline()).budget(budget.clone()));
+    let server = always(503).await;
+    let budget = Arc::new(RetryBudget::new().refill_rate(0.0));
+    let time = Time::new();
+    let client = client(time.layer().policy(fast_policy().without_deadline()).budget(budget.clone()));
 
     let mut budget_errors = 0;
     for _ in 0..OPS {
@@ -33,23 +45,71 @@ async fn sustained_503_amplification_is_bounded_by_the_budget() {
     }
 
     let sent = requests_seen(&server).await;
+    // Without a budget it would be 5 per operation; the bucket paid for exactly 500 / 14 = 35
+    // retries.
     let bound = OPS + (RetryBudget::DEFAULT_CAPACITY / RetryBudget::DEFAULT_RETRY_COST) as usize;
-    assert!(sent <= bound, "{sent} requests for {OPS} operations, bound {bound}");
-    // Without a budget it would be 5 per operation; the bucket paid for exactly 100 retries.
     assert_eq!(sent, bound);
-    let host = format!("127.0.0.1:{}", server.address().port());
-    assert!(budget.available(&host) < RetryBudget::DEFAULT_RETRY_COST, "drained");
-    assert!(budget_errors >= OPS - 25, "once drained, operations stop after their first attempt: {budget_errors}");
+    assert_eq!(budget.available(H, &host(&server), time.clock.now()), 500 - 35 * 14, "drained");
+    assert!(budget_errors >= OPS - 9, "once drained, operations stop after their first attempt: {budget_errors}");
 }
 
+/// The outage figure with the default time refill: requests per operation stays ≤ 1.05 once the
+/// bucket drains, even when the operations are spread over time (one a second, each failing).
 #[tokio::test]
-async fn without_a_budget_only_the_policy_bounds_retries() {
-    let server = outage().await;
-    let client = client(Time::new().layer().policy(fast_policy().without_deadline()).no_budget());
-    for _ in 0..20 {
+async fn time_refill_keeps_the_outage_bound() {
+    let server = always(503).await;
+    let budget = Arc::new(RetryBudget::new());
+    let time = Time::new();
+    let client = client(time.layer().policy(fast_policy().without_deadline()).budget(budget.clone()));
+    // Drain it first.
+    while budget.available(H, &host(&server), time.clock.now()) >= RetryBudget::DEFAULT_RETRY_COST {
         client.post(server.uri()).body("{}").send().await.unwrap_err();
     }
-    assert_eq!(requests_seen(&server).await, 20 * 5);
+    let before = requests_seen(&server).await;
+    let ops = 1_000;
+    for _ in 0..ops {
+        time.clock.advance(Duration::from_secs(1));
+        client.post(server.uri()).body("{}").send().await.unwrap_err();
+    }
+    let per_op = (requests_seen(&server).await - before) as f64 / ops as f64;
+    // 1 token a second, 14 a retry: about one retry per 14 operations here.
+    assert!(per_op <= 1.05 + 0.03, "{per_op}");
+    assert!(per_op > 1.0, "time paid for some retries: {per_op}");
+}
+
+/// A scripted run on injected time, every count exact: throttles cost 5 and back off on their
+/// own schedule; transient failures cost 14; time pays the bucket back at 1 token a second.
+#[tokio::test]
+async fn throttles_cost_less_and_time_refills_exactly() {
+    let server = MockServer::start().await;
+    let throttled = ResponseTemplate::new(429);
+    let unavailable = ResponseTemplate::new(503);
+    Mock::given(method("POST")).respond_with(throttled).up_to_n_times(2).mount(&server).await;
+    Mock::given(method("POST")).respond_with(unavailable).up_to_n_times(2).mount(&server).await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(201)).mount(&server).await;
+    let budget = Arc::new(RetryBudget::new().capacity(40).refill_rate(1.0));
+    let time = Time::new();
+    let policy = fast_policy().with_throttle_backoff(
+        idempotent_retry::backoff::ExponentialBackoff::new(Duration::from_secs(1), Duration::from_secs(20))
+            .jitter(idempotent_retry::backoff::Jitter::None),
+    );
+    let client = client(time.layer().policy(policy).budget(budget.clone()));
+    let start = time.clock.now();
+
+    // 429 (−5, wait 1 s, +1 s of time), 429 (−5, wait 2 s, +2), 503 (−14, wait 400 ms, +0.4),
+    // 503 (−14, wait 800 ms, +0.8), 201: its last retry's 14 come back.
+    let response = client.post(server.uri()).body("{}").send().await.unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(time.delays(), [ms(1_000), ms(2_000), ms(400), ms(800)], "throttled schedule, then transient");
+    let now = time.clock.now();
+    assert_eq!(now.duration_since(start).unwrap(), ms(4_200));
+    // 40 − 5 + 1 − 5 + 2 − 14 + 0.4 − 14 + 0.8 = 6.2 (the bucket is refilled on each withdrawal),
+    // then + 14 returned = 20.2.
+    assert_eq!(budget.available(H, &host(&server), now), 20);
+    time.clock.advance(ms(800));
+    assert_eq!(budget.available(H, &host(&server), time.clock.now()), 21);
+    time.clock.advance(Duration::from_secs(60));
+    assert_eq!(budget.available(H, &host(&server), time.clock.now()), 40, "capped at the capacity");
 }
 
 #[tokio::test]
@@ -58,10 +118,56 @@ async fn successes_refill_the_budget() {
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(503)).up_to_n_times(1).mount(&server).await;
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(201)).mount(&server).await;
     let budget = Arc::new(RetryBudget::new());
-    let client = client(Time::new().layer().budget(budget.clone()));
-    let host = format!("127.0.0.1:{}", server.address().port());
+    let time = Time::new();
+    let client = client(time.layer().budget(budget.clone()));
 
     client.post(server.uri()).body("{}").send().await.unwrap();
 
-    assert_eq!(budget.available(&host), 500, "the retry's cost came back with its success");
+    assert_eq!(
+        budget.available(H, &host(&server), time.clock.now()),
+        500,
+        "the retry's cost came back with its success"
+    );
+}
+
+#[tokio::test]
+async fn without_a_budget_only_the_policy_bounds_retries() {
+    let server = always(503).await;
+    let client = client(Time::new().layer().policy(fast_policy().without_deadline()).no_budget());
+    for _ in 0..20 {
+        client.post(server.uri()).body("{}").send().await.unwrap_err();
+    }
+    assert_eq!(requests_seen(&server).await, 20 * 5);
+}
+
+/// One tenant's outage drains its partition only: the other tenant, through the same layer and
+/// budget, to the same host, still gets its retries.
+#[tokio::test]
+async fn a_partition_drains_alone() {
+    let server = always(503).await;
+    let budget = Arc::new(RetryBudget::new().capacity(28).refill_rate(0.0));
+    let time = Time::new();
+    let a = RetryPartition::new("tenant-a").unwrap();
+    let b = RetryPartition::new("tenant-b").unwrap();
+    let client =
+        client(time.layer().policy(fast_policy().without_deadline()).budget(budget.clone()).retry_partition(a.clone()));
+
+    // The layer's partition (tenant-a): 2 retries paid, then drained.
+    client.post(server.uri()).body("{}").send().await.unwrap_err();
+    assert_eq!(requests_seen(&server).await, 3, "two retries for 28 tokens");
+    assert_eq!(budget.available(&a, &host(&server), time.clock.now()), 0);
+    assert_eq!(budget.available(&b, &host(&server), time.clock.now()), 28);
+    assert_eq!(budget.available(H, &host(&server), time.clock.now()), 28);
+
+    // A request that names tenant-b draws from tenant-b's bucket.
+    let err = client
+        .post(server.uri())
+        .body("{}")
+        .with_extension(RequestOptions::new().retry_partition(b.clone()))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(matches!(Error::find(&err), Some(Error::BudgetExhausted(_))), "{err}");
+    assert_eq!(requests_seen(&server).await, 6);
+    assert_eq!(budget.available(&b, &host(&server), time.clock.now()), 0);
 }

@@ -13,7 +13,7 @@ use reqwest_middleware::Next;
 
 use crate::classify::{AttemptResult, AttemptTimedOut, Delivery, TransportCause, categorize};
 use crate::error::LastAttempt;
-use crate::time::{Sleeper, within};
+use crate::time::{Sleeper, Within, within};
 
 /// Responses with a status at or above this have their body read before classification.
 const BUFFER_FROM: u16 = 400;
@@ -52,16 +52,19 @@ pub(crate) struct Buffered {
 
 /// Sends `request` down the chain and reads what `reading` asks for, giving up after `limit`
 /// (measured by `sleeper`). The limit covers the body: a server that sends headers and then
-/// stalls is a timed-out attempt, not a hang.
-pub(crate) async fn send(
-    next: Next<'_>,
+/// stalls is a timed-out attempt, not a hang. Await it and hand the result to [`ended`].
+///
+/// Not an `async fn`: one would keep the request both as its argument and inside the exchange
+/// it sends, doubling the attempt's future, which every request's future contains.
+pub(crate) fn send<'a>(
+    next: Next<'a>,
     request: Request,
-    extensions: &mut Extensions,
+    extensions: &'a mut Extensions,
     limit: Option<Duration>,
     sleeper: &dyn Sleeper,
     reading: Reading,
-) -> Ended {
-    let exchange = async {
+) -> Within<impl Future<Output = Result<Ended, reqwest_middleware::Error>> + 'a> {
+    let exchange = async move {
         match next.run(request, extensions).await {
             Ok(response) if reading.all_bodies || response.status().as_u16() >= BUFFER_FROM => {
                 Buffered::read(response, reading.max_body).await
@@ -70,7 +73,12 @@ pub(crate) async fn send(
             Err(error) => Err(error),
         }
     };
-    let result = match within(sleeper, limit, exchange).await {
+    within(sleeper, limit, exchange)
+}
+
+/// How the attempt [`send`] ran ended, with `limit`, the limit it ran under.
+pub(crate) fn ended(result: Result<Result<Ended, reqwest_middleware::Error>, ()>, limit: Option<Duration>) -> Ended {
+    let result = match result {
         Ok(result) => result,
         Err(()) => {
             let limit = limit.expect("only a limit expires");
@@ -207,14 +215,11 @@ impl Ended {
     }
 
     /// For an answer: its status, the URL it answers (the request's, unless the client followed
-    /// a redirect) and its `Location`, if that is text.
-    pub(crate) fn redirect_parts(&self) -> Option<(StatusCode, &Url, Option<&str>)> {
-        fn location(headers: &HeaderMap) -> Option<&str> {
-            headers.get(http::header::LOCATION).and_then(|v| v.to_str().ok())
-        }
+    /// a redirect) and its headers.
+    pub(crate) fn redirect_parts(&self) -> Option<(StatusCode, &Url, &HeaderMap)> {
         match self {
-            Ended::Streaming(r) => Some((r.status(), r.url(), location(r.headers()))),
-            Ended::Buffered(b) => Some((b.status, &b.url, location(&b.headers))),
+            Ended::Streaming(r) => Some((r.status(), r.url(), r.headers())),
+            Ended::Buffered(b) => Some((b.status, &b.url, &b.headers)),
             Ended::Transport { .. } => None,
         }
     }

@@ -6,12 +6,11 @@
 //! A per-request limit of *n* attempts bounds one request, not the system. When a server is
 //! down, every request makes all *n* attempts and the client multiplies its own load by *n*
 //! exactly when the server can least take it; thousands of clients doing the same keep it down.
-//! A budget bounds retries *across* requests: retries draw tokens from a shared bucket, successes
-//! and time put tokens back. While things are healthy the bucket stays full and every transient
-//! failure is retried; in a sustained outage it drains after a bounded number of retries
-//! (`capacity / cost`), and from then on only first attempts go out, plus the few retries the
-//! refill rate pays for, so the load the client adds is at most its normal load plus that bounded
-//! surplus.
+//! A budget bounds retries *across* requests: retries draw tokens from a shared bucket,
+//! successes (and time, if asked) put tokens back. While things are healthy the bucket stays full
+//! and every transient failure is retried; in a sustained outage it drains after a bounded number
+//! of retries (`capacity / cost`), and from then on only first attempts go out, so the load the
+//! client adds is at most its normal load plus that bounded surplus.
 //!
 //! # The numbers: AWS retry behaviour 2.1, and where ours differs
 //!
@@ -23,7 +22,7 @@
 //! | a retry after a throttle (429, `Throttling` codes) | 5 | 5 |
 //! | a success that needed retries | returns its last retry's cost | the same |
 //! | a first-attempt success | +1 | +1 |
-//! | refill with time | off unless `refill_rate` is set | **1 token/s** ([`DEFAULT_REFILL_RATE`](RetryBudget::DEFAULT_REFILL_RATE)) |
+//! | refill with time | off unless `refill_rate` is set | the same ([`refill_rate`](RetryBudget::refill_rate)) |
 //! | partitioned by | the retry partition (service and region) | [`RetryPartition`] *and* host |
 //!
 //! Throttled retries are cheap because a throttle is the server's own, deliberate answer: it
@@ -32,14 +31,12 @@
 //! Failures that cost the server work (resets, 5xx, timeouts) drain the bucket almost three times
 //! as fast.
 //!
-//! Time refill is on by default here, where AWS leaves it off, because our callers are often
-//! long-lived processes whose only traffic to a host is the retried writes (a provider that creates
-//! a few resources an hour): without it, a bucket drained by one outage stays empty until enough
-//! first attempts succeed, and the next blip is not retried at all. At 1 token/s a drained bucket
-//! is full again after about eight minutes, and in a sustained outage the refill pays for one
-//! extra retry per 14 s per host, whatever the request rate: the amplification bound still holds
-//! (see the outage figure in the README's performance table). `refill_rate(0.0)` gives AWS's
-//! behaviour.
+//! Time refill is off by default, as in the AWS SDKs, because it is what keeps the outage bound
+//! whatever the request rate: with it on, a sustained outage pays for `rate / 14` retries a
+//! second on top of the first attempts, which is nothing for a busy client and a 7% surplus for
+//! one sending a request a second at 1 token/s. Turn it on (`refill_rate(1.0)`) for a
+//! long-lived process whose only traffic to a host is rare writes: without it, a bucket an outage
+//! drained fills again only as first attempts succeed (one token each).
 //!
 //! Time is the engine's injected [`Clock`](crate::time::Clock), so tests drive the refill
 //! exactly; a clock that steps backwards adds nothing.
@@ -204,8 +201,8 @@ impl RetryBudget {
     pub const DEFAULT_THROTTLE_COST: u32 = 5;
     /// Tokens a first-attempt success puts back (AWS: 1).
     pub const DEFAULT_SUCCESS_REFILL: u32 = 1;
-    /// Tokens time puts back, per second (AWS: 0, off; see the module docs for why ours is not).
-    pub const DEFAULT_REFILL_RATE: f64 = 1.0;
+    /// Tokens time puts back, per second (AWS: 0, off; see the module docs).
+    pub const DEFAULT_REFILL_RATE: f64 = 0.0;
 
     /// A budget with the defaults above.
     pub fn new() -> Self {
@@ -250,9 +247,8 @@ impl RetryBudget {
         self
     }
 
-    /// Sets how many tokens time puts back per second (default 1.0), to a millionth of a token.
-    /// Zero turns time refill off, as in the AWS SDKs; a negative or non-finite rate counts as
-    /// zero.
+    /// Sets how many tokens time puts back per second (default 0: off, as in the AWS SDKs), to a
+    /// millionth of a token. A negative or non-finite rate counts as zero.
     pub fn refill_rate(mut self, tokens_per_second: f64) -> Self {
         let rate = if tokens_per_second.is_finite() { tokens_per_second.max(0.0) } else { 0.0 };
         // `as` saturates: an absurd rate is a bucket that is always full.
@@ -376,7 +372,7 @@ mod tests {
     }
 
     fn still() -> RetryBudget {
-        RetryBudget::new().refill_rate(0.0)
+        RetryBudget::new()
     }
 
     #[test]

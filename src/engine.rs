@@ -75,7 +75,7 @@ struct Exchange<'a> {
     /// What every attempt sends (a body-less copy when the body is a stream).
     template: Request,
     /// A stream body, sent once, by the first attempt.
-    stream: Option<Request>,
+    stream: Option<Box<Request>>,
     /// The body can be sent again.
     replayable: bool,
     /// The request carries a key or its method is idempotent.
@@ -86,7 +86,7 @@ struct Exchange<'a> {
     tally: Tally,
     /// Tokens the last retry took from the budget, to hand back on success.
     withdrawal: Option<Withdrawal>,
-    /// The request's span, looked up once (a thread-local read each time).
+    /// The request's span.
     span: tracing::Span,
     /// The current attempt's span.
     attempt_span: tracing::Span,
@@ -118,62 +118,81 @@ impl Tally {
 
 impl Engine {
     /// Sends `request` until it is answered for good, the rules stop it, or its time runs out.
-    pub(crate) async fn execute(
-        &self,
+    ///
+    /// Not an `async fn`: one would keep `request` as its argument and again inside the
+    /// exchange, and this future is boxed for every request (a larger box is a slower malloc).
+    pub(crate) fn execute<'a>(
+        &'a self,
         request: Request,
-        extensions: &mut Extensions,
-        next: Next<'_>,
-        options: &RequestOptions,
-    ) -> Result<Response, Error> {
-        let mut exchange = self.prepare(request, options)?;
-        self.pace_first(&mut exchange).await?;
-        loop {
-            let ended = self.attempt(&mut exchange, extensions, next.clone()).await;
-            if let Some(redirect) = crate::redirect::of(&exchange.template, &ended) {
-                self.redirected(&mut exchange, redirect, ended)?;
-                continue;
-            }
-            let replayed = self.is_replay(&exchange, &ended);
-            let verdict = self.classify(&exchange, &ended, replayed);
-            if let Some(rate) = &self.rate {
-                let throttled = matches!(verdict, Verdict::Retry { kind: RetryKind::Throttled, .. });
-                rate.record(budget_host(&exchange.template), exchange.sent, self.clock.now(), throttled);
-            }
-            let delay = match verdict {
-                Verdict::Done => return self.finish(ended, exchange, replayed),
-                Verdict::KeyReuse => {
-                    exchange.span.record("outcome", "key_reuse");
-                    return Err(Error::KeyReuse(exchange.tally.failure(ended)));
-                }
-                Verdict::Retry { kind, may_have_been_applied } => {
-                    exchange.tally.may_have_been_applied |= may_have_been_applied;
-                    match self.decide(&mut exchange, &ended, kind, may_have_been_applied, replayed) {
-                        Ok(delay) => delay,
-                        Err(stop) => return Err(stop(exchange.tally.failure(ended))),
-                    }
-                }
+        extensions: &'a mut Extensions,
+        next: Next<'a>,
+        options: &'a RequestOptions,
+        span: tracing::Span,
+    ) -> impl Future<Output = Result<Response, Error>> + 'a {
+        let mut prepared = self.prepare(request, options, span);
+        async move {
+            // Used in place, never moved into a local of its own (which would be a second copy).
+            let exchange = match prepared {
+                Ok(ref mut exchange) => exchange,
+                Err(error) => return Err(error),
             };
-            self.sleep(&mut exchange, ended, delay, replayed).await;
+            self.pace_first(exchange).await?;
+            loop {
+                let ended = self.attempt(exchange, extensions, next.clone()).await;
+                if let Some(redirect) = crate::redirect::of(&exchange.template, &ended) {
+                    self.redirected(exchange, redirect, ended)?;
+                    continue;
+                }
+                let replayed = self.is_replay(exchange, &ended);
+                let verdict = self.classify(exchange, &ended, replayed);
+                if let Some(rate) = &self.rate {
+                    let throttled = matches!(verdict, Verdict::Retry { kind: RetryKind::Throttled, .. });
+                    rate.record(budget_host(&exchange.template), exchange.sent, self.clock.now(), throttled);
+                }
+                let delay = match verdict {
+                    Verdict::Done => return self.finish(ended, exchange, replayed),
+                    Verdict::KeyReuse => {
+                        exchange.span.record("outcome", "key_reuse");
+                        return Err(Error::KeyReuse(exchange.tally.failure(ended)));
+                    }
+                    Verdict::Retry { kind, may_have_been_applied } => {
+                        exchange.tally.may_have_been_applied |= may_have_been_applied;
+                        match self.decide(exchange, &ended, kind, may_have_been_applied, replayed) {
+                            Ok(delay) => delay,
+                            Err(stop) => return Err(stop(exchange.tally.failure(ended))),
+                        }
+                    }
+                };
+                self.before_sleep(exchange, ended, delay, replayed);
+                self.sleeper.sleep(delay).await;
+                exchange.tally.total_delay += delay;
+            }
         }
     }
 
     /// Checks the options and the policy, settles the key and puts it on the request. Nothing
     /// is sent when this fails.
-    fn prepare<'a>(&'a self, mut request: Request, options: &'a RequestOptions) -> Result<Exchange<'a>, Error> {
+    /// `span` is the request's, which the caller enters around the future (not yet entered here).
+    fn prepare<'a>(
+        &'a self,
+        mut request: Request,
+        options: &'a RequestOptions,
+        span: tracing::Span,
+    ) -> Result<Exchange<'a>, Error> {
         options.validate()?;
         let policy = options.policy_or(&self.policy);
         policy.check().map_err(Error::InvalidRequest)?;
         let key = self.prepare_key(&mut request, options)?;
         let replayable = request.body().is_none_or(|b| b.as_bytes().is_some());
         let resendable = key.is_some() || request.method().is_idempotent();
-        let span = tracing::Span::current();
         if !span.is_disabled()
             && let Some(key) = &key
         {
             span.record("key", key.fingerprint());
         }
         // A stream goes out once, as is; the classifier sees a body-less copy of it.
-        let (template, stream) = if replayable { (request, None) } else { (without_body(&request), Some(request)) };
+        let (template, stream) =
+            if replayable { (request, None) } else { (without_body(&request), Some(Box::new(request))) };
         Ok(Exchange {
             options,
             policy,
@@ -231,22 +250,32 @@ impl Engine {
 
     /// One attempt, within what is left of the deadline.
     async fn attempt(&self, x: &mut Exchange<'_>, extensions: &mut Extensions, next: Next<'_>) -> Ended {
-        let elapsed = since(x.started, self.clock.now());
+        let now = self.clock.now();
+        let elapsed = since(x.started, now);
         let limit = match (x.policy.attempt_timeout(), x.policy.deadline()) {
             (t, None) => t,
             (t, Some(deadline)) => Some(t.unwrap_or(Duration::MAX).min(deadline.saturating_sub(elapsed))),
         };
         let request = match x.stream.take() {
-            Some(original) => original,
+            Some(original) => *original,
+            // The first attempt sends the request as the caller built it and keeps the copy:
+            // the original's header map has room for the client's default headers, a copy's
+            // has none (it would grow and rehash inside reqwest, ~1,100 instructions).
+            None if x.tally.attempts == 0 => {
+                let copy = x.template.try_clone().expect("a replayable request clones");
+                std::mem::replace(&mut x.template, copy)
+            }
             None => x.template.try_clone().expect("only replayable requests are attempted more than once"),
         };
         x.tally.attempts += 1;
-        x.sent = self.clock.now();
+        x.sent = now;
         x.attempt_span = attempt_span(&x.template, x.tally.attempts);
         let reading = Reading { all_bodies: x.options.is_buffered(), max_body: self.max_body };
-        attempt::send(next, request, extensions, limit, &*self.sleeper, reading)
-            .instrument(x.attempt_span.clone())
-            .await
+        let send = attempt::send(next, request, extensions, limit, &*self.sleeper, reading);
+        // No subscriber wants the span: no `Instrumented` wrapper to move the future into.
+        let result =
+            if x.attempt_span.is_disabled() { send.await } else { send.instrument(x.attempt_span.clone()).await };
+        attempt::ended(result, limit)
     }
 
     /// Whether the server answered from its idempotency store.
@@ -405,8 +434,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Tells whoever listens, then waits `delay`.
-    async fn sleep(&self, x: &mut Exchange<'_>, ended: Ended, delay: Duration, replayed: bool) {
+    /// Tells whoever listens that the engine will wait `delay`, and lets the failed attempt go
+    /// (its connection with it) before the wait.
+    fn before_sleep(&self, x: &mut Exchange<'_>, ended: Ended, delay: Duration, replayed: bool) {
         if let Some(hook) = &self.on_retry {
             let url = x.template.url();
             hook(&RetryEvent {
@@ -428,12 +458,10 @@ impl Engine {
             "retrying"
         );
         drop(ended);
-        self.sleeper.sleep(delay).await;
-        x.tally.total_delay += delay;
     }
 
     /// Hands a final answer to the caller, with the outcome record attached.
-    fn finish(&self, ended: Ended, mut x: Exchange<'_>, replayed: bool) -> Result<Response, Error> {
+    fn finish(&self, ended: Ended, x: &mut Exchange<'_>, replayed: bool) -> Result<Response, Error> {
         let mut response = match ended {
             Ended::Streaming(response) => response,
             Ended::Buffered(buffered) if x.options.is_buffered() && buffered.is_truncated() => {
@@ -451,16 +479,16 @@ impl Engine {
             }
         };
         if let Some(budget) = &self.budget {
-            budget.on_success(self.partition(&x), budget_host(&x.template), x.withdrawal, self.clock.now());
+            // The last send's time stands for now: no clock read on the success path (the refill
+            // it misses comes with the next call).
+            budget.on_success(self.partition(x), budget_host(&x.template), x.withdrawal, x.sent);
         }
         x.span.record("outcome", if replayed { "replayed" } else { "done" });
         let status = response.status();
         let key = x.tally.key.as_ref();
         let headers = response.headers();
-        let key_acknowledged = key.is_some()
-            && (replayed
-                || self.replay.carries_marker(headers)
-                || self.carrier.header_name().is_some_and(|name| headers.contains_key(name)));
+        let key_acknowledged =
+            key.is_some() && (replayed || self.replay.carries_marker_or(headers, self.carrier.header_name()));
         response.extensions_mut().insert(RetryOutcome {
             attempts: x.tally.attempts,
             // A 303 answering a write says it was done, and where the result is.

@@ -279,7 +279,9 @@ impl Middleware for IdempotentRetry {
             outcome = Empty,
         );
         let method = req.method().clone();
-        let result = self.engine.execute(req, extensions, next, &options).instrument(span).await;
+        let execute = self.engine.execute(req, extensions, next, &options, span.clone());
+        // No subscriber wants the span: no `Instrumented` wrapper to move the future into.
+        let result = if span.is_disabled() { execute.await } else { execute.instrument(span).await };
         let attempts = match &result {
             Ok(response) => RetryOutcome::of(response).map_or(1, |o| o.attempts),
             Err(e) => e.attempts(),

@@ -38,7 +38,7 @@ pub(crate) fn of(request: &Request, ended: &Ended) -> Option<Redirect> {
     if !is_write(request.method()) {
         return None;
     }
-    let (status, answered_at, location) = ended.redirect_parts()?;
+    let (status, answered_at, headers) = ended.redirect_parts()?;
     if answered_at != request.url() {
         return Some(Redirect::Followed(answered_at.clone()));
     }
@@ -51,6 +51,8 @@ pub(crate) fn of(request: &Request, ended: &Ended) -> Option<Redirect> {
     ) {
         return None;
     }
+    // Looked up only for a redirect: the success path does no header lookup here.
+    let location = headers.get(http::header::LOCATION).and_then(|v| v.to_str().ok());
     let target = request.url().join(location?).ok()?;
     if target.origin() == request.url().origin() {
         Some(Redirect::Follow(target))

@@ -85,10 +85,11 @@ impl ReplayDetector {
         self.is_success_replay(status, key) || self.is_replayed(headers)
     }
 
-    /// Whether the response carries one of the marker headers at all, whatever it says: a
-    /// server that writes `Idempotent-Replayed: false` shows it reads keys.
-    pub(crate) fn carries_marker(&self, headers: &HeaderMap) -> bool {
-        self.headers.iter().any(|name| headers.contains_key(name))
+    /// Whether the response carries one of the marker headers at all, whatever it says (a
+    /// server that writes `Idempotent-Replayed: false` shows it reads keys), or `echo`, the key's
+    /// own header sent back. One pass over the response's few headers, no hash lookups.
+    pub(crate) fn carries_marker_or(&self, headers: &HeaderMap, echo: Option<&HeaderName>) -> bool {
+        headers.keys().any(|name| echo == Some(name) || self.headers.contains(name))
     }
 
     /// Whether any marker header says "true" (`true`, `1`, or the Structured-Field boolean `?1`,

@@ -279,22 +279,36 @@ impl Sleeper for RecordingSleeper {
 }
 
 /// `future`, unless `limit` passes first on `sleeper`'s clock (`Err(())`). No limit: `future`.
-pub(crate) async fn within<F: Future>(
-    sleeper: &dyn Sleeper,
-    limit: Option<Duration>,
-    future: F,
-) -> Result<F::Output, ()> {
-    let Some(limit) = limit else { return Ok(future.await) };
-    // The limit starts now, before the future first runs (before a request is sent).
-    let mut timer = sleeper.timeout(limit);
-    let mut future = std::pin::pin!(future);
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(output) = future.as_mut().poll(cx) {
+///
+/// The limit starts now, before the future first runs (before a request is sent). A future of
+/// its own rather than an `async fn`: an `async fn` keeps its argument and its pinned copy side by
+/// side in its state, twice the size of `future`, and an attempt's future is large.
+pub(crate) fn within<F: Future>(sleeper: &dyn Sleeper, limit: Option<Duration>, future: F) -> Within<F> {
+    Within { future, timer: limit.map(|limit| sleeper.timeout(limit)) }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`within`].
+    pub(crate) struct Within<F> {
+        #[pin]
+        future: F,
+        timer: Option<Sleep>,
+    }
+}
+
+impl<F: Future> Future for Within<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(output) = this.future.poll(cx) {
             return Poll::Ready(Ok(output));
         }
-        timer.as_mut().poll(cx).map(Err)
-    })
-    .await
+        match this.timer {
+            Some(timer) => timer.as_mut().poll(cx).map(Err),
+            None => Poll::Pending,
+        }
+    }
 }
 
 /// A time as RFC 3339 in UTC, to the second: `2026-11-22T00:00:07Z`. Journal records, fixture

@@ -6,7 +6,7 @@
 //! cargo bench --bench figures
 //! ```
 //!
-//! Prints a Markdown table (the README's), writes `target/figures.json`, and draws
+//! Prints a Markdown table (docs/performance.md's), writes `target/figures.json`, and draws
 //! `docs/attempts-per-operation.svg`.
 
 // A benchmark measures wall time, and its servers run on the real clock (see `clippy.toml`).

@@ -8,8 +8,8 @@
 //! ```
 //!
 //! The PostgreSQL rows need the server libpq's environment names (`pg_virtualenv` exports it);
-//! without one the bench says so and measures the other two. Prints a Markdown table (the
-//! README's) and writes `target/journal-bench.json`.
+//! without one the bench says so and measures the other two. Prints a Markdown table (the one
+//! in docs/postgres.md) and writes `target/journal-bench.json`.
 
 // A benchmark measures wall time (see `clippy.toml`).
 #![allow(clippy::disallowed_methods)]

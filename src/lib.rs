@@ -79,13 +79,13 @@
 //!   every machine of a fleet (tokio-postgres, deadpool-postgres): atomic begins across
 //!   machines, leases, scopes.
 //! - `cli`: the `idem` binary (clap, indicatif, rustls for HTTPS, the PostgreSQL journal); see
-//!   the README.
+//!   `docs/cli.md`.
 //! - `test-util`: the [`testing`] module: fake servers that enforce idempotency as real ones do
 //!   (IETF draft, Stripe, brandur's design, django, express, bencher, tower, and endpoints with no
 //!   key at all), a chaos proxy that injects real socket faults, and assertion helpers. Pulls in
 //!   wiremock.
-//! - `metrics`: counters, gauges and histograms through the `metrics` facade (see the README's
-//!   table): attempts per request, retries by cause, operation outcomes, budget tokens, waits.
+//! - `metrics`: counters, gauges and histograms through the `metrics` facade (see
+//!   `docs/observability.md`): attempts per request, retries by cause, operation outcomes, budget tokens, waits.
 //! - `backoff`: [`FromBackoff`](backoff::FromBackoff) adapts a `backoff::backoff::Backoff` (from the unmaintained
 //!   `backoff` crate, RUSTSEC-2025-0012) as a delay schedule, for callers migrating from it.
 //!   Off by default.
@@ -150,6 +150,29 @@ pub use crate::policy::RetryPolicy;
 pub use crate::reconcile::Reconciler;
 pub use crate::replay::ReplayDetector;
 
-#[doc = include_str!("../README.md")]
+/// The README's and the guides' examples, run as doctests.
 #[cfg(doctest)]
-pub struct ReadmeDoctests;
+mod guides {
+    #[doc = include_str!("../README.md")]
+    struct Readme;
+    #[doc = include_str!("../docs/retries.md")]
+    struct Retries;
+    #[doc = include_str!("../docs/operations.md")]
+    struct Operations;
+    #[doc = include_str!("../docs/postgres.md")]
+    struct Postgres;
+    #[doc = include_str!("../docs/reconcile.md")]
+    struct Reconcile;
+    #[doc = include_str!("../docs/long-running.md")]
+    struct LongRunning;
+    #[doc = include_str!("../docs/cli.md")]
+    struct Cli;
+    #[doc = include_str!("../docs/terraform.md")]
+    struct Terraform;
+    #[doc = include_str!("../docs/testing.md")]
+    struct Testing;
+    #[doc = include_str!("../docs/performance.md")]
+    struct Performance;
+    #[doc = include_str!("../docs/observability.md")]
+    struct Observability;
+}

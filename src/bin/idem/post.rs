@@ -496,7 +496,7 @@ impl Report {
             return;
         }
         eprintln!(
-            "idem: note: the answer shows no sign that the server read the key in {} (no replay marker, no echo); many servers that honour keys show none, but if this one takes keys another way (a body field, another header), a retry can create a duplicate. Name its convention with --server (or --key-header, --key-field), which also silences this note; see the README's \"Does the server read the key?\"",
+            "idem: note: the answer shows no sign that the server read the key in {} (no replay marker, no echo); many servers that honour keys show none, but if this one takes keys another way (a body field, another header), a retry can create a duplicate. Name its convention with --server (or --key-header, --key-field), which also silences this note; see \"Does the server read the key?\" in docs/cli.md",
             self.carrier
         );
     }

@@ -78,8 +78,6 @@
 //! - `postgres`: [`PostgresJournal`](journal::PostgresJournal), a journal on PostgreSQL shared by
 //!   every machine of a fleet (tokio-postgres, deadpool-postgres): atomic begins across
 //!   machines, leases, scopes.
-//! - `cli`: the `idem` binary (clap, indicatif, rustls for HTTPS, the PostgreSQL journal); see
-//!   `docs/cli.md`.
 //! - `test-util`: the [`testing`] module: fake servers that enforce idempotency as real ones do
 //!   (IETF draft, Stripe, brandur's design, django, express, bencher, tower, and endpoints with no
 //!   key at all), a chaos proxy that injects real socket faults, and assertion helpers. Pulls in

@@ -13,7 +13,6 @@
 //! `pg_virtualenv`) lets the fault tests restart the server with `pg_ctlcluster`.
 
 mod bouncer;
-mod cli;
 mod faults;
 mod fleet;
 mod rules;

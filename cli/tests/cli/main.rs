@@ -258,7 +258,7 @@ async fn an_explicit_key_journaled_with_another_body_is_refused() {
     assert_eq!(cloud.created(), 1);
 }
 
-#[path = "../common/git.rs"]
+#[path = "../../../tests/common/git.rs"]
 mod git_support;
 use git_support::git;
 

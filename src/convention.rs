@@ -5,7 +5,6 @@ use http::{HeaderName, StatusCode};
 
 use crate::carrier::KeyCarrier;
 use crate::key::IdempotencyKey;
-use crate::middleware::IdempotentRetryBuilder;
 use crate::replay::ReplayDetector;
 
 /// How a server takes idempotency keys, from the client's side.
@@ -122,16 +121,6 @@ impl ServerConvention {
     pub fn named(name: &str) -> Option<Self> {
         let name = name.replace('_', "-");
         Self::all().into_iter().find(|c| c.name == name)
-    }
-
-    /// Configures a layer for this server: carrier, maximum key length, replay detection; for an
-    /// endpoint that takes no key, no method gets one.
-    pub fn configure(&self, builder: IdempotentRetryBuilder) -> IdempotentRetryBuilder {
-        let builder = builder.replay_detector(self.replay.clone()).max_key_len(self.max_key_len);
-        match &self.carrier {
-            Some(carrier) => builder.carrier(carrier.clone()),
-            None => builder.keyed_methods([]),
-        }
     }
 }
 

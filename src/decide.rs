@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::classify::MAX_REFUSALS;
 use crate::error::{Error, Failure};
 use crate::policy::RetryPolicy;
-use crate::rng::Random;
+use crate::time::Random;
 
 /// A setback: facts about the attempt that just failed transiently.
 #[derive(Debug, Clone, Copy)]
@@ -108,7 +108,7 @@ pub(crate) fn decide(policy: &RetryPolicy, f: &Setback, rng: &dyn Random) -> Dec
 mod tests {
     use super::*;
     use crate::backoff::{ExponentialBackoff, Jitter};
-    use crate::rng::SeededRng;
+    use crate::time::SeededRng;
 
     fn policy() -> RetryPolicy {
         RetryPolicy::standard()

@@ -12,20 +12,19 @@ use tracing::Instrument;
 use tracing::field::Empty;
 
 use crate::attempt::{self, Ended, Reading};
+use crate::backoff::retry_after;
 use crate::budget::{RetryBudget, RetryCost, RetryPartition, Withdrawal};
 use crate::carrier::KeyCarrier;
 use crate::classify::{AttemptContext, Classifier, RetryKind, TransportCause, Verdict};
 use crate::decide::{Decision, Setback, decide};
 use crate::error::{Error, Failure};
 use crate::key::IdempotencyKey;
-use crate::middleware::RetryEvent;
 use crate::options::RequestOptions;
-use crate::outcome::RetryOutcome;
+use crate::outcome::{RetryEvent, RetryOutcome};
 use crate::policy::RetryPolicy;
 use crate::rate_limit::AdaptiveRateLimiter;
 use crate::redirect::Redirect;
 use crate::replay::ReplayDetector;
-use crate::retry_after::retry_after;
 use crate::telemetry;
 use crate::time::{Clock, Random, Sleeper};
 

@@ -361,3 +361,6 @@ pub fn chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// Any error a read-back lookup, a wait's poll or another caller-supplied step may fail with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -105,8 +105,6 @@
 
 mod attempt;
 pub mod backoff;
-#[cfg(feature = "backoff")]
-mod backoff_compat;
 pub mod budget;
 mod carrier;
 pub mod classify;
@@ -126,8 +124,6 @@ pub mod rate_limit;
 pub mod reconcile;
 mod redirect;
 mod replay;
-mod retry_after;
-mod rng;
 mod target;
 mod telemetry;
 #[cfg(feature = "test-util")]
@@ -140,10 +136,10 @@ pub use crate::carrier::KeyCarrier;
 pub use crate::convention::ServerConvention;
 pub use crate::error::Error;
 pub use crate::key::{IdempotencyKey, KeyError};
-pub use crate::middleware::{IdempotentRetry, IdempotentRetryBuilder, RetryEvent};
+pub use crate::middleware::{IdempotentRetry, IdempotentRetryBuilder};
 pub use crate::operation::Operations;
 pub use crate::options::RequestOptions;
-pub use crate::outcome::RetryOutcome;
+pub use crate::outcome::{RetryEvent, RetryOutcome};
 pub use crate::policy::RetryPolicy;
 pub use crate::reconcile::Reconciler;
 pub use crate::replay::ReplayDetector;

@@ -2,7 +2,6 @@
 //! work is the [engine](crate::engine)'s.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::{Extensions, Method};
 use reqwest::{Request, Response};
@@ -16,6 +15,7 @@ use crate::classify::{Classifier, DefaultClassifier};
 use crate::engine::Engine;
 use crate::key::IdempotencyKey;
 use crate::options::RequestOptions;
+use crate::outcome::RetryEvent;
 use crate::outcome::RetryOutcome;
 use crate::policy::RetryPolicy;
 use crate::rate_limit::AdaptiveRateLimiter;
@@ -44,24 +44,6 @@ use crate::time::{Clock, Random, SeededRng, Sleeper, SystemClock, TokioSleeper};
 #[derive(Debug, Clone)]
 pub struct IdempotentRetry {
     engine: Arc<Engine>,
-}
-
-/// One retry about to happen, as reported to [`IdempotentRetryBuilder::on_retry`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct RetryEvent {
-    /// The attempt that just failed (1 for the first).
-    pub attempt: u32,
-    /// The most attempts the policy allows.
-    pub max_attempts: u32,
-    /// Why: the status (`503`) or the transport failure (`reset`, `timeout`, …).
-    pub cause: String,
-    /// How long the engine waits before the next attempt.
-    pub delay: Duration,
-    /// The key's [fingerprint](crate::IdempotencyKey::fingerprint), never the key.
-    pub key_fingerprint: Option<String>,
-    /// The method and URL of the request (without its query string).
-    pub target: String,
 }
 
 /// Builds an [`IdempotentRetry`]. Every setting has a default; see each method.
@@ -139,7 +121,11 @@ impl IdempotentRetryBuilder {
     /// Configures the layer for a server's convention: carrier, maximum key length and replay
     /// detection; for an endpoint that takes no key, no method gets one.
     pub fn convention(self, convention: &crate::convention::ServerConvention) -> Self {
-        convention.configure(self)
+        let builder = self.replay_detector(convention.replay.clone()).max_key_len(convention.max_key_len);
+        match &convention.carrier {
+            Some(carrier) => builder.carrier(carrier.clone()),
+            None => builder.keyed_methods([]),
+        }
     }
 
     /// The methods that get a key minted (default POST and PATCH).

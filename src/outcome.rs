@@ -63,3 +63,21 @@ impl RetryOutcome {
         }
     }
 }
+
+/// One retry about to happen, as reported to [`IdempotentRetryBuilder::on_retry`](crate::IdempotentRetryBuilder::on_retry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RetryEvent {
+    /// The attempt that just failed (1 for the first).
+    pub attempt: u32,
+    /// The most attempts the policy allows.
+    pub max_attempts: u32,
+    /// Why: the status (`503`) or the transport failure (`reset`, `timeout`, …).
+    pub cause: String,
+    /// How long the engine waits before the next attempt.
+    pub delay: Duration,
+    /// The key's [fingerprint](crate::IdempotencyKey::fingerprint), never the key.
+    pub key_fingerprint: Option<String>,
+    /// The method and URL of the request (without its query string).
+    pub target: String,
+}

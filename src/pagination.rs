@@ -302,8 +302,7 @@ pub(crate) fn entries<'v>(list: &'v Value, items_field: Option<&str>) -> Result<
         Some(field) => {
             read_path(list, field).and_then(Value::as_array).ok_or_else(|| format!("no array under `{field}`"))
         }
-        None => crate::operation::items(list)
-            .ok_or_else(|| "no array at the top, under `items`, `data` or `results`".into()),
+        None => items(list).ok_or_else(|| "no array at the top, under `items`, `data` or `results`".into()),
     }
 }
 
@@ -419,6 +418,15 @@ fn words(name: &str) -> Vec<String> {
     words
 }
 
+/// The items of a list response: the top-level array, or the array under `items`, `data` or
+/// `results`.
+pub fn items(list: &Value) -> Option<&Vec<Value>> {
+    list.as_array()
+        .or_else(|| list.get("items").and_then(Value::as_array))
+        .or_else(|| list.get("data").and_then(Value::as_array))
+        .or_else(|| list.get("results").and_then(Value::as_array))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,7 +451,7 @@ mod tests {
         for (name, value) in headers {
             map.append(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
         }
-        let items = crate::operation::items(&body).cloned().unwrap_or_default();
+        let items = items(&body).cloned().unwrap_or_default();
         p.next(&first, &first, &map, &body, &items, "id").map(|n| n.map(String::from))
     }
 

@@ -4,7 +4,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use serde_json::Value;
 
-use super::read_back::BoxError;
+use crate::error::BoxError;
 use crate::journal::{JournalError, PayloadMismatch};
 use crate::key::IdempotencyKey;
 

@@ -44,10 +44,12 @@ use reqwest_middleware::ClientWithMiddleware;
 use serde_json::Value;
 use uuid::Uuid;
 
+pub use crate::error::BoxError;
+pub use crate::pagination::items;
 pub use builder::{OperationBuilder, Started};
 pub use error::{IdentityMismatch, OperationError, WaitFailed};
 pub use git::{GitKeyMode, NoGitKey, key_from_git};
-pub use read_back::{BoxError, ReadBack, items};
+pub use read_back::ReadBack;
 
 use crate::journal::KeyStore;
 use crate::key::IdempotencyKey;

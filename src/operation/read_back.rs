@@ -8,11 +8,9 @@ use std::sync::Arc;
 use reqwest_middleware::ClientWithMiddleware;
 use serde_json::Value;
 
+use crate::error::BoxError;
 use crate::options::RequestOptions;
 use crate::pagination::{ListFailure, Pagination};
-
-/// An error from a read-back lookup.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 type Lookup =
     dyn Fn(ClientWithMiddleware) -> Pin<Box<dyn Future<Output = Result<Option<Value>, BoxError>> + Send>> + Send + Sync;
@@ -102,13 +100,4 @@ impl std::fmt::Debug for ReadBack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ReadBack(..)")
     }
-}
-
-/// The items of a list response: the top-level array, or the array under `items`, `data` or
-/// `results`.
-pub fn items(list: &Value) -> Option<&Vec<Value>> {
-    list.as_array()
-        .or_else(|| list.get("items").and_then(Value::as_array))
-        .or_else(|| list.get("data").and_then(Value::as_array))
-        .or_else(|| list.get("results").and_then(Value::as_array))
 }

@@ -66,8 +66,8 @@ use crate::backoff::{Backoff, ExponentialBackoff, Jitter};
 use crate::journal::{Finish, OpState, Record};
 use crate::operation::{IdentityMismatch, OperationError, Operations};
 use crate::pagination::Pagination;
-use crate::rng::{Random, SeededRng};
 use crate::time::{Clock, Sleeper, SystemClock, TokioSleeper};
+use crate::time::{Random, SeededRng};
 use crate::wait::{Readiness, WaitFor};
 
 type Protect = dyn Fn(&Value) -> bool + Send + Sync;

@@ -7,32 +7,14 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::StatusCode;
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use wiremock::{Mock, MockServer, Respond, ResponseTemplate};
 
 use super::long_running::{LongRunning, Progress, Provisioning, number};
 use super::profile::ServerProfile;
+use super::resource::Resource;
 use super::store::{Answer, Handled, Incoming, KeyRead, Store, read_key};
 use crate::time::{Clock, SystemClock, lock, rfc3339};
-
-/// A resource as the fake cloud returns it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct Resource {
-    /// Server-assigned id (a UUID).
-    pub id: String,
-    /// The application it belongs to.
-    pub app_id: String,
-    /// The CVM: its own UUID for a CVM, the parent's for a replica.
-    pub vm_uuid: String,
-    /// The name given at creation, or a generated one.
-    pub name: String,
-    /// Creation time, RFC 3339, from the server's clock.
-    pub created_at: String,
-    /// Lifecycle state: `starting` when created; tests move it with [`FakeCloud::set_status`].
-    pub status: String,
-}
 
 /// A request the server received.
 #[derive(Debug, Clone)]

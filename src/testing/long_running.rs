@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 use serde_json::json;
 
-use super::cloud::Resource;
+use super::resource::Resource;
 use super::store::{Answer, Handled};
 
 /// How a [`FakeCloud`](super::FakeCloud)'s creates go on after they answer. Every style but

@@ -43,12 +43,14 @@ mod key_store;
 mod long_running;
 mod profile;
 mod proxy;
+mod resource;
 mod store;
 
 pub use check::{assert_one_key_per_operation, one_key_per_operation};
-pub use cloud::{CreateAnswer, FakeCloud, FakeCloudBuilder, PageStyle, Resource, SeenRequest, replicas};
+pub use cloud::{CreateAnswer, FakeCloud, FakeCloudBuilder, PageStyle, SeenRequest, replicas};
 pub use fault::{Fault, FaultMix, RetryAfter, Schedule};
 pub use key_store::check_key_store;
 pub use long_running::LongRunning;
 pub use profile::{CacheErrors, InFlight, KeyFormat, KeyLocation, Mismatch, Replay, Scope, ServerProfile};
 pub use proxy::{ChaosProxy, ChaosProxyBuilder, Gate, ProxyRecord};
+pub use resource::Resource;

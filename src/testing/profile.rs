@@ -419,14 +419,14 @@ impl ServerProfile {
         convention
     }
 
-    /// Configures a client layer for this server ([`ServerConvention::configure`]).
+    /// Configures a client layer for this server ([`IdempotentRetryBuilder::convention`]).
     ///
     /// For a server that takes no key no method gets one: a key the server ignores protects
     /// nothing, and a client that believes its writes are keyed would resend them after a lost
     /// response and create duplicates. Keyless, a write that may have been applied is never
     /// resent; the caller gets an unknown outcome to settle by reading back.
     pub fn configure(&self, builder: IdempotentRetryBuilder) -> IdempotentRetryBuilder {
-        self.convention().configure(builder)
+        builder.convention(&self.convention())
     }
 }
 

@@ -10,9 +10,9 @@ use serde_json::Value;
 use url::Url;
 
 use super::{Follow, Observation, Ready, StateRule, WaitError, WaitFor, Waiter, read_path};
-use crate::operation::BoxError;
+use crate::backoff::retry_after;
+use crate::error::BoxError;
 use crate::options::RequestOptions;
-use crate::retry_after::retry_after;
 
 /// Where and how to poll what a create started. Journaled the moment the create answers, so
 /// that a re-run resumes the wait instead of creating again.

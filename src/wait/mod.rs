@@ -49,7 +49,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 
 use crate::backoff::{Backoff, ExponentialBackoff, Jitter};
-use crate::operation::BoxError;
+use crate::error::BoxError;
 use crate::time::{Clock, Random, SeededRng, Sleeper, SystemClock, TokioSleeper};
 
 pub use http::Handle;

@@ -10,9 +10,15 @@ use std::fmt;
 use std::time::Duration;
 
 #[cfg(feature = "backoff")]
-pub use crate::backoff_compat::FromBackoff;
-pub use crate::retry_after::{parse_retry_after, retry_after};
-use crate::rng::{Random, uniform};
+mod compat;
+mod retry_after;
+
+#[cfg(feature = "backoff")]
+pub use compat::FromBackoff;
+pub use retry_after::{parse_retry_after, retry_after};
+
+use crate::time::Random;
+use crate::time::rng::uniform;
 
 /// A delay schedule: how long to wait before each retry.
 ///
@@ -146,7 +152,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::SeededRng;
+    use crate::time::SeededRng;
 
     fn _object_safe(_: &dyn Backoff) {}
 

@@ -26,7 +26,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use crate::rng::{Random, SeededRng};
+pub(crate) mod rng;
+
+pub use rng::{Random, SeededRng};
 
 /// A future returned by a [`Sleeper`].
 pub type Sleep = Pin<Box<dyn Future<Output = ()> + Send>>;

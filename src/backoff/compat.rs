@@ -8,7 +8,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::backoff::Backoff;
-use crate::rng::Random;
+use crate::time::Random;
 
 /// Uses a `backoff::backoff::Backoff` as this crate's [`Backoff`].
 ///
@@ -61,7 +61,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::SeededRng;
+    use crate::time::SeededRng;
 
     #[test]
     fn follows_the_wrapped_schedule_and_its_end() {

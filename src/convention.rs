@@ -12,7 +12,7 @@ use crate::replay::ReplayDetector;
 /// Servers disagree on where the key goes, how long it may be, and how a replay is told apart
 /// from a first answer; a client configured for the wrong convention either sends keys the
 /// server ignores (and duplicates on retry) or takes replays for failures. Each preset is named
-/// after the system it follows; [`IdempotentRetryBuilder::convention`] applies one.
+/// after the system it follows; [`IdempotentRetryBuilder::convention`](crate::IdempotentRetryBuilder::convention) applies one.
 ///
 /// ```
 /// use idempotent_retry::{IdempotentRetry, ServerConvention};

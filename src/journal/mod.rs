@@ -416,9 +416,9 @@ impl Intent<'_> {
     ) -> Result<Planned, Box<PayloadMismatch>> {
         let mismatch =
             |r: &Record, key: Option<&IdempotencyKey>| Box::new(PayloadMismatch::new(self.operation, r, key));
-        if let (KeyPlan::Fixed(key), Some(other)) = (&self.key, conflict) {
-            return Err(mismatch(other, Some(key)));
-        }
+        let same_payload = |r: &Record, key: Option<&IdempotencyKey>| {
+            if r.fingerprint == self.fingerprint { Ok(()) } else { Err(mismatch(r, key)) }
+        };
         let fixed = matches!(self.key, KeyPlan::Fixed(_));
         let planned = |key: Option<IdempotencyKey>, created_at: SystemTime, resumed: bool| {
             let claim = Claim { key, created_at };
@@ -430,74 +430,94 @@ impl Intent<'_> {
             Planned { write: Some(write), retire, begun: Begun::Send { claim, resumed } }
         };
         let start = |key: Option<IdempotencyKey>, created_at: SystemTime| planned(key, created_at, false);
-        let resume = |key: IdempotencyKey, created_at: SystemTime| planned(Some(key), created_at, true);
         let nothing = |begun: Begun| Planned { write: None, retire: None, begun };
+        // One arm per row of the table on `KeyStore`.
+        Ok(match self.situation(existing, earlier, conflict) {
+            Situation::KeyTaken { by, key } => return Err(mismatch(by, Some(key))),
+            Situation::Answered(r) => {
+                same_payload(r, r.key.as_ref())?;
+                nothing(Begun::Succeeded(r.clone()))
+            }
+            Situation::Waiting(r) => {
+                same_payload(r, r.key.as_ref())?;
+                nothing(Begun::Waiting(r.clone()))
+            }
+            Situation::Nothing => start(self.new_key(), self.now),
+            Situation::Resumable { record, key } => {
+                same_payload(record, Some(key))?;
+                planned(Some(key.clone()), record.created_at, true)
+            }
+            Situation::Unsettled(r) => nothing(Begun::Unsettled(r.clone())),
+            Situation::FixedKeyUsed { record, key } => {
+                same_payload(record, Some(key))?;
+                if record.state == OpState::Succeeded {
+                    nothing(Begun::Succeeded(record.clone()))
+                } else {
+                    start(Some(key.clone()), record.created_at)
+                }
+            }
+            Situation::Settled(r) => match &self.key {
+                KeyPlan::None => start(None, self.keyless_after(r)),
+                _ => start(self.new_key(), self.now),
+            },
+        })
+    }
+
+    /// Which row of the rule table a begin is in, given what the store holds (see
+    /// [`plan`](Self::plan)). The order of the checks is the table's precedence.
+    fn situation<'r>(
+        &'r self,
+        existing: Option<&'r Record>,
+        earlier: Option<&'r Record>,
+        conflict: Option<&'r Record>,
+    ) -> Situation<'r> {
+        if let (KeyPlan::Fixed(key), Some(other)) = (&self.key, conflict) {
+            return Situation::KeyTaken { by: other, key };
+        }
+        let Some(r) = existing else { return Situation::Nothing };
         // The run this one waited for succeeded, or the operation happens once and succeeded:
         // that is this run's answer (the same payload only), not a reason to start another.
-        if let Some(r) = existing.filter(|r| {
-            r.state == OpState::Succeeded
-                && (self.once || self.waited_for.as_ref().is_some_and(|claim| r.is_claimed_by(claim)))
-        }) {
-            if r.fingerprint != self.fingerprint {
-                return Err(mismatch(r, r.key.as_ref()));
-            }
-            return Ok(nothing(Begun::Succeeded(r.clone())));
+        if r.state == OpState::Succeeded
+            && (self.once || self.waited_for.as_ref().is_some_and(|claim| r.is_claimed_by(claim)))
+        {
+            return Situation::Answered(r);
         }
-        if let Some(r) = existing.filter(|r| r.state == OpState::Waiting) {
-            // Created already: whatever the key source, the run resumes the wait, on the same
-            // payload only.
-            if r.fingerprint != self.fingerprint {
-                return Err(mismatch(r, r.key.as_ref()));
-            }
-            return Ok(nothing(Begun::Waiting(r.clone())));
+        // Created already: whatever the key source, the run resumes the wait.
+        if r.state == OpState::Waiting {
+            return Situation::Waiting(r);
         }
-        let Some(r) = existing else {
-            let key = match &self.key {
-                KeyPlan::Random => Some(IdempotencyKey::random()),
-                KeyPlan::Fixed(key) => Some(key.clone()),
-                KeyPlan::None => None,
-            };
-            return Ok(start(key, self.now));
-        };
         let holds = |record: &Record| matches!((&self.key, &record.key), (KeyPlan::Fixed(k), Some(held)) if k == held);
+        if r.state.is_unsettled() {
+            return match &r.key {
+                Some(key) if holds(r) || self.key == KeyPlan::Random => Situation::Resumable { record: r, key },
+                _ => Situation::Unsettled(r),
+            };
+        }
         // The record that used the fixed key: the current one, or a retired one.
-        let same_key = if holds(r) { Some(r) } else { earlier.filter(|e| holds(e)) };
-        Ok(match &self.key {
-            // The previous run is unsettled: resume its key, or touch nothing.
-            _ if r.state.is_unsettled() => match &r.key {
-                Some(key) if holds(r) || self.key == KeyPlan::Random => {
-                    if r.fingerprint != self.fingerprint {
-                        return Err(mismatch(r, Some(key)));
-                    }
-                    resume(key.clone(), r.created_at)
-                }
-                _ => nothing(Begun::Unsettled(r.clone())),
-            },
-            // A fixed key this operation used before: pinned to its payload; done if it succeeded.
-            KeyPlan::Fixed(key) if same_key.is_some() => {
-                let used = same_key.expect("checked");
-                if used.fingerprint != self.fingerprint {
-                    return Err(mismatch(used, Some(key)));
-                }
-                if used.state == OpState::Succeeded {
-                    nothing(Begun::Succeeded(used.clone()))
-                } else {
-                    start(Some(key.clone()), used.created_at)
-                }
-            }
-            // A settled operation run again with a new key, or none: a new run.
-            KeyPlan::Random => start(Some(IdempotencyKey::random()), self.now),
-            KeyPlan::Fixed(key) => start(Some(key.clone()), self.now),
-            // Two keyless runs must not share a claim: the new one is recorded as later.
-            KeyPlan::None => {
-                let later = if r.key.is_none() && to_millis(self.now) <= to_millis(r.created_at) {
-                    from_millis(to_millis(r.created_at) + 1)
-                } else {
-                    self.now
-                };
-                start(None, later)
-            }
-        })
+        let used = if holds(r) { Some(r) } else { earlier.filter(|e| holds(e)) };
+        match (used, &self.key) {
+            (Some(record), KeyPlan::Fixed(key)) => Situation::FixedKeyUsed { record, key },
+            _ => Situation::Settled(r),
+        }
+    }
+
+    /// The key a new run sends.
+    fn new_key(&self) -> Option<IdempotencyKey> {
+        match &self.key {
+            KeyPlan::Random => Some(IdempotencyKey::random()),
+            KeyPlan::Fixed(key) => Some(key.clone()),
+            KeyPlan::None => None,
+        }
+    }
+
+    /// When a keyless run after `previous` is recorded: two keyless runs must not share a claim,
+    /// so the new one is later by at least a millisecond.
+    fn keyless_after(&self, previous: &Record) -> SystemTime {
+        if previous.key.is_none() && to_millis(self.now) <= to_millis(previous.created_at) {
+            from_millis(to_millis(previous.created_at) + 1)
+        } else {
+            self.now
+        }
     }
 
     /// The pending record of a run with `claim`.
@@ -517,6 +537,29 @@ impl Intent<'_> {
             handle: None,
         }
     }
+}
+
+/// Where a begin stands: one row of the rule table on [`KeyStore`] each, found by
+/// [`Intent::situation`] and carried out by [`Intent::plan`].
+#[derive(Debug)]
+enum Situation<'r> {
+    /// Another operation used this fixed key with another payload: refused.
+    KeyTaken { by: &'r Record, key: &'r IdempotencyKey },
+    /// The run this one waited for succeeded, or the operation happens once and succeeded.
+    Answered(&'r Record),
+    /// Created, not yet ready: resume the wait.
+    Waiting(&'r Record),
+    /// Nothing on record: a first run.
+    Nothing,
+    /// The previous run is unsettled, with a key this run takes over (its own fixed key, or any
+    /// key for a random source).
+    Resumable { record: &'r Record, key: &'r IdempotencyKey },
+    /// The previous run is unsettled and this run cannot take its key over: touch nothing.
+    Unsettled(&'r Record),
+    /// Settled, and the fixed key was this operation's before (the record, or a retired one).
+    FixedKeyUsed { record: &'r Record, key: &'r IdempotencyKey },
+    /// Settled, run again: a new run.
+    Settled(&'r Record),
 }
 
 /// How a run ended, for [`KeyStore::finish`].

@@ -18,6 +18,14 @@ use crate::key::IdempotencyKey;
 use crate::options::RequestOptions;
 use crate::outcome::RetryOutcome;
 use crate::wait::{Answered, Handle, WaitError};
+/// One run of an operation, in three steps: begin (ask the journal, and settle what stands in
+/// the way: an earlier run that may have taken effect, another machine's run, a key past the
+/// server's retention), send (until the answer settles it), answer (what came back, or what a
+/// read-back found). Why a key source found no key rides with the run, into its result.
+pub(super) struct OperationRun<'r, 'o> {
+    op: &'r OperationBuilder<'o>,
+    no_key_reason: Option<String>,
+}
 
 impl OperationBuilder<'_> {
     /// Runs the operation up to the create's answer; when it is to wait, the run's claim and
@@ -25,43 +33,7 @@ impl OperationBuilder<'_> {
     pub(super) async fn run(&self) -> Result<Ran, OperationError> {
         let url = self.checked_url()?;
         let (plan, no_key_reason) = self.key_plan().await?;
-        let fp = fingerprint(self.method.as_str(), &url, &self.body);
-        let stored_url = crate::target::redact_str(&url);
-        let (done, claim) = match self.begin_run(&stored_url, &fp, &plan, no_key_reason.clone()).await? {
-            Start::Done(done, claim) => (*done, claim),
-            Start::Resume(record) => self.resume(*record, no_key_reason),
-            Start::Send(run) => {
-                tracing::Span::current().record("key", run.claim.key.as_ref().map(IdempotencyKey::fingerprint));
-                (self.send_until_settled(&url, &run, no_key_reason).await?, run.claim)
-            }
-        };
-        let waiting = done.handle.is_some();
-        // A wait that ends with a fixed key not yet on record binds the key to what it found
-        // (see `bind_recovery`): a recovery, or a resumed wait of another run's.
-        let binding = (waiting && matches!(plan, KeyPlan::Fixed(_))).then(|| Binding { url: stored_url, fp, plan });
-        Ok(Ran { done, claim: waiting.then_some(claim), binding })
-    }
-
-    /// An earlier run's create, waiting: its record, to resume the wait from. Nothing is sent.
-    fn resume(&self, record: Record, no_key_reason: Option<String>) -> (Completed, Claim) {
-        let claim = record.claim();
-        tracing::Span::current().record("key", record.key.as_ref().map(IdempotencyKey::fingerprint));
-        let resource = record.identity.clone().unwrap_or(Value::Null);
-        let done = Completed {
-            resolution: Resolution::Resumed,
-            status: record.status.and_then(|s| StatusCode::from_u16(s).ok()),
-            identity: self.identity_seen(&resource),
-            resource,
-            body: Bytes::new(),
-            key: record.key,
-            resumed: true,
-            attempts: 0,
-            may_be_replay: false,
-            key_acknowledged: false,
-            no_key_reason,
-            handle: record.handle,
-        };
-        (done, claim)
+        OperationRun { op: self, no_key_reason }.run(url, plan).await
     }
 
     /// The URL, the options and the operation's own policy, checked before anything else.
@@ -105,102 +77,6 @@ impl OperationBuilder<'_> {
         })
     }
 
-    /// Asks the journal what this run does, settling what stands in the way first: a previous
-    /// run that may have taken effect, a key the server may have forgotten.
-    async fn begin_run(
-        &self,
-        url: &str,
-        fp: &str,
-        plan: &KeyPlan,
-        no_key_reason: Option<String>,
-    ) -> Result<Start, OperationError> {
-        // Another process may change the record between two looks; a few rounds settle that.
-        // A run on another machine holding the record is waited for, without counting.
-        let mut waited_for = None;
-        let mut rounds = 0;
-        let waiting_since = self.ops.clock.now();
-        let mut polls = 0;
-        while rounds < 4 {
-            rounds += 1;
-            match self.begin(url, fp, plan.clone(), waited_for.clone()).await? {
-                Begun::Running(held) => {
-                    rounds -= 1;
-                    polls += 1;
-                    self.wait_for_holder(&held, waiting_since, polls).await?;
-                    waited_for = Some(held.claim());
-                }
-                // The run waited for succeeded, or the operation happens once and did: that
-                // result is this run's. Nothing is sent.
-                Begun::Succeeded(record)
-                    if self.once || waited_for.as_ref().is_some_and(|c| record.is_claimed_by(c)) =>
-                {
-                    let claim = record.claim();
-                    return self.succeeded_earlier(record, no_key_reason).await.map(|done| Start::done(done, claim));
-                }
-                Begun::Send { claim, resumed } => {
-                    if !resumed || !self.past_retention(&claim) {
-                        return Ok(Start::Send(Run { claim, resumed, resending_success: false }));
-                    }
-                    // The server may have forgotten the key: it is not resent blind.
-                    let Some(read_back) = &self.read_back else {
-                        self.finish(&claim, Finish::new(claim.clone(), OpState::Unknown, self.ops.clock.now())).await?;
-                        return Err(self.unknown(claim.key.clone(), self.retention_reason(&claim)));
-                    };
-                    if let Some(found) = self.lookup(read_back).await? {
-                        let done = self.recovered(found, &claim, no_key_reason).await?;
-                        return Ok(Start::done(done, claim));
-                    }
-                    // Not there: nothing was created. A random key is renewed; a fixed one is
-                    // sent again (the server no longer knows it).
-                    if *plan != KeyPlan::Random {
-                        return Ok(Start::Send(Run { claim, resumed, resending_success: false }));
-                    }
-                    self.settle_as_failed(&claim).await?;
-                }
-                Begun::Waiting(record) => return Ok(Start::Resume(Box::new(record))),
-                Begun::Succeeded(record) => {
-                    let claim = record.claim();
-                    // A success the server answered under this key, which it still holds: it
-                    // replays. One found by reading back (no status) may never have reached the
-                    // server under this key: never sent blind.
-                    if record.status.is_some() && !self.past_retention(&claim) {
-                        return Ok(Start::Send(Run { claim, resumed: false, resending_success: true }));
-                    }
-                    return self.succeeded_earlier(record, no_key_reason).await.map(|done| Start::done(done, claim));
-                }
-                Begun::Unsettled(previous) => {
-                    let claim = previous.claim();
-                    let Some(read_back) = &self.read_back else {
-                        return Err(self.unknown(
-                            previous.key.clone(),
-                            format!(
-                                "a previous run ({}, {}, {}) may have taken effect, and this run cannot resume it; attach a read-back, or check the server and then forget the operation (`idem journal forget`, KeyStore::forget)",
-                                previous.state,
-                                previous.key.as_ref().map_or_else(|| "no key".to_owned(), |k| format!("key sha256:{}", k.fingerprint())),
-                                crate::time::rfc3339(previous.updated_at)
-                            ),
-                        ));
-                    };
-                    // The previous run's request may still be on its way.
-                    self.wait_in_flight(previous.updated_at).await;
-                    if let Some(found) = self.lookup(read_back).await? {
-                        let done = self.recovered(found, &claim, no_key_reason).await?;
-                        // The previous run did this run's work: a fixed key remembers it, as a
-                        // success it never sent (so it is never sent blind after).
-                        if let KeyPlan::Fixed(_) = plan {
-                            self.bind_recovery(url, fp, plan, &done).await?;
-                        }
-                        return Ok(Start::done(done, claim));
-                    }
-                    // Not there: the previous run did not take effect. Settle it, then plan again.
-                    self.settle_as_failed(&claim).await?;
-                }
-            }
-        }
-        Err(self
-            .unknown(None, "the journal's record kept changing under this run (another process is running it?)".into()))
-    }
-
     /// Records `done` (found by reading back, for a previous run) as the outcome of this run's
     /// fixed key, without a status: the key itself was never sent. Nothing to do while `done`'s
     /// record waits: the wait binds the key when it ends.
@@ -225,86 +101,6 @@ impl OperationBuilder<'_> {
         let identity = Some(self.identity_record(&done.resource));
         let finish = Finish::new(claim.clone(), OpState::Succeeded, self.ops.clock.now()).identity(identity);
         self.record(finish).await.map_err(OperationError::journal)
-    }
-
-    /// Sends; if the outcome is unknown, reads back; if not found, sends once more.
-    async fn send_until_settled(
-        &self,
-        url: &str,
-        run: &Run,
-        mut no_key_reason: Option<String>,
-    ) -> Result<Completed, OperationError> {
-        let mut read_back_done = false;
-        loop {
-            let error = match self.send_once(url, run.claim.key.as_ref()).await {
-                Ok(response) if is_unfollowed_redirect(response.status()) => {
-                    return self.redirect_unfollowed(response.status(), run, no_key_reason.take()).await;
-                }
-                Ok(response) => return self.answered(response, run, no_key_reason.take()).await,
-                Err(error) => error,
-            };
-            if run.resending_success {
-                // The journal already knows it succeeded; a failed replay changes nothing there.
-                return Err(self.gave_up(error, &run.claim));
-            }
-            if let Some(why) = never_sent(&error) {
-                // It could not be sent at all: nothing to settle.
-                self.settle_as_failed(&run.claim).await?;
-                return Err(self.invalid(why));
-            }
-            if let Some(refusal) = self.key_refusal(&error, &run.claim).await? {
-                return Err(refusal);
-            }
-            let may_have_been_applied = Error::find(&error).is_none_or(Error::may_have_been_applied);
-            if !may_have_been_applied {
-                let status = error.status().map(|s| s.as_u16());
-                self.finish(
-                    &run.claim,
-                    Finish::new(run.claim.clone(), OpState::NotApplied, self.ops.clock.now()).status(status),
-                )
-                .await?;
-                return Err(self.not_applied(error, &run.claim));
-            }
-            let failed_at = self.ops.clock.now();
-            let Some(read_back) = self.read_back.as_ref().filter(|_| !read_back_done) else {
-                self.finish(&run.claim, Finish::new(run.claim.clone(), OpState::Unknown, failed_at)).await?;
-                return Err(self.gave_up(error, &run.claim));
-            };
-            if run.claim.key.is_none() {
-                // Without a key, "not found" must also mean "not on its way": wait that out.
-                self.wait_in_flight(failed_at).await;
-            }
-            if let Some(found) = self.lookup(read_back).await? {
-                return self.recovered(found, &run.claim, no_key_reason).await;
-            }
-            read_back_done = true;
-            tracing::info!(operation = %self.name, "not found by reading back: sending again");
-        }
-    }
-
-    /// A write answered with a redirect the layer could not follow (no usable `Location`, a
-    /// 300 or a 304): neither done nor refused. Settled by the read-back if there is one, else
-    /// unknown; never "not applied".
-    async fn redirect_unfollowed(
-        &self,
-        status: StatusCode,
-        run: &Run,
-        no_key_reason: Option<String>,
-    ) -> Result<Completed, OperationError> {
-        if let Some(read_back) = &self.read_back
-            && let Some(found) = self.lookup(read_back).await?
-        {
-            return self.recovered(found, &run.claim, no_key_reason).await;
-        }
-        let finish =
-            Finish::new(run.claim.clone(), OpState::Unknown, self.ops.clock.now()).status(Some(status.as_u16()));
-        if !run.resending_success {
-            self.finish(&run.claim, finish).await?;
-        }
-        Err(self.unknown(
-            run.claim.key.clone(),
-            format!("the server answered the write with {status}, a redirect with nowhere to follow it to; whether it was applied is unknown"),
-        ))
     }
 
     /// A `303 See Other` answering the write: it was done, and the result is at `Location`.
@@ -399,58 +195,6 @@ impl OperationBuilder<'_> {
                 crate::time::rfc3339(claim.created_at)
             ),
         }
-    }
-
-    /// A fixed key that succeeded, past the server's retention: the journal's record, refreshed
-    /// by the read-back when there is one. Nothing is sent.
-    async fn succeeded_earlier(
-        &self,
-        record: Record,
-        no_key_reason: Option<String>,
-    ) -> Result<Completed, OperationError> {
-        let claim = record.claim();
-        if let Some(read_back) = &self.read_back {
-            return match self.lookup(read_back).await? {
-                Some(found) => self.recovered(found, &claim, no_key_reason).await,
-                None => Err(OperationError::Gone {
-                    operation: self.name.clone(),
-                    identity: record.identity.unwrap_or(Value::Null),
-                }),
-            };
-        }
-        let identity: BTreeMap<String, Value> = match &record.identity {
-            Some(Value::Object(map)) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            _ => BTreeMap::new(),
-        };
-        let status = record.status.and_then(|s| StatusCode::from_u16(s).ok());
-        let resource = record.identity.clone().unwrap_or(Value::Null);
-        // Asked to be ready: wait at the resource the journal names.
-        let handle = match &self.wait {
-            Some(spec) if spec.has_state() => {
-                let handle = self
-                    .handle_or_record(&claim, status, &http::HeaderMap::new(), &resource, self.ops.clock.now())
-                    .await?;
-                if let Some(handle) = &handle {
-                    self.waiting(&claim, status, &resource, handle, self.ops.clock.now()).await?;
-                }
-                handle
-            }
-            _ => None,
-        };
-        Ok(Completed {
-            resolution: Resolution::Recorded,
-            status,
-            resource,
-            body: Bytes::new(),
-            identity,
-            key: record.key,
-            resumed: false,
-            attempts: 0,
-            may_be_replay: false,
-            key_acknowledged: false,
-            no_key_reason,
-            handle,
-        })
     }
 
     async fn begin(
@@ -643,91 +387,6 @@ impl OperationBuilder<'_> {
         self.finish(claim, finish).await
     }
 
-    async fn answered(
-        &self,
-        response: reqwest::Response,
-        run: &Run,
-        no_key_reason: Option<String>,
-    ) -> Result<Completed, OperationError> {
-        let claim = &run.claim;
-        let now = self.ops.clock.now();
-        let Some(record) = RetryOutcome::of(&response).cloned() else {
-            self.ended(run, OpState::Unknown, response.status(), now).await?;
-            return Err(self.invalid(
-                "the client has no IdempotentRetry layer, so the request went out without its key; build it with Operations::with_layer",
-            ));
-        };
-        let status = response.status();
-        let headers = response.headers().clone();
-        // In memory already: the layer read it within the attempt (`buffer_body`).
-        let body = match response.bytes().await {
-            Ok(body) => body,
-            Err(e) => {
-                self.ended(run, OpState::Unknown, status, now).await?;
-                return Err(self.gave_up(e.into(), claim));
-            }
-        };
-        if !record.succeeded {
-            self.ended(run, OpState::NotApplied, status, now).await?;
-            return Err(OperationError::Rejected {
-                operation: self.name.clone(),
-                status,
-                body,
-                attempts: record.attempts,
-                key: claim.key.clone(),
-                key_reuse: false,
-            });
-        }
-        let mut resource = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        if status == StatusCode::SEE_OTHER {
-            resource = self.see_other(&headers, resource).await;
-        }
-        let resolution = if record.replayed { Resolution::Replayed } else { Resolution::Created };
-        // A replay carries the state of its time: trust its identity, re-read the state.
-        if resolution == Resolution::Replayed
-            && let Some(read_back) = &self.read_back
-            && let Some(fresh) = self.lookup(read_back).await?
-        {
-            if fresh.get("id").is_some() && fresh.get("id") != resource.get("id") {
-                let expected = resource.get("id").cloned().unwrap_or(Value::Null);
-                self.succeeded(claim, status, &resource, now).await?;
-                let found = fresh.get("id").cloned().unwrap_or(Value::Null);
-                return Err(IdentityMismatch::error(&self.name, "id", expected, found, fresh));
-            }
-            resource = fresh;
-        }
-        // A replay of a success the journal knows is waited for too: the caller asked for it
-        // ready, and the record says waiting until it is.
-        let handle = self.handle_or_record(claim, Some(status), &headers, &resource, now).await?;
-        let identity = match &handle {
-            // Journaled before the wait, with the identity known so far; checked once ready.
-            Some(handle) => {
-                self.waiting(claim, Some(status), &resource, handle, now).await?;
-                self.identity_seen(&resource)
-            }
-            // What was created is recorded, whether or not its identity is the one expected:
-            // it is this operation's, and a re-run must not create another.
-            None => {
-                self.succeeded(claim, status, &resource, now).await?;
-                self.identity_of(&resource)?
-            }
-        };
-        Ok(Completed {
-            resolution,
-            status: Some(status),
-            resource,
-            body,
-            identity,
-            key: claim.key.clone(),
-            resumed: run.resumed,
-            attempts: record.attempts,
-            may_be_replay: record.may_be_replay || run.resumed || run.resending_success,
-            key_acknowledged: record.key_acknowledged,
-            no_key_reason,
-            handle,
-        })
-    }
-
     /// Where to wait for what the answer created, when the operation waits. When the answer
     /// names nowhere that can be polled, what was created is recorded as it is, then the
     /// error says why there is no wait.
@@ -799,25 +458,356 @@ impl OperationBuilder<'_> {
             .filter_map(|field| resource.get(field).filter(|v| !v.is_null()).map(|v| (field.to_owned(), v.clone())))
             .collect()
     }
+}
 
-    async fn recovered(
-        &self,
-        found: Value,
-        claim: &Claim,
-        no_key_reason: Option<String>,
-    ) -> Result<Completed, OperationError> {
-        let now = self.ops.clock.now();
-        let handle = self.handle_or_record(claim, None, &http::HeaderMap::new(), &found, now).await?;
+impl OperationRun<'_, '_> {
+    /// Begin, send, answer.
+    async fn run(&self, url: String, plan: KeyPlan) -> Result<Ran, OperationError> {
+        let fp = fingerprint(self.op.method.as_str(), &url, &self.op.body);
+        let stored_url = crate::target::redact_str(&url);
+        let (done, claim) = match self.begin_run(&stored_url, &fp, &plan).await? {
+            Start::Done(done, claim) => (*done, claim),
+            Start::Resume(record) => self.resume(*record),
+            Start::Send(run) => {
+                tracing::Span::current().record("key", run.claim.key.as_ref().map(IdempotencyKey::fingerprint));
+                (self.send_until_settled(&url, &run).await?, run.claim)
+            }
+        };
+        let waiting = done.handle.is_some();
+        // A wait that ends with a fixed key not yet on record binds the key to what it found
+        // (see `bind_recovery`): a recovery, or a resumed wait of another run's.
+        let binding = (waiting && matches!(plan, KeyPlan::Fixed(_))).then(|| Binding { url: stored_url, fp, plan });
+        Ok(Ran { done, claim: waiting.then_some(claim), binding })
+    }
+
+    /// An earlier run's create, waiting: its record, to resume the wait from. Nothing is sent.
+    fn resume(&self, record: Record) -> (Completed, Claim) {
+        let claim = record.claim();
+        tracing::Span::current().record("key", record.key.as_ref().map(IdempotencyKey::fingerprint));
+        let resource = record.identity.clone().unwrap_or(Value::Null);
+        let done = Completed {
+            resolution: Resolution::Resumed,
+            status: record.status.and_then(|s| StatusCode::from_u16(s).ok()),
+            identity: self.op.identity_seen(&resource),
+            resource,
+            body: Bytes::new(),
+            key: record.key,
+            resumed: true,
+            attempts: 0,
+            may_be_replay: false,
+            key_acknowledged: false,
+            no_key_reason: self.no_key_reason.clone(),
+            handle: record.handle,
+        };
+        (done, claim)
+    }
+
+    /// Asks the journal what this run does, settling what stands in the way first: a previous
+    /// run that may have taken effect, a key the server may have forgotten.
+    async fn begin_run(&self, url: &str, fp: &str, plan: &KeyPlan) -> Result<Start, OperationError> {
+        // Another process may change the record between two looks; a few rounds settle that.
+        // A run on another machine holding the record is waited for, without counting.
+        let mut waited_for = None;
+        let mut rounds = 0;
+        let waiting_since = self.op.ops.clock.now();
+        let mut polls = 0;
+        while rounds < 4 {
+            rounds += 1;
+            match self.op.begin(url, fp, plan.clone(), waited_for.clone()).await? {
+                Begun::Running(held) => {
+                    rounds -= 1;
+                    polls += 1;
+                    self.op.wait_for_holder(&held, waiting_since, polls).await?;
+                    waited_for = Some(held.claim());
+                }
+                // The run waited for succeeded, or the operation happens once and did: that
+                // result is this run's. Nothing is sent.
+                Begun::Succeeded(record)
+                    if self.op.once || waited_for.as_ref().is_some_and(|c| record.is_claimed_by(c)) =>
+                {
+                    let claim = record.claim();
+                    return self.succeeded_earlier(record).await.map(|done| Start::done(done, claim));
+                }
+                Begun::Send { claim, resumed } => {
+                    if !resumed || !self.op.past_retention(&claim) {
+                        return Ok(Start::Send(Run { claim, resumed, resending_success: false }));
+                    }
+                    // The server may have forgotten the key: it is not resent blind.
+                    let Some(read_back) = &self.op.read_back else {
+                        self.op
+                            .finish(&claim, Finish::new(claim.clone(), OpState::Unknown, self.op.ops.clock.now()))
+                            .await?;
+                        return Err(self.op.unknown(claim.key.clone(), self.op.retention_reason(&claim)));
+                    };
+                    if let Some(found) = self.op.lookup(read_back).await? {
+                        let done = self.recovered(found, &claim).await?;
+                        return Ok(Start::done(done, claim));
+                    }
+                    // Not there: nothing was created. A random key is renewed; a fixed one is
+                    // sent again (the server no longer knows it).
+                    if *plan != KeyPlan::Random {
+                        return Ok(Start::Send(Run { claim, resumed, resending_success: false }));
+                    }
+                    self.op.settle_as_failed(&claim).await?;
+                }
+                Begun::Waiting(record) => return Ok(Start::Resume(Box::new(record))),
+                Begun::Succeeded(record) => {
+                    let claim = record.claim();
+                    // A success the server answered under this key, which it still holds: it
+                    // replays. One found by reading back (no status) may never have reached the
+                    // server under this key: never sent blind.
+                    if record.status.is_some() && !self.op.past_retention(&claim) {
+                        return Ok(Start::Send(Run { claim, resumed: false, resending_success: true }));
+                    }
+                    return self.succeeded_earlier(record).await.map(|done| Start::done(done, claim));
+                }
+                Begun::Unsettled(previous) => {
+                    let claim = previous.claim();
+                    let Some(read_back) = &self.op.read_back else {
+                        return Err(self.op.unknown(
+                            previous.key.clone(),
+                            format!(
+                                "a previous run ({}, {}, {}) may have taken effect, and this run cannot resume it; attach a read-back, or check the server and then forget the operation (`idem journal forget`, KeyStore::forget)",
+                                previous.state,
+                                previous.key.as_ref().map_or_else(|| "no key".to_owned(), |k| format!("key sha256:{}", k.fingerprint())),
+                                crate::time::rfc3339(previous.updated_at)
+                            ),
+                        ));
+                    };
+                    // The previous run's request may still be on its way.
+                    self.op.wait_in_flight(previous.updated_at).await;
+                    if let Some(found) = self.op.lookup(read_back).await? {
+                        let done = self.recovered(found, &claim).await?;
+                        // The previous run did this run's work: a fixed key remembers it, as a
+                        // success it never sent (so it is never sent blind after).
+                        if let KeyPlan::Fixed(_) = plan {
+                            self.op.bind_recovery(url, fp, plan, &done).await?;
+                        }
+                        return Ok(Start::done(done, claim));
+                    }
+                    // Not there: the previous run did not take effect. Settle it, then plan again.
+                    self.op.settle_as_failed(&claim).await?;
+                }
+            }
+        }
+        Err(self
+            .op
+            .unknown(None, "the journal's record kept changing under this run (another process is running it?)".into()))
+    }
+
+    /// Sends; if the outcome is unknown, reads back; if not found, sends once more.
+    async fn send_until_settled(&self, url: &str, run: &Run) -> Result<Completed, OperationError> {
+        let mut read_back_done = false;
+        loop {
+            let error = match self.op.send_once(url, run.claim.key.as_ref()).await {
+                Ok(response) if is_unfollowed_redirect(response.status()) => {
+                    return self.redirect_unfollowed(response.status(), run).await;
+                }
+                Ok(response) => return self.answered(response, run).await,
+                Err(error) => error,
+            };
+            if run.resending_success {
+                // The journal already knows it succeeded; a failed replay changes nothing there.
+                return Err(self.op.gave_up(error, &run.claim));
+            }
+            if let Some(why) = never_sent(&error) {
+                // It could not be sent at all: nothing to settle.
+                self.op.settle_as_failed(&run.claim).await?;
+                return Err(self.op.invalid(why));
+            }
+            if let Some(refusal) = self.op.key_refusal(&error, &run.claim).await? {
+                return Err(refusal);
+            }
+            let may_have_been_applied = Error::find(&error).is_none_or(Error::may_have_been_applied);
+            if !may_have_been_applied {
+                let status = error.status().map(|s| s.as_u16());
+                self.op
+                    .finish(
+                        &run.claim,
+                        Finish::new(run.claim.clone(), OpState::NotApplied, self.op.ops.clock.now()).status(status),
+                    )
+                    .await?;
+                return Err(self.op.not_applied(error, &run.claim));
+            }
+            let failed_at = self.op.ops.clock.now();
+            let Some(read_back) = self.op.read_back.as_ref().filter(|_| !read_back_done) else {
+                self.op.finish(&run.claim, Finish::new(run.claim.clone(), OpState::Unknown, failed_at)).await?;
+                return Err(self.op.gave_up(error, &run.claim));
+            };
+            if run.claim.key.is_none() {
+                // Without a key, "not found" must also mean "not on its way": wait that out.
+                self.op.wait_in_flight(failed_at).await;
+            }
+            if let Some(found) = self.op.lookup(read_back).await? {
+                return self.recovered(found, &run.claim).await;
+            }
+            read_back_done = true;
+            tracing::info!(operation = %self.op.name, "not found by reading back: sending again");
+        }
+    }
+
+    /// A write answered with a redirect the layer could not follow (no usable `Location`, a
+    /// 300 or a 304): neither done nor refused. Settled by the read-back if there is one, else
+    /// unknown; never "not applied".
+    async fn redirect_unfollowed(&self, status: StatusCode, run: &Run) -> Result<Completed, OperationError> {
+        if let Some(read_back) = &self.op.read_back
+            && let Some(found) = self.op.lookup(read_back).await?
+        {
+            return self.recovered(found, &run.claim).await;
+        }
+        let finish =
+            Finish::new(run.claim.clone(), OpState::Unknown, self.op.ops.clock.now()).status(Some(status.as_u16()));
+        if !run.resending_success {
+            self.op.finish(&run.claim, finish).await?;
+        }
+        Err(self.op.unknown(
+            run.claim.key.clone(),
+            format!("the server answered the write with {status}, a redirect with nowhere to follow it to; whether it was applied is unknown"),
+        ))
+    }
+
+    /// A fixed key that succeeded, past the server's retention: the journal's record, refreshed
+    /// by the read-back when there is one. Nothing is sent.
+    async fn succeeded_earlier(&self, record: Record) -> Result<Completed, OperationError> {
+        let claim = record.claim();
+        if let Some(read_back) = &self.op.read_back {
+            return match self.op.lookup(read_back).await? {
+                Some(found) => self.recovered(found, &claim).await,
+                None => Err(OperationError::Gone {
+                    operation: self.op.name.clone(),
+                    identity: record.identity.unwrap_or(Value::Null),
+                }),
+            };
+        }
+        let identity: BTreeMap<String, Value> = match &record.identity {
+            Some(Value::Object(map)) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            _ => BTreeMap::new(),
+        };
+        let status = record.status.and_then(|s| StatusCode::from_u16(s).ok());
+        let resource = record.identity.clone().unwrap_or(Value::Null);
+        // Asked to be ready: wait at the resource the journal names.
+        let handle = match &self.op.wait {
+            Some(spec) if spec.has_state() => {
+                let handle = self
+                    .op
+                    .handle_or_record(&claim, status, &http::HeaderMap::new(), &resource, self.op.ops.clock.now())
+                    .await?;
+                if let Some(handle) = &handle {
+                    self.op.waiting(&claim, status, &resource, handle, self.op.ops.clock.now()).await?;
+                }
+                handle
+            }
+            _ => None,
+        };
+        Ok(Completed {
+            resolution: Resolution::Recorded,
+            status,
+            resource,
+            body: Bytes::new(),
+            identity,
+            key: record.key,
+            resumed: false,
+            attempts: 0,
+            may_be_replay: false,
+            key_acknowledged: false,
+            no_key_reason: self.no_key_reason.clone(),
+            handle,
+        })
+    }
+
+    async fn answered(&self, response: reqwest::Response, run: &Run) -> Result<Completed, OperationError> {
+        let claim = &run.claim;
+        let now = self.op.ops.clock.now();
+        let Some(record) = RetryOutcome::of(&response).cloned() else {
+            self.op.ended(run, OpState::Unknown, response.status(), now).await?;
+            return Err(self.op.invalid(
+                "the client has no IdempotentRetry layer, so the request went out without its key; build it with Operations::with_layer",
+            ));
+        };
+        let status = response.status();
+        let headers = response.headers().clone();
+        // In memory already: the layer read it within the attempt (`buffer_body`).
+        let body = match response.bytes().await {
+            Ok(body) => body,
+            Err(e) => {
+                self.op.ended(run, OpState::Unknown, status, now).await?;
+                return Err(self.op.gave_up(e.into(), claim));
+            }
+        };
+        if !record.succeeded {
+            self.op.ended(run, OpState::NotApplied, status, now).await?;
+            return Err(OperationError::Rejected {
+                operation: self.op.name.clone(),
+                status,
+                body,
+                attempts: record.attempts,
+                key: claim.key.clone(),
+                key_reuse: false,
+            });
+        }
+        let mut resource = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        if status == StatusCode::SEE_OTHER {
+            resource = self.op.see_other(&headers, resource).await;
+        }
+        let resolution = if record.replayed { Resolution::Replayed } else { Resolution::Created };
+        // A replay carries the state of its time: trust its identity, re-read the state.
+        if resolution == Resolution::Replayed
+            && let Some(read_back) = &self.op.read_back
+            && let Some(fresh) = self.op.lookup(read_back).await?
+        {
+            if fresh.get("id").is_some() && fresh.get("id") != resource.get("id") {
+                let expected = resource.get("id").cloned().unwrap_or(Value::Null);
+                self.op.succeeded(claim, status, &resource, now).await?;
+                let found = fresh.get("id").cloned().unwrap_or(Value::Null);
+                return Err(IdentityMismatch::error(&self.op.name, "id", expected, found, fresh));
+            }
+            resource = fresh;
+        }
+        // A replay of a success the journal knows is waited for too: the caller asked for it
+        // ready, and the record says waiting until it is.
+        let handle = self.op.handle_or_record(claim, Some(status), &headers, &resource, now).await?;
+        let identity = match &handle {
+            // Journaled before the wait, with the identity known so far; checked once ready.
+            Some(handle) => {
+                self.op.waiting(claim, Some(status), &resource, handle, now).await?;
+                self.op.identity_seen(&resource)
+            }
+            // What was created is recorded, whether or not its identity is the one expected:
+            // it is this operation's, and a re-run must not create another.
+            None => {
+                self.op.succeeded(claim, status, &resource, now).await?;
+                self.op.identity_of(&resource)?
+            }
+        };
+        Ok(Completed {
+            resolution,
+            status: Some(status),
+            resource,
+            body,
+            identity,
+            key: claim.key.clone(),
+            resumed: run.resumed,
+            attempts: record.attempts,
+            may_be_replay: record.may_be_replay || run.resumed || run.resending_success,
+            key_acknowledged: record.key_acknowledged,
+            no_key_reason: self.no_key_reason.clone(),
+            handle,
+        })
+    }
+
+    async fn recovered(&self, found: Value, claim: &Claim) -> Result<Completed, OperationError> {
+        let now = self.op.ops.clock.now();
+        let handle = self.op.handle_or_record(claim, None, &http::HeaderMap::new(), &found, now).await?;
         let identity = match &handle {
             Some(handle) => {
-                self.waiting(claim, None, &found, handle, now).await?;
-                self.identity_seen(&found)
+                self.op.waiting(claim, None, &found, handle, now).await?;
+                self.op.identity_seen(&found)
             }
             None => {
-                let finish = Finish::new(claim.clone(), OpState::Succeeded, self.ops.clock.now())
-                    .identity(Some(self.identity_record(&found)));
-                self.finish(claim, finish).await?;
-                self.identity_of(&found)?
+                let finish = Finish::new(claim.clone(), OpState::Succeeded, self.op.ops.clock.now())
+                    .identity(Some(self.op.identity_record(&found)));
+                self.op.finish(claim, finish).await?;
+                self.op.identity_of(&found)?
             }
         };
         Ok(Completed {
@@ -831,7 +821,7 @@ impl OperationBuilder<'_> {
             attempts: 0,
             may_be_replay: false,
             key_acknowledged: false,
-            no_key_reason,
+            no_key_reason: self.no_key_reason.clone(),
             handle,
         })
     }

@@ -16,6 +16,6 @@ pub struct Resource {
     pub name: String,
     /// Creation time, RFC 3339, from the server's clock.
     pub created_at: String,
-    /// Lifecycle state: `starting` when created; tests move it with [`FakeCloud::set_status`].
+    /// Lifecycle state: `starting` when created; tests move it with [`FakeCloud::set_status`](super::FakeCloud::set_status).
     pub status: String,
 }

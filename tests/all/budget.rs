@@ -45,17 +45,17 @@ async fn sustained_503_amplification_is_bounded_by_the_budget() {
     }
 
     let sent = requests_seen(&server).await;
-    // Without a budget it would be 5 per operation; the bucket paid for exactly 500 / 14 = 35
+    // Without a budget it would be 5 per operation; the bucket paid for exactly 500 / 5 = 100
     // retries.
     let bound = OPS + (RetryBudget::DEFAULT_CAPACITY / RetryBudget::DEFAULT_RETRY_COST) as usize;
     assert_eq!(sent, bound);
-    assert_eq!(budget.available(H, &host(&server), time.clock.now()), 500 - 35 * 14, "drained");
-    assert!(budget_errors >= OPS - 9, "once drained, operations stop after their first attempt: {budget_errors}");
+    assert_eq!(budget.available(H, &host(&server), time.clock.now()), 0, "drained");
+    assert!(budget_errors >= OPS - 25, "once drained, operations stop after their first attempt: {budget_errors}");
 }
 
 /// The outage figure once the bucket drains, with operations spread over time (one a second,
 /// each failing): exactly one request per operation by default; with time refill on, the
-/// surplus is what the refill pays for (1 token a second, 14 a retry: one retry per 14 s).
+/// surplus is what the refill pays for (1 token a second, 5 a retry: one retry per 5 s).
 #[tokio::test]
 async fn the_outage_bound_holds_over_time_and_time_refill_pays_its_share() {
     for rate in [0.0, 1.0] {
@@ -76,14 +76,14 @@ async fn the_outage_bound_holds_over_time_and_time_refill_pays_its_share() {
         if rate == 0.0 {
             assert_eq!(retries, 0, "a drained bucket pays for nothing without successes");
         } else {
-            // 1,400 s of refill pays for 100 retries, and their 100 ms waits for a few more.
-            assert!((100..=101).contains(&retries), "{retries}");
+            // 1,400 s of refill pays for 280 retries, and their 100 ms waits for a few more.
+            assert!((280..=286).contains(&retries), "{retries}");
         }
     }
 }
 
-/// A scripted run on injected time, every count exact: throttles cost 5 and back off on their
-/// own schedule; transient failures cost 14; time pays the bucket back at 1 token a second.
+/// A scripted run on injected time, every count exact: throttles cost 2 and back off on their
+/// own schedule; transient failures cost 5; time pays the bucket back at 1 token a second.
 #[tokio::test]
 async fn throttles_cost_less_and_time_refills_exactly() {
     let server = MockServer::start().await;
@@ -101,18 +101,18 @@ async fn throttles_cost_less_and_time_refills_exactly() {
     let client = client(time.layer().policy(policy).budget(budget.clone()));
     let start = time.clock.now();
 
-    // 429 (−5, wait 1 s, +1 s of time), 429 (−5, wait 2 s, +2), 503 (−14, wait 400 ms, +0.4),
-    // 503 (−14, wait 800 ms, +0.8), 201: its last retry's 14 come back.
+    // 429 (−2, wait 1 s, +1 s of time), 429 (−2, wait 2 s, +2), 503 (−5, wait 400 ms, +0.4),
+    // 503 (−5, wait 800 ms, +0.8), 201: its last retry's 5 come back.
     let response = client.post(server.uri()).body("{}").send().await.unwrap();
     assert_eq!(response.status(), 201);
     assert_eq!(time.delays(), [ms(1_000), ms(2_000), ms(400), ms(800)], "throttled schedule, then transient");
     let now = time.clock.now();
     assert_eq!(now.duration_since(start).unwrap(), ms(4_200));
-    // 40 − 5 + 1 − 5 + 2 − 14 + 0.4 − 14 + 0.8 = 6.2 (the bucket is refilled on each withdrawal),
-    // then + 14 returned = 20.2.
-    assert_eq!(budget.available(H, &host(&server), now), 20);
+    // 40 − 2 + 1 − 2 + 2 − 5 + 0.4 − 5 + 0.8 = 30.2 (the bucket is refilled on each withdrawal,
+    // and on the success, with the time to the last send), then + 5 returned = 35.2.
+    assert_eq!(budget.available(H, &host(&server), now), 35);
     time.clock.advance(ms(800));
-    assert_eq!(budget.available(H, &host(&server), time.clock.now()), 21);
+    assert_eq!(budget.available(H, &host(&server), time.clock.now()), 36);
     time.clock.advance(Duration::from_secs(60));
     assert_eq!(budget.available(H, &host(&server), time.clock.now()), 40, "capped at the capacity");
 }
@@ -150,7 +150,7 @@ async fn without_a_budget_only_the_policy_bounds_retries() {
 #[tokio::test]
 async fn a_partition_drains_alone() {
     let server = always(503).await;
-    let budget = Arc::new(RetryBudget::new().capacity(28).refill_rate(0.0));
+    let budget = Arc::new(RetryBudget::new().capacity(10));
     let time = Time::new();
     let a = RetryPartition::new("tenant-a").unwrap();
     let b = RetryPartition::new("tenant-b").unwrap();
@@ -159,10 +159,10 @@ async fn a_partition_drains_alone() {
 
     // The layer's partition (tenant-a): 2 retries paid, then drained.
     client.post(server.uri()).body("{}").send().await.unwrap_err();
-    assert_eq!(requests_seen(&server).await, 3, "two retries for 28 tokens");
+    assert_eq!(requests_seen(&server).await, 3, "two retries for 10 tokens");
     assert_eq!(budget.available(&a, &host(&server), time.clock.now()), 0);
-    assert_eq!(budget.available(&b, &host(&server), time.clock.now()), 28);
-    assert_eq!(budget.available(H, &host(&server), time.clock.now()), 28);
+    assert_eq!(budget.available(&b, &host(&server), time.clock.now()), 10);
+    assert_eq!(budget.available(H, &host(&server), time.clock.now()), 10);
 
     // A request that names tenant-b draws from tenant-b's bucket.
     let err = client

@@ -119,7 +119,8 @@ impl RetryPolicy {
 
     /// Sets the delay schedule of retries after a throttle (a 429, a throttling code), apart from
     /// the one after other failures, as the AWS SDKs do. A server's `Retry-After` is still the
-    /// floor of either.
+    /// floor of either. With the [adaptive rate limiter](crate::IdempotentRetryBuilder::adaptive)
+    /// on, the limiter paces throttled retries instead, over the transient schedule.
     pub fn with_throttle_backoff(mut self, backoff: impl Backoff + 'static) -> Self {
         self.throttle_backoff = Arc::new(backoff);
         self

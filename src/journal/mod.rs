@@ -8,6 +8,18 @@
 //! key.
 //!
 //! The rules for choosing the key are on [`KeyStore`].
+//!
+//! # Which names you need
+//!
+//! - **Using a journal** (most callers): a store — [`SqliteJournal`], `PostgresJournal`
+//!   (feature `postgres`) or [`MemoryStore`] — handed to
+//!   [`Operations`](crate::Operations); [`Record`] and [`OpState`] to list what it holds;
+//!   [`JournalError`] and [`PayloadMismatch`] when it refuses.
+//! - **Writing a store** (keys kept elsewhere, e.g. in Terraform state): [`KeyStore`], and what
+//!   its methods take and return — [`Intent`] (with [`KeyPlan`]), [`Intent::plan`] and its
+//!   [`Planned`], [`Begun`], [`Claim`], [`Finish`] — checked with `testing::check_key_store`.
+//!   These are public because a store outside this crate must name them; nothing else needs
+//!   them.
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -1018,3 +1018,48 @@ async fn ensure_count_waits_until_every_item_is_ready() {
     assert_eq!((report["ready"].as_u64(), report["converged"].as_bool()), (Some(3), Some(true)), "{report}");
     assert_eq!(cloud.created(), 3);
 }
+
+/// The exit codes are told twice, in `idem --help` and in docs/cli.md's table: the two say the
+/// same, word for word, so they cannot drift apart.
+#[tokio::test]
+async fn the_exit_codes_in_the_help_are_the_docs_table() {
+    let normal = |text: &str| text.replace('`', "").split_whitespace().collect::<Vec<_>>().join(" ");
+    let scratch = Scratch::new("help-exit-codes");
+    let help = scratch.run(&["--help"]).await.stdout();
+    let listed = help.split("Exit codes:").nth(1).unwrap_or_else(|| panic!("no exit codes in the help: {help}"));
+    let mut in_help = std::collections::BTreeMap::new();
+    let mut current = None;
+    for line in listed.lines() {
+        let trimmed = line.trim_start();
+        match trimmed.split_once("  ") {
+            Some((code, text)) if code.len() == 1 && code.chars().all(|c| c.is_ascii_digit()) => {
+                current = Some(code.to_owned());
+                in_help.insert(code.to_owned(), text.to_owned());
+            }
+            _ if !trimmed.is_empty() && line.starts_with("     ") => {
+                let code = current.clone().expect("a continuation follows a code");
+                let text = in_help.get_mut(&code).unwrap();
+                text.push(' ');
+                text.push_str(trimmed);
+            }
+            _ => current = None,
+        }
+    }
+    let docs = include_str!("../../../docs/cli.md");
+    let in_docs: std::collections::BTreeMap<String, String> = docs
+        .lines()
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.strip_prefix("| ")?.strip_suffix(" |")?.split(" | ").collect();
+            match cells.as_slice() {
+                [code, text] if code.len() == 1 && code.chars().all(|c| c.is_ascii_digit()) => {
+                    Some((code.to_string(), text.to_string()))
+                }
+                _ => None,
+            }
+        })
+        .collect();
+    assert_eq!(in_help.keys().collect::<Vec<_>>(), ["0", "1", "2", "3"], "{help}");
+    for (code, text) in &in_help {
+        assert_eq!(normal(text), normal(&in_docs[code]), "exit {code}");
+    }
+}

@@ -337,7 +337,7 @@ impl Engine {
             refusals: x.tally.refusals,
             // With the adaptive rate limiter on, it paces throttled retries (its wait is the
             // floor below), so they keep the transient schedule: both at once waited twice over
-            // (benches/throttling.rs: goodput 0.886 of the server's rate with both, 0.925 without).
+            // (benches/throttling.rs: goodput 0.886 of the server's rate with both, 0.937 without).
             throttled: kind == RetryKind::Throttled && self.rate.is_none(),
         };
         let delay = match decide(&x.policy, &setback, &*self.rng) {

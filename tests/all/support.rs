@@ -76,6 +76,11 @@ pub fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
+/// The retry budget's host label for a wiremock server: `host:port` as its URL spells it.
+pub fn budget_host(server: &wiremock::MockServer) -> String {
+    format!("127.0.0.1:{}", server.address().port())
+}
+
 /// The `Idempotency-Key` header of every request a wiremock server received, in order
 /// (`None` where a request had none).
 pub async fn keys_seen(server: &wiremock::MockServer, header: &str) -> Vec<Option<String>> {

@@ -75,7 +75,7 @@ async fn run(adaptive: bool) -> (Run, Option<Arc<AdaptiveRateLimiter>>) {
     let throttled_after_2s = after.iter().filter(|t| **t).count() as f64 / after.len().max(1) as f64;
     let elapsed = time.clock.now().duration_since(started).unwrap().as_secs_f64().max(1.0);
     let goodput = seen.2.iter().filter(|(_, t)| !t).count() as f64 / elapsed;
-    let host = format!("127.0.0.1:{}", server.address().port());
+    let host = budget_host(&server);
     (Run { throttled_after_2s, goodput, failed, host }, limiter)
 }
 
@@ -104,7 +104,7 @@ async fn a_turn_past_the_deadline_sends_nothing() {
     let time = Time::new();
     let server = MockServer::start().await;
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(201)).mount(&server).await;
-    let host = format!("127.0.0.1:{}", server.address().port());
+    let host = budget_host(&server);
     let limiter = Arc::new(AdaptiveRateLimiter::new());
     // The host throttled the one request it had: the next turn is a token's time away.
     limiter.record(&host, time.clock.now(), time.clock.now(), true);

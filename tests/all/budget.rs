@@ -21,10 +21,6 @@ async fn always(status: u16) -> MockServer {
     server
 }
 
-fn host(server: &MockServer) -> String {
-    format!("127.0.0.1:{}", server.address().port())
-}
-
 const H: &RetryPartition = &RetryPartition::HOST;
 
 #[tokio::test]
@@ -49,7 +45,7 @@ async fn sustained_503_amplification_is_bounded_by_the_budget() {
     // retries.
     let bound = OPS + (RetryBudget::DEFAULT_CAPACITY / RetryBudget::DEFAULT_RETRY_COST) as usize;
     assert_eq!(sent, bound);
-    assert_eq!(budget.available(H, &host(&server), time.clock.now()), 0, "drained");
+    assert_eq!(budget.available(H, &budget_host(&server), time.clock.now()), 0, "drained");
     assert!(budget_errors >= OPS - 25, "once drained, operations stop after their first attempt: {budget_errors}");
 }
 
@@ -63,7 +59,7 @@ async fn the_outage_bound_holds_over_time_and_time_refill_pays_its_share() {
         let budget = Arc::new(RetryBudget::new().refill_rate(rate));
         let time = Time::new();
         let client = client(time.layer().policy(fast_policy().without_deadline()).budget(budget.clone()));
-        while budget.available(H, &host(&server), time.clock.now()) >= RetryBudget::DEFAULT_RETRY_COST {
+        while budget.available(H, &budget_host(&server), time.clock.now()) >= RetryBudget::DEFAULT_RETRY_COST {
             client.post(server.uri()).body("{}").send().await.unwrap_err();
         }
         let before = requests_seen(&server).await;
@@ -110,11 +106,11 @@ async fn throttles_cost_less_and_time_refills_exactly() {
     assert_eq!(now.duration_since(start).unwrap(), ms(4_200));
     // 40 − 2 + 1 − 2 + 2 − 5 + 0.4 − 5 + 0.8 = 30.2 (the bucket is refilled on each withdrawal,
     // and on the success, with the time to the last send), then + 5 returned = 35.2.
-    assert_eq!(budget.available(H, &host(&server), now), 35);
+    assert_eq!(budget.available(H, &budget_host(&server), now), 35);
     time.clock.advance(ms(800));
-    assert_eq!(budget.available(H, &host(&server), time.clock.now()), 36);
+    assert_eq!(budget.available(H, &budget_host(&server), time.clock.now()), 36);
     time.clock.advance(Duration::from_secs(60));
-    assert_eq!(budget.available(H, &host(&server), time.clock.now()), 40, "capped at the capacity");
+    assert_eq!(budget.available(H, &budget_host(&server), time.clock.now()), 40, "capped at the capacity");
 }
 
 #[tokio::test]
@@ -129,7 +125,7 @@ async fn successes_refill_the_budget() {
     client.post(server.uri()).body("{}").send().await.unwrap();
 
     assert_eq!(
-        budget.available(H, &host(&server), time.clock.now()),
+        budget.available(H, &budget_host(&server), time.clock.now()),
         500,
         "the retry's cost came back with its success"
     );
@@ -160,9 +156,9 @@ async fn a_partition_drains_alone() {
     // The layer's partition (tenant-a): 2 retries paid, then drained.
     client.post(server.uri()).body("{}").send().await.unwrap_err();
     assert_eq!(requests_seen(&server).await, 3, "two retries for 10 tokens");
-    assert_eq!(budget.available(&a, &host(&server), time.clock.now()), 0);
-    assert_eq!(budget.available(&b, &host(&server), time.clock.now()), 10);
-    assert_eq!(budget.available(H, &host(&server), time.clock.now()), 10);
+    assert_eq!(budget.available(&a, &budget_host(&server), time.clock.now()), 0);
+    assert_eq!(budget.available(&b, &budget_host(&server), time.clock.now()), 10);
+    assert_eq!(budget.available(H, &budget_host(&server), time.clock.now()), 10);
 
     // A request that names tenant-b draws from tenant-b's bucket.
     let err = client
@@ -174,5 +170,43 @@ async fn a_partition_drains_alone() {
         .unwrap_err();
     assert!(matches!(Error::find(&err), Some(Error::BudgetExhausted(_))), "{err}");
     assert_eq!(requests_seen(&server).await, 6);
-    assert_eq!(budget.available(&b, &host(&server), time.clock.now()), 0);
+    assert_eq!(budget.available(&b, &budget_host(&server), time.clock.now()), 0);
+}
+
+/// A 503 naming a throttling code, through the layer: a keyed write is retried on the throttled
+/// schedule and pays the throttle's 2 tokens, where a plain 503 pays 5 and backs off on the
+/// transient one; a keyless write is not resent (the 503 may have been applied), and the caller
+/// is told the outcome is unknown.
+#[tokio::test]
+async fn a_503_with_a_throttling_code_is_a_throttle_that_may_have_been_applied() {
+    use idempotent_retry::backoff::{ExponentialBackoff, Jitter};
+    let slow_down = r#"<Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>"#;
+    for (body, cost, first_delay) in [(slow_down, 2, Duration::from_secs(3)), ("Service Unavailable", 5, ms(100))] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST")).respond_with(ResponseTemplate::new(503).set_body_string(body)).mount(&server).await;
+        let budget = Arc::new(RetryBudget::new());
+        let time = Time::new();
+        let policy = fast_policy().with_max_attempts(2).with_throttle_backoff(
+            ExponentialBackoff::new(Duration::from_secs(3), Duration::from_secs(20)).jitter(Jitter::None),
+        );
+        let client = client(time.layer().policy(policy).budget(budget.clone()));
+
+        let err = client.post(server.uri()).body("{}").send().await.unwrap_err();
+        assert!(matches!(Error::find(&err), Some(Error::AttemptsExhausted(_))), "{body}: {err}");
+        assert_eq!(requests_seen(&server).await, 2, "{body}: one retry, with the key");
+        assert_eq!(time.delays(), [first_delay], "{body}");
+        assert_eq!(budget.available(H, &budget_host(&server), time.clock.now()), 500 - cost, "{body}");
+
+        let keyless = client
+            .post(server.uri())
+            .body("{}")
+            .with_extension(RequestOptions::new().no_key())
+            .send()
+            .await
+            .unwrap_err();
+        let keyless = Error::find(&keyless).unwrap();
+        assert!(matches!(keyless, Error::OutcomeUnknown(_)), "{body}: {keyless}");
+        assert!(keyless.may_have_been_applied(), "{body}");
+        assert_eq!(requests_seen(&server).await, 3, "{body}: the keyless write went out once");
+    }
 }

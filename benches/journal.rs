@@ -3,6 +3,12 @@
 //! local server, committed before the send), and the throughput of 8 runners, each a machine
 //! with a journal of its own on one PostgreSQL database, 500 operations each, beside one.
 //!
+//! The throughput is measured twice: against the local server, where client and server share
+//! the machine's cores (the bench prints how busy they were), and through a proxy that delays
+//! every byte by [`LINK_DELAY`] each way, as the network between a fleet and its database
+//! does. There a runner waits on the link more than it works, and eight scale as far as
+//! nothing serialises them.
+//!
 //! ```text
 //! pg_virtualenv cargo bench --bench journal
 //! ```
@@ -15,7 +21,7 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use idempotent_retry::journal::{
     Begun, Finish, Intent, KeyPlan, KeyStore, MemoryStore, OpState, PostgresJournal, SqliteJournal, fingerprint,
@@ -25,6 +31,8 @@ use serde_json::json;
 const OPS: usize = 2000;
 const RUNNERS: usize = 8;
 const PER_RUNNER: usize = 500;
+/// The one-way delay of the simulated link (tokio's timer rounds it up to its 1 ms tick).
+const LINK_DELAY: Duration = Duration::from_micros(500);
 
 /// One operation: `begin` (random key, a new name), then `finish` as succeeded.
 async fn one(store: &dyn KeyStore, name: &str, fp: &str) {
@@ -51,25 +59,91 @@ async fn latency(store: &dyn KeyStore, tag: &str) -> (f64, f64) {
 }
 
 /// Operations a second: `runners` machines (a journal each, on `url`) running `PER_RUNNER`
-/// operations each at once, every one its own operation.
-async fn throughput(url: &str, schema: &str, runners: usize) -> f64 {
+/// operations each at once, every one its own operation; and how busy the machine's cores
+/// were meanwhile, from 0 to 1 (`None` where `/proc/stat` cannot be read).
+async fn throughput(url: &str, schema: &str, runners: usize) -> (f64, Option<f64>) {
     let mut journals = Vec::new();
     for _ in 0..runners {
         journals.push(Arc::new(PostgresJournal::builder(url).schema(schema).pool_size(2).open().await.expect("open")));
     }
     let fp = fingerprint("POST", "https://api.test/cvms", b"{}");
+    let before = cpu_jiffies();
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (r, journal) in journals.into_iter().enumerate() {
         let fp = fp.clone();
+        let tag = format!("{url}/{runners}/{r}");
         tasks.spawn(async move {
             for n in 0..PER_RUNNER {
-                one(&*journal, &format!("runners-{runners}/r{r}/op{n}"), &fp).await;
+                one(&*journal, &format!("{tag}/op{n}"), &fp).await;
             }
         });
     }
     tasks.join_all().await;
-    (runners * PER_RUNNER) as f64 / started.elapsed().as_secs_f64()
+    let rate = (runners * PER_RUNNER) as f64 / started.elapsed().as_secs_f64();
+    let busy = before.zip(cpu_jiffies()).map(|((b0, i0), (b1, i1))| (b1 - b0) as f64 / ((b1 - b0) + (i1 - i0)) as f64);
+    (rate, busy)
+}
+
+/// The machine's busy and idle clock ticks so far, all cores (Linux's `/proc/stat`).
+fn cpu_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|t| t.parse().ok()).collect();
+    let idle = ticks.get(3)? + ticks.get(4)?; // idle, iowait
+    Some((ticks.iter().sum::<u64>() - idle, idle))
+}
+
+/// A TCP proxy to the server libpq's environment names that holds every chunk for `delay`
+/// in each direction, in order (a link's latency, not its bandwidth); the URL through it.
+async fn slow_link(url: &str, delay: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = std::env::var("PGHOST").expect("PGHOST");
+    let port: u16 = std::env::var("PGPORT").ok().and_then(|p| p.parse().ok()).unwrap_or(5432);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let local = listener.local_addr().unwrap().port();
+    async fn carry(
+        mut from: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+        mut to: impl tokio::io::AsyncWrite + Unpin + Send + 'static,
+        delay: Duration,
+    ) {
+        let (chunks, mut held) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+        tokio::spawn(async move {
+            while let Some((due, chunk)) = held.recv().await {
+                tokio::time::sleep_until(due).await;
+                if to.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            if chunks.send((tokio::time::Instant::now() + delay, buf[..n].to_vec())).is_err() {
+                return;
+            }
+        }
+    }
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let _ = client.set_nodelay(true);
+            let (client_read, client_write) = client.into_split();
+            if host.starts_with('/') {
+                let path = format!("{host}/.s.PGSQL.{port}");
+                let (up_read, up_write) = tokio::net::UnixStream::connect(path).await.unwrap().into_split();
+                tokio::spawn(carry(client_read, up_write, delay));
+                tokio::spawn(carry(up_read, client_write, delay));
+            } else {
+                let upstream = tokio::net::TcpStream::connect((host.as_str(), port)).await.unwrap();
+                let _ = upstream.set_nodelay(true);
+                let (up_read, up_write) = upstream.into_split();
+                tokio::spawn(carry(client_read, up_write, delay));
+                tokio::spawn(carry(up_read, client_write, delay));
+            }
+        }
+    });
+    // The same URL, its host and port the proxy's.
+    let at = url.rfind('@').expect("a URL from url_from_env names a user");
+    let path = url[at..].find('/').expect("and a database") + at;
+    format!("{}@127.0.0.1:{local}{}", &url[..at], &url[path..])
 }
 
 fn main() {
@@ -94,9 +168,10 @@ fn main() {
                 let journal = PostgresJournal::builder(&url).schema(&schema).open().await.expect("open");
                 let pg = latency(&journal, "postgres").await;
                 rows.push(("PostgresJournal", pg));
-                let one = throughput(&url, &schema, 1).await;
-                let many = throughput(&url, &schema, RUNNERS).await;
-                Some((pg, one, many))
+                let local = (throughput(&url, &schema, 1).await, throughput(&url, &schema, RUNNERS).await);
+                let slow = slow_link(&url, LINK_DELAY).await;
+                let linked = (throughput(&slow, &schema, 1).await, throughput(&slow, &schema, RUNNERS).await);
+                Some((pg, local, linked))
             }
             None => {
                 eprintln!("no PostgreSQL (PGHOST unset): run `pg_virtualenv cargo bench --bench journal` for its rows");
@@ -111,15 +186,32 @@ fn main() {
             "memory_us": memory,
             "sqlite_us": sqlite,
         });
-        if let Some((pg, one, many)) = pg {
+        if let Some((pg, ((one, busy_one), (many, busy_many)), ((one_linked, _), (many_linked, _)))) = pg {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            // How busy the machine's cores were, client and server together: eight runners that
+            // keep every core busy are bound by the cores, not by a lock.
+            let busy = |b: Option<f64>| b.map_or_else(String::new, |b| format!("; cores {:.0}% busy", b * 100.0));
             println!(
-                "\nPostgreSQL ÷ SQLite, median: {:.2}× (goal ≤ 2×)\n\n| runners (a journal each, one database) | operations/s |\n|---|---|\n| 1 × {PER_RUNNER} | {one:.0} |\n| {RUNNERS} × {PER_RUNNER} | {many:.0} ({:.1}× one runner; goal ≥ 4×) |",
+                "\nPostgreSQL ÷ SQLite, median: {:.2}× (goal ≤ 2×)\n\n\
+                 | runners (a journal each, one database) | local server ({cores} cores shared with the client), operations/s | through a {} ms link each way, operations/s |\n\
+                 |---|---|---|\n\
+                 | 1 × {PER_RUNNER} | {one:.0}{} | {one_linked:.0} |\n\
+                 | {RUNNERS} × {PER_RUNNER} | {many:.0}: {:.1}× one runner{} | {many_linked:.0}: {:.1}× one runner |\n\
+                 \n(goal: {RUNNERS} runners ≥ 4× one runner's)",
                 pg.0 / sqlite.0,
-                many / one
+                LINK_DELAY.as_secs_f64() * 1e3,
+                busy(busy_one),
+                many / one,
+                busy(busy_many),
+                many_linked / one_linked,
             );
             figures["postgres_us"] = json!(pg);
             figures["throughput_1"] = json!(one);
             figures["throughput_8"] = json!(many);
+            figures["busy_1"] = json!(busy_one);
+            figures["busy_8"] = json!(busy_many);
+            figures["linked_throughput_1"] = json!(one_linked);
+            figures["linked_throughput_8"] = json!(many_linked);
         }
         let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/journal-bench.json");
         let _ = std::fs::write(target, figures.to_string());

@@ -8,7 +8,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use sha2::{Digest, Sha256};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::{NoTls, Row, SimpleQueryMessage};
 
 use super::{Begun, Finish, Intent, JournalError, KeyPlan, KeyStore, OpState, Record, from_millis, to_millis};
 use crate::key::IdempotencyKey;
@@ -66,8 +66,10 @@ const COLUMNS: &str =
 ///
 /// - **Atomic begin.** Each `begin` is one transaction that takes a transaction-scoped advisory
 ///   lock on the operation (`pg_advisory_xact_lock`; none survives the transaction, so
-///   PgBouncer's transaction pooling cannot strand one) and reads the record `FOR UPDATE`:
-///   two machines beginning the same operation at the same instant never both send.
+///   PgBouncer's transaction pooling cannot strand one). A new operation is claimed by one
+///   `INSERT … ON CONFLICT DO NOTHING`, all of it one message and one round trip; one with a
+///   record reads it `FOR UPDATE` and applies the rules. Two machines beginning the same
+///   operation at the same instant never both send.
 /// - **Leases.** A run that sends holds its record as a lease (its owner and an expiry by the
 ///   database's clock, 90 s by default), released when it finishes. Another machine that finds
 ///   a live lease gets [`Begun::Running`]: it waits for that run to settle and answers with its
@@ -89,9 +91,12 @@ const COLUMNS: &str =
 ///   session locks. Transaction pooling (`pool_mode = transaction`) works as a direct
 ///   connection does.
 ///
-/// The key of a run is committed before the run sends; its outcome is committed with
-/// `synchronous_commit = off` (losing it to a crash of the database leaves the record pending:
-/// the next run resumes the key, and the server replays).
+/// The key of a run is committed before the run sends. Its outcome is written, and committed
+/// only once the write has answered: an outcome that reaches the database after the call gave
+/// up on it (a host that froze and woke) is rolled back, so a run that reported its outcome
+/// unrecorded leaves the record pending, as it said. The commit is `synchronous_commit = off`
+/// (losing it to a crash of the database leaves the record pending too: the next run resumes
+/// the key, and the server replays).
 ///
 /// # Examples
 ///
@@ -365,6 +370,7 @@ impl PostgresJournalBuilder {
             lease: self.lease,
             timeout: self.timeout,
         };
+        inner.storable(&[("scope", &inner.scope), ("lease owner", &inner.owner), ("schema", &self.schema)])?;
         call!(&inner, again: true, |client| inner.migrate(&mut client).await)?;
         Ok(PostgresJournal { inner: Arc::new(inner) })
     }
@@ -450,8 +456,8 @@ impl Inner {
     }
 
     /// The `SET LOCAL`s that bound a transaction's statements and lock waits, and `extra`.
-    /// The hot paths (`begin`, `finish`) send them pipelined with their first statements: the
-    /// server runs them in order, so those statements are bounded too, in one round trip.
+    /// The hot paths (`begin`, `finish`) send them in the same message as their statements:
+    /// the server runs them in order, so those statements are bounded too.
     fn bounds(&self, extra: &str) -> String {
         let ms = self.timeout.as_millis().max(1);
         format!(
@@ -459,6 +465,78 @@ impl Inner {
              SET LOCAL idle_in_transaction_session_timeout = {}; {extra}",
             ms * 4
         )
+    }
+
+    /// Runs `statement` as a transaction of its own in one round trip, and how many rows it
+    /// touched: the bounds, the advisory `locks` (taken in order) and the statement go out as
+    /// one simple-query message, which the server runs as one implicit transaction (committed
+    /// at its end, rolled back whole if any part fails).
+    ///
+    /// One message and one answer, where the same transaction as separate statements (`BEGIN`,
+    /// the locks, the statement, `COMMIT`), even pipelined, is four answers to wait for and
+    /// costs about 100 µs more per operation (`benches/journal.rs`). And a call dropped midway
+    /// (a stall bound, a caller's timeout) has sent all of it or nothing: no connection goes
+    /// back to the pool inside a transaction. The message carries no parameters, so every
+    /// value in `statement` is a [`literal`].
+    ///
+    /// A message that reaches the database after the call gave up on it (a frozen host, a
+    /// stalled proxy) still commits. For `begin` that is harmless: a claim nobody sent on,
+    /// held by a lease that expires. What must not commit late goes through
+    /// [`commit_after`](Self::commit_after).
+    async fn in_one_trip(
+        &self,
+        client: &tokio_postgres::Client,
+        locks: &[i64],
+        statement: &str,
+    ) -> Result<u64, JournalError> {
+        let mut sql = self.bounds("");
+        if !locks.is_empty() {
+            let locks = locks.iter().map(|id| format!("pg_advisory_xact_lock({id})")).collect::<Vec<_>>();
+            sql.push_str(&format!(" SELECT {};", locks.join(", ")));
+        }
+        sql.push(' ');
+        sql.push_str(statement);
+        let answers = client.simple_query(&sql).await.map_err(|e| self.fail(e))?;
+        Ok(last_count(&answers))
+    }
+
+    /// Runs `statement` in a transaction (with the bounds and `extra`) in one round trip, and
+    /// commits it in a second, sent only once the statement has answered: a statement that
+    /// reaches the database after the call gave up on it (a frozen host that wakes up, a
+    /// stalled proxy that lets it through) is rolled back with its connection, never committed
+    /// behind the caller's back. What is left is the `COMMIT` itself: its answer lost, the
+    /// call cannot know.
+    ///
+    /// `finish` needs this: its error says the record stays pending, and the next run resumes
+    /// the key on that word. An outcome committed after the run reported it unrecorded would
+    /// make that next run a new one, and a second resource. (In one round trip it does:
+    /// `a_database_that_stops_answering_before_finish_leaves_the_key_to_the_next_run`.)
+    async fn commit_after(
+        &self,
+        client: &tokio_postgres::Client,
+        extra: &str,
+        statement: &str,
+    ) -> Result<u64, JournalError> {
+        let sql = format!("BEGIN; {} {statement}", self.bounds(extra));
+        let transaction = OpenTransaction { client };
+        let answers = client.simple_query(&sql).await.map_err(|e| self.fail(e))?;
+        // From here the transaction ends with the `COMMIT`, which its future's first poll
+        // queues: there is no await in between.
+        std::mem::forget(transaction);
+        client.batch_execute("COMMIT").await.map_err(|e| self.fail(e))?;
+        Ok(last_count(&answers))
+    }
+
+    /// Refuses text PostgreSQL cannot hold (a NUL byte), before anything is sent: a clear
+    /// error, where the database would only say the message could not be encoded.
+    fn storable(&self, fields: &[(&str, &str)]) -> Result<(), JournalError> {
+        match fields.iter().find(|(_, value)| value.contains('\0')) {
+            Some((what, value)) => Err(JournalError::Other {
+                path: self.shown.clone(),
+                reason: format!("PostgreSQL text cannot hold a NUL byte, and the {what} {value:?} has one"),
+            }),
+            None => Ok(()),
+        }
     }
 
     fn fail(&self, e: tokio_postgres::Error) -> JournalError {
@@ -548,6 +626,58 @@ impl Inner {
     }
 
     async fn begin(&self, client: &mut deadpool_postgres::Object, intent: &Intent<'_>) -> Result<Begun, JournalError> {
+        match self.claim_new(client, intent).await? {
+            Some(begun) => Ok(begun),
+            None => self.begin_over(client, intent).await,
+        }
+    }
+
+    /// The common case in one round trip: an operation with no record yet (and, for a fixed
+    /// key, a key no other record holds) is claimed by one `INSERT … ON CONFLICT DO NOTHING`
+    /// under the same advisory locks [`begin_over`](Self::begin_over) takes, so the two never
+    /// race. `None` when a record is in the way: nothing was written, and the caller reads it.
+    async fn claim_new(
+        &self,
+        client: &tokio_postgres::Client,
+        intent: &Intent<'_>,
+    ) -> Result<Option<Begun>, JournalError> {
+        let s = &self.schema;
+        let planned = intent.plan(None, None, None).map_err(JournalError::PayloadMismatch)?;
+        let (Some(write), None) = (&planned.write, &planned.retire) else { return Ok(None) };
+        let op_lock = lock_id("operation", &self.scope, intent.operation);
+        // A fixed key held by any other record (this operation's retired runs, another
+        // operation) takes the full path, which reads that record and applies the rule table.
+        let (locks, free_key) = match &intent.key {
+            KeyPlan::Fixed(key) => (
+                vec![op_lock, lock_id("key", &self.scope, key.as_str())],
+                format!(
+                    " WHERE NOT EXISTS (SELECT 1 FROM {s}.operations WHERE scope = {scope} AND key = {key}) \
+                     AND NOT EXISTS (SELECT 1 FROM {s}.retired WHERE scope = {scope} AND key = {key})",
+                    scope = literal(&self.scope),
+                    key = literal(key.as_str()),
+                ),
+            ),
+            _ => (vec![op_lock], String::new()),
+        };
+        let sql = format!(
+            "INSERT INTO {s}.operations (scope, {COLUMNS}, lease_owner, lease_until) \
+             SELECT {}, {}, now() + {} * interval '1 millisecond'{free_key} \
+             ON CONFLICT (scope, operation) DO NOTHING",
+            self.params(write).literals(),
+            literal(&self.owner),
+            self.lease.as_millis()
+        );
+        let inserted = self.in_one_trip(client, &locks, &sql).await?;
+        Ok((inserted == 1).then_some(planned.begun))
+    }
+
+    /// A begin over what the store holds: the operation's record, and for a fixed key the
+    /// records that hold it, read under the advisory locks, then the rule table.
+    async fn begin_over(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        intent: &Intent<'_>,
+    ) -> Result<Begun, JournalError> {
         let s = &self.schema;
         let tx = client.transaction().await.map_err(|e| self.fail(e))?;
         // The operation's lock first, then the key's: two begins never wait on each other in
@@ -656,33 +786,23 @@ impl Inner {
         let s = &self.schema;
         // Losing the outcome to a crash of the database leaves the record pending, which is
         // safe: the next run resumes the key. The key itself was committed durably by `begin`.
-        let tx = client.transaction().await.map_err(|e| self.fail(e))?;
-        let bounds = self.bounds("SET LOCAL synchronous_commit = off;");
         let identity = finish.identity.as_ref().map(serde_json::Value::to_string);
         let handle = finish.handle.as_ref().map(|h| serde_json::to_string(h).expect("a handle serializes"));
-        let status = finish.status.map(i32::from);
-        let key = finish.claim.key.as_ref().map(IdempotencyKey::as_str);
-        let (now, created_at) = (to_millis(finish.now), to_millis(finish.claim.created_at));
-        let state = finish.state.as_str();
-        let params: [(&(dyn ToSql + Sync), Type); 9] = [
-            (&self.scope, Type::TEXT),
-            (&operation, Type::TEXT),
-            (&state, Type::TEXT),
-            (&status, Type::INT4),
-            (&identity, Type::TEXT),
-            (&now, Type::INT8),
-            (&handle, Type::TEXT),
-            (&key, Type::TEXT),
-            (&created_at, Type::INT8),
-        ];
         let sql = format!(
-            "UPDATE {s}.operations SET state = $3, status = $4, identity = $5, updated_at = $6, handle = $7, \
-                     lease_owner = NULL, lease_until = NULL \
-                     WHERE scope = $1 AND operation = $2 AND key IS NOT DISTINCT FROM $8 AND created_at = $9"
+            "UPDATE {s}.operations SET state = {}, status = {}, identity = {}, updated_at = {}, handle = {}, \
+             lease_owner = NULL, lease_until = NULL \
+             WHERE scope = {} AND operation = {} AND key IS NOT DISTINCT FROM {} AND created_at = {}",
+            literal(finish.state.as_str()),
+            literal(&finish.status.map(i32::from)),
+            literal(&identity),
+            literal(&to_millis(finish.now)),
+            literal(&handle),
+            literal(&self.scope),
+            literal(operation),
+            literal(&finish.claim.key.as_ref().map(IdempotencyKey::as_str)),
+            literal(&to_millis(finish.claim.created_at)),
         );
-        let update = tx.execute_typed(&sql, &params);
-        let (_, updated) = tokio::try_join!(tx.batch_execute(&bounds), update).map_err(|e| self.fail(e))?;
-        tx.commit().await.map_err(|e| self.fail(e))?;
+        let updated = self.commit_after(client, "SET LOCAL synchronous_commit = off;", &sql).await?;
         Ok(updated > 0)
     }
 
@@ -824,6 +944,26 @@ impl Params {
         refs
     }
 
+    /// The same as SQL literals, comma-separated, for a statement sent without parameters.
+    fn literals(&self) -> String {
+        [
+            literal(&self.scope),
+            literal(&self.operation),
+            literal(&self.key),
+            literal(&self.method),
+            literal(&self.url),
+            literal(&self.fingerprint),
+            literal(self.state),
+            literal(&self.created_at),
+            literal(&self.updated_at),
+            literal(&self.status),
+            literal(&self.identity),
+            literal(&self.fixed_key),
+            literal(&self.handle),
+        ]
+        .join(", ")
+    }
+
     /// The same, each with its type: statements sent without a prepare round trip.
     fn typed(&self) -> Vec<(&(dyn ToSql + Sync), Type)> {
         let types = [
@@ -847,6 +987,106 @@ impl Params {
     }
 }
 
+/// The row count of the last statement of a simple query: the bounds and the locks come
+/// before it.
+fn last_count(answers: &[SimpleQueryMessage]) -> u64 {
+    answers
+        .iter()
+        .rev()
+        .find_map(|m| match m {
+            SimpleQueryMessage::CommandComplete(rows) => Some(*rows),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+/// A transaction [`Inner::commit_after`] opened and has not yet ended. Dropped so (its first
+/// statement failed, or the call was dropped while it ran), it queues a `ROLLBACK` on the
+/// connection: the server runs it before anything the connection's next user sends, so no
+/// one's statements land in a transaction left open, or aborted, by another.
+struct OpenTransaction<'c> {
+    client: &'c tokio_postgres::Client,
+}
+
+impl Drop for OpenTransaction<'_> {
+    fn drop(&mut self) {
+        // tokio-postgres queues a request on the first poll of its future (its pipelining);
+        // the answer is not awaited.
+        let rollback = std::pin::pin!(self.client.batch_execute("ROLLBACK"));
+        let _ = rollback.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+    }
+}
+
+/// A value as an SQL literal of its column's type, for a statement sent without parameters
+/// ([`Inner::in_one_trip`]). Text goes through `postgres-protocol`'s `escape_literal`, the port
+/// of libpq's `PQescapeLiteral` by tokio-postgres' authors: quotes doubled, and `E'…'` with
+/// backslashes doubled when the text holds one, so it reads the same whatever the server's
+/// `standard_conforming_strings`. The connection's encoding is always UTF-8 (tokio-postgres
+/// sets it), so no multi-byte character can hide a quote. Numbers are formatted by Rust, and
+/// a `NULL` carries its type. `tests/postgres/values.rs` sends hostile text through every
+/// column, under both settings, against `MemoryStore` as the oracle.
+trait Literal {
+    /// The type a `NULL` of this kind is cast to.
+    const TYPE: &'static str;
+    fn literal(&self) -> String;
+}
+
+impl Literal for str {
+    const TYPE: &'static str = "text";
+    fn literal(&self) -> String {
+        postgres_protocol::escape::escape_literal(self)
+    }
+}
+
+impl Literal for &str {
+    const TYPE: &'static str = "text";
+    fn literal(&self) -> String {
+        str::literal(self)
+    }
+}
+
+impl Literal for String {
+    const TYPE: &'static str = "text";
+    fn literal(&self) -> String {
+        str::literal(self)
+    }
+}
+
+impl Literal for i64 {
+    const TYPE: &'static str = "bigint";
+    fn literal(&self) -> String {
+        format!("{self}::bigint")
+    }
+}
+
+impl Literal for i32 {
+    const TYPE: &'static str = "integer";
+    fn literal(&self) -> String {
+        format!("{self}::integer")
+    }
+}
+
+impl Literal for bool {
+    const TYPE: &'static str = "boolean";
+    fn literal(&self) -> String {
+        if *self { "TRUE" } else { "FALSE" }.to_owned()
+    }
+}
+
+impl<T: Literal> Literal for Option<T> {
+    const TYPE: &'static str = T::TYPE;
+    fn literal(&self) -> String {
+        match self {
+            Some(value) => value.literal(),
+            None => format!("NULL::{}", T::TYPE),
+        }
+    }
+}
+
+fn literal<T: Literal + ?Sized>(value: &T) -> String {
+    value.literal()
+}
+
 fn pool_error(e: &deadpool_postgres::PoolError) -> String {
     match e {
         deadpool_postgres::PoolError::Backend(e) => clean(e),
@@ -858,11 +1098,18 @@ fn pool_error(e: &deadpool_postgres::PoolError) -> String {
 impl KeyStore for PostgresJournal {
     async fn begin(&self, intent: &Intent<'_>) -> Result<Begun, JournalError> {
         let inner = &*self.inner;
+        inner.storable(&[
+            ("operation name", intent.operation),
+            ("method", intent.method),
+            ("URL", intent.url),
+            ("fingerprint", intent.fingerprint),
+        ])?;
         call!(inner, again: true, |client| inner.begin(&mut client, intent).await)
     }
 
     async fn finish(&self, operation: &str, finish: &Finish) -> Result<bool, JournalError> {
         let inner = &*self.inner;
+        inner.storable(&[("operation name", operation)])?;
         call!(inner, again: true, |client| inner.finish(&mut client, operation, finish).await)
     }
 

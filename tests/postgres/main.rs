@@ -13,7 +13,9 @@
 //! `pg_virtualenv`) lets the fault tests restart the server with `pg_ctlcluster`.
 
 mod bouncer;
+mod connections;
 mod faults;
 mod fleet;
 mod rules;
 mod support;
+mod values;

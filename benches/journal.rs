@@ -23,9 +23,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use idempotent_retry::journal::{
-    Begun, Finish, Intent, KeyPlan, KeyStore, MemoryStore, OpState, PostgresJournal, SqliteJournal, fingerprint,
-};
+use idempotent_retry::journal::store::{Begun, Finish, Intent, KeyPlan};
+use idempotent_retry::journal::{KeyStore, MemoryStore, OpState, PostgresJournal, SqliteJournal, fingerprint};
 use serde_json::json;
 
 const OPS: usize = 2000;

@@ -2,7 +2,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use super::{Begun, Finish, Intent, JournalError, KeyPlan, KeyStore, Record};
+use super::store::{Begun, Finish, Intent, KeyPlan};
+use super::{JournalError, KeyStore, Record};
 use crate::key::IdempotencyKey;
 use crate::time::lock;
 

@@ -10,7 +10,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{NoTls, Row, SimpleQueryMessage};
 
-use super::{Begun, Finish, Intent, JournalError, KeyPlan, KeyStore, OpState, Record, from_millis, to_millis};
+use super::store::{Begun, Finish, Intent, KeyPlan};
+use super::{JournalError, KeyStore, OpState, Record, from_millis, to_millis};
 use crate::key::IdempotencyKey;
 
 /// Runs `$work` (an expression using `$client`, a pooled connection) bounded as a whole: a

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 
-use super::{Begun, Finish, Intent, JournalError, KeyPlan, KeyStore, OpState, Record, from_millis, to_millis};
+use super::store::{Begun, Finish, Intent, KeyPlan};
+use super::{JournalError, KeyStore, OpState, Record, from_millis, to_millis};
 use crate::key::IdempotencyKey;
 use crate::time::lock;
 

@@ -10,7 +10,7 @@ use tracing::Instrument;
 
 use super::run::{Binding, Ran};
 use super::{Completed, KeySource, OperationError, Operations, ReadBack};
-use crate::journal::Claim;
+use crate::journal::store::Claim;
 use crate::key::IdempotencyKey;
 use crate::operation::git::GitKeyMode;
 use crate::policy::RetryPolicy;

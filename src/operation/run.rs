@@ -13,7 +13,8 @@ use super::{
     Completed, IdentityMismatch, KeySource, OperationBuilder, OperationError, ReadBack, Resolution, WaitFailed,
 };
 use crate::error::Error;
-use crate::journal::{Begun, Claim, Finish, Intent, JournalError, KeyPlan, OpState, Record, fingerprint};
+use crate::journal::store::{Begun, Claim, Finish, Intent, KeyPlan};
+use crate::journal::{JournalError, OpState, Record, fingerprint};
 use crate::key::IdempotencyKey;
 use crate::options::RequestOptions;
 use crate::outcome::RetryOutcome;

@@ -5,7 +5,8 @@ use std::time::SystemTime;
 
 use super::run::Binding;
 use super::{Completed, OperationBuilder, OperationError, WaitFailed};
-use crate::journal::{Claim, Finish, OpState};
+use crate::journal::OpState;
+use crate::journal::store::{Claim, Finish};
 use crate::wait::{Handle, Poller, Stage, WaitError};
 
 impl OperationBuilder<'_> {

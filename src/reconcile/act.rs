@@ -227,7 +227,7 @@ impl Reconciler {
     }
 
     /// The claim of the run that holds a slot's record now.
-    async fn slot_claim(&self, slot: &Slot) -> Result<Option<crate::journal::Claim>, StopReason> {
+    async fn slot_claim(&self, slot: &Slot) -> Result<Option<crate::journal::store::Claim>, StopReason> {
         let name = self.slot_operation(self.settings.generation, slot);
         let record = self.settings.ops.store().get(&name).await.map_err(journal_failure)?;
         Ok(record.map(|r| r.claim()))

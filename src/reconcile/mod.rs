@@ -63,7 +63,8 @@ pub use report::ReconcileReport;
 
 use self::settle::{ExpectedCreate, ExpectedDelete, Listed, Settled};
 use crate::backoff::{Backoff, ExponentialBackoff, Jitter};
-use crate::journal::{Finish, OpState, Record};
+use crate::journal::store::Finish;
+use crate::journal::{OpState, Record};
 use crate::operation::{IdentityMismatch, OperationError, Operations};
 use crate::pagination::Pagination;
 use crate::time::{Clock, Sleeper, SystemClock, TokioSleeper};

@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 
 use super::plan::Slot;
-use crate::journal::{Claim, Record};
+use crate::journal::Record;
+use crate::journal::store::Claim;
 
 /// The identity field that marks an item as taken for a lost keyless create's, from its
 /// appearance alone: it is never pruned as ours.

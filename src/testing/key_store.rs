@@ -8,7 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::json;
 
-use crate::journal::{Begun, Claim, Finish, Intent, JournalError, KeyPlan, KeyStore, OpState, fingerprint};
+use crate::journal::store::{Begun, Claim, Finish, Intent, KeyPlan};
+use crate::journal::{JournalError, KeyStore, OpState, fingerprint};
 use crate::key::IdempotencyKey;
 use crate::wait::Handle;
 

@@ -24,3 +24,20 @@ async fn sqlite_journal_follows_the_rules() {
     })
     .await;
 }
+
+/// A store written against 0.2 named the store vocabulary at `journal::`; it moved to
+/// `journal::store` and the old paths still name the same types.
+#[test]
+fn the_store_vocabulary_keeps_its_old_paths() {
+    use idempotent_retry::journal::{self, store};
+    use std::any::TypeId;
+    fn same<A: 'static, B: 'static>() -> bool {
+        TypeId::of::<A>() == TypeId::of::<B>()
+    }
+    assert!(same::<journal::Begun, store::Begun>());
+    assert!(same::<journal::Claim, store::Claim>());
+    assert!(same::<journal::Finish, store::Finish>());
+    assert!(same::<journal::Intent<'static>, store::Intent<'static>>());
+    assert!(same::<journal::KeyPlan, store::KeyPlan>());
+    assert!(same::<journal::Planned, store::Planned>());
+}

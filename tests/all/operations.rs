@@ -388,14 +388,14 @@ struct FinishFails(MemoryStore);
 impl idempotent_retry::journal::KeyStore for FinishFails {
     async fn begin(
         &self,
-        intent: &idempotent_retry::journal::Intent<'_>,
-    ) -> Result<idempotent_retry::journal::Begun, idempotent_retry::journal::JournalError> {
+        intent: &idempotent_retry::journal::store::Intent<'_>,
+    ) -> Result<idempotent_retry::journal::store::Begun, idempotent_retry::journal::JournalError> {
         self.0.begin(intent).await
     }
     async fn finish(
         &self,
         _: &str,
-        _: &idempotent_retry::journal::Finish,
+        _: &idempotent_retry::journal::store::Finish,
     ) -> Result<bool, idempotent_retry::journal::JournalError> {
         Err(idempotent_retry::journal::JournalError::Corrupt { path: "/tmp/broken.sqlite3".into() })
     }

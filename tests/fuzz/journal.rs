@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use idempotent_retry::journal::{Begun, Intent, KeyPlan, KeyStore, OpState, SqliteJournal};
+use idempotent_retry::journal::store::{Begun, Intent, KeyPlan};
+use idempotent_retry::journal::{KeyStore, OpState, SqliteJournal};
 use rusqlite::types::Value as Sql;
 
 use super::{ITERATIONS, runtime, t0};

@@ -4,7 +4,8 @@
 
 use std::sync::Arc;
 
-use idempotent_retry::journal::{Begun, Intent, KeyPlan, KeyStore, OpState, fingerprint};
+use idempotent_retry::journal::store::{Begun, Intent, KeyPlan};
+use idempotent_retry::journal::{KeyStore, OpState, fingerprint};
 use idempotent_retry::testing::{FakeCloud, ServerProfile};
 use idempotent_retry::time::{Clock, SystemClock, TokioSleeper};
 use idempotent_retry::{IdempotentRetry, Operations};

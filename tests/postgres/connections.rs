@@ -9,9 +9,8 @@ use std::pin::pin;
 use std::task::{Context, Waker};
 use std::time::{Duration, SystemTime};
 
-use idempotent_retry::journal::{
-    Begun, Claim, Finish, Intent, JournalError, KeyPlan, KeyStore, OpState, PostgresJournal,
-};
+use idempotent_retry::journal::store::{Begun, Claim, Finish, Intent, KeyPlan};
+use idempotent_retry::journal::{JournalError, KeyStore, OpState, PostgresJournal};
 
 use crate::support;
 

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use idempotent_retry::journal::{Begun, Intent, KeyPlan, KeyStore, OpState, PostgresJournal, fingerprint};
+use idempotent_retry::journal::store::{Begun, Intent, KeyPlan};
+use idempotent_retry::journal::{KeyStore, OpState, PostgresJournal, fingerprint};
 use idempotent_retry::testing::{ChaosProxy, FakeCloud, Schedule, ServerProfile};
 use idempotent_retry::time::{Clock, SystemClock, TokioSleeper};
 use idempotent_retry::{IdempotentRetry, Operations, operation::Resolution};
@@ -66,7 +67,7 @@ async fn a_live_lease_is_waited_for_and_a_dead_one_expires_into_the_same_key() {
     let other = machine(&url, &schema, "s").await;
     let Ok(Begun::Running(held)) = other.begin(&intent("live", &fp)).await else { panic!("a live lease") };
     assert_eq!(held.claim().key, claim.key);
-    let done = idempotent_retry::journal::Finish::new(claim.clone(), OpState::Succeeded, SystemClock.now())
+    let done = idempotent_retry::journal::store::Finish::new(claim.clone(), OpState::Succeeded, SystemClock.now())
         .status(Some(201))
         .identity(Some(json!({"id": "c-1"})));
     assert!(live.finish("live", &done).await.unwrap());
@@ -95,7 +96,7 @@ impl KeyStore for Watched {
     async fn finish(
         &self,
         op: &str,
-        f: &idempotent_retry::journal::Finish,
+        f: &idempotent_retry::journal::store::Finish,
     ) -> Result<bool, idempotent_retry::journal::JournalError> {
         self.journal.finish(op, f).await
     }
@@ -252,7 +253,7 @@ async fn gc_removes_settled_records_and_keeps_what_must_stay() {
         let i = Intent::new(op, "POST", "https://api.test/cvms", &fp, plan, old);
         let Begun::Send { claim, .. } = journal.begin(&i).await.unwrap() else { panic!() };
         if let Some(state) = state {
-            journal.finish(op, &idempotent_retry::journal::Finish::new(claim, state, old)).await.unwrap();
+            journal.finish(op, &idempotent_retry::journal::store::Finish::new(claim, state, old)).await.unwrap();
         }
     }
     let removed = journal.gc(SystemClock.now() - Duration::from_secs(30 * 86_400)).await.unwrap();

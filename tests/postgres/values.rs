@@ -6,7 +6,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use idempotent_retry::IdempotencyKey;
-use idempotent_retry::journal::{Begun, Finish, Intent, JournalError, KeyPlan, KeyStore, MemoryStore, OpState, Record};
+use idempotent_retry::journal::store::{Begun, Finish, Intent, KeyPlan};
+use idempotent_retry::journal::{JournalError, KeyStore, MemoryStore, OpState, Record};
 use idempotent_retry::wait::Handle;
 use proptest::prop_assert_eq;
 use serde_json::json;

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use idempotent_retry::journal::{Finish, KeyStore, OpState, PostgresJournal, Record, SqliteJournal};
+use idempotent_retry::journal::store::Finish;
+use idempotent_retry::journal::{KeyStore, OpState, PostgresJournal, Record, SqliteJournal};
 use idempotent_retry::operation::{OperationError, ReadBack};
 use idempotent_retry::reconcile::{Desired, Prune};
 use idempotent_retry::time::{Clock, SystemClock};

@@ -88,16 +88,13 @@
 //!   `backoff` crate, RUSTSEC-2025-0012) as a delay schedule, for callers migrating from it.
 //!   Off by default.
 //!
-//! # Tracing
+//! # Tracing and metrics
 //!
-//! One `operation` span per operation (`name`, `key`, `outcome`), one `idempotent_request` span
-//! per request (`method`, `host`, `key`, `attempts`, `replayed`, `outcome`) and one `attempt`
-//! span per attempt, with OpenTelemetry's HTTP client attributes (`otel.name`, `otel.kind`,
-//! `http.request.method`, `url.full` with user info and query values `REDACTED`,
-//! `server.address`, `server.port`, `http.request.resend_count`, `http.response.status_code`,
-//! `error.type`) and `attempt`, `cause`, `delay_ms`, `replayed`. The `key` field is a
+//! Spans per operation, per request and per attempt (the attempt's with OpenTelemetry's HTTP
+//! client attributes), and with feature `metrics` counters and histograms. Their names, fields
+//! and labels are listed once, in `docs/observability.md`. The `key` field is a
 //! [fingerprint](IdempotencyKey::fingerprint), never the key; headers, `Authorization`
-//! included, are never recorded.
+//! included, are never recorded, and URLs lose their user info and query values.
 
 #![deny(missing_docs)]
 #![deny(missing_debug_implementations)]

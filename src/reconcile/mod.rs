@@ -1,49 +1,16 @@
 //! The reconcile engine: make a collection hold what is desired, without overshoot.
 //!
-//! The Kubernetes ReplicaSet "expectations" discipline, plus what Kubernetes lacks, a stable
-//! identity per create:
+//! [`Reconciler`] keeps the Kubernetes ReplicaSet "expectations" discipline, plus what
+//! Kubernetes lacks, a stable identity per create: each slot's key is derived from the caller's
+//! scope, the operation, a *generation* and the slot, so a re-run or a second applier sends the
+//! same keys; nothing is created while a create is expected, nor once the desired count is met;
+//! only members this operation created are pruned, and only when allowed. The rules, with an
+//! example, are set out once, in the guide `docs/reconcile.md`; each setting is documented on
+//! [`Reconciler`]'s methods.
 //!
-//! - **Stable keys per slot.** Each create's key is derived from the caller's scope, the
-//!   operation, a *generation* and the slot (an index, or a name). A re-run, or a second applier
-//!   with the same inputs, sends the same keys, and the server answers with the same items.
-//! - **Expectations.** A create is expected from the moment it is sent until a list shows it
-//!   (or it definitely failed, or the expectation expires: 5 minutes by default). While anything
-//!   is expected, nothing new is created for the collection: a list that lags the create is not
-//!   a reason to create again. Deletes are expected likewise. A keyless create whose answer was
-//!   lost is matched to an item that is new since it was sent (never to one that was there
-//!   before); such an item is *presumed* this operation's: counted, reported, and never pruned
-//!   as ours, since nothing proves it is.
-//! - **Desired met, nothing created.** A keyed create of unknown outcome is resent with its key
-//!   only when the collection needs another item; the server's replay then names the item. The
-//!   one exception is pruning: before surplus is deleted, such a key is resent so that the item
-//!   it made is proven ours (and pruned as ours), instead of being spared as another writer's.
-//! - **Identity checks.** Each create's answer must carry an id, unique to its slot, and the
-//!   declared fields (e.g. `app_id`, `vm_uuid`); otherwise the run stops with a typed error.
-//!   Created ids must appear in a list before convergence is reported.
-//! - **Overshoot** is always reported with the ids; it is deleted only if pruning is allowed,
-//!   newest first, never a protected member or a named slot's, and only members this operation
-//!   created unless foreign pruning is on. A 404 on delete counts as done.
-//! - **Care.** Creates go out in slow-start batches (1, 2, 4, …) that stop at the first
-//!   failure, under a concurrency cap. A transient failure is retried in a later round (a keyed
-//!   slot with its own key), after a wait that grows like the retry layer's backoff; a retry
-//!   budget the layer reports empty ends the run; so does its deadline, which also bounds every
-//!   request. A refusal (a final status) stops the run with a typed error. Every request goes
-//!   through the retry layer and, for creates, through the [`KeyStore`](crate::journal::KeyStore) of the
-//!   [`Operations`].
-//!
-//! Each round reads as its steps: *observe* (list the collection, read the journal), *settle*
-//! (match expectations to what the list shows: pure, unit-tested), *plan* (the pure
-//! [`plan`] function), *act* (creates and deletes), *wait*.
-//!
-//! # Generations
-//!
-//! A slot's key is the same forever within a generation. After a scale-down, the deleted
-//! items' slots are *retired* (the journal remembers them) and a later scale-up uses new slots.
-//! Without the journal's memory (a new machine, a cleared journal) a later scale-up in the same
-//! generation would reuse a slot whose key the server still remembers, and the server would
-//! answer with the deleted item instead of creating one. Bump the generation whenever the
-//! desired count rises after having fallen, or when the create body changes (a key is pinned to
-//! its payload).
+//! Each round reads as its steps, one file each: *observe* (list the collection, read the
+//! journal), *settle* (match expectations to what the list shows: pure, unit-tested), *plan* (the
+//! pure [`plan`] function), *act* (creates and deletes), *wait*.
 
 mod act;
 mod observe;
@@ -312,7 +279,12 @@ impl Reconciler {
         Self { settings, memory: Memory::default() }
     }
 
-    /// The generation of slot keys (default 1; see the module docs).
+    /// The generation of slot keys (default 1). A slot's key is the same forever within a
+    /// generation. Bump it whenever the desired count rises after having fallen, or when the
+    /// create body changes (a key is pinned to its payload): the journal retires the slots of
+    /// deleted items, but without it (a new machine, a cleared journal) a scale-up in the same
+    /// generation would reuse a slot whose key the server still remembers, and the server would
+    /// answer with the deleted item instead of creating one.
     pub fn generation(mut self, generation: u64) -> Self {
         self.settings.generation = generation;
         self

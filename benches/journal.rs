@@ -2,6 +2,8 @@
 //! `MemoryStore`, `SqliteJournal` (a file, fsynced before the send) and `PostgresJournal` (a
 //! local server, committed before the send), and the throughput of 8 runners, each a machine
 //! with a journal of its own on one PostgreSQL database, 500 operations each, beside one.
+//! `PostgresJournal` is measured over TCP (as a fleet reaches its database) and, when the
+//! server has one, over its Unix socket (as a client on the database's own machine would).
 //!
 //! The throughput is measured twice: against the local server, where client and server share
 //! the machine's cores (the bench prints how busy they were), and through a proxy that delays
@@ -82,6 +84,22 @@ async fn throughput(url: &str, schema: &str, runners: usize) -> (f64, Option<f64
     let rate = (runners * PER_RUNNER) as f64 / started.elapsed().as_secs_f64();
     let busy = before.zip(cpu_jiffies()).map(|((b0, i0), (b1, i1))| (b1 - b0) as f64 / ((b1 - b0) + (i1 - i0)) as f64);
     (rate, busy)
+}
+
+/// The URL of the same server through its Unix socket, when it has one: `url` with the host
+/// replaced by the socket's directory, which the server names itself (percent-encoded, as
+/// tokio-postgres reads it).
+async fn over_socket(url: &str) -> Option<String> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.ok()?;
+    tokio::spawn(connection);
+    let row = client.query_one("SHOW unix_socket_directories", &[]).await.ok()?;
+    let dirs: String = row.get(0);
+    let dir = dirs.split(',').map(str::trim).find(|d| d.starts_with('/'))?;
+    let at = url.rfind('@')?;
+    let colon = url[at..].rfind(':')? + at;
+    let encoded: String =
+        dir.bytes().map(|b| if b == b'/' { "%2F".to_owned() } else { (b as char).to_string() }).collect();
+    Some(format!("{}@{encoded}{}", &url[..at], &url[colon..]))
 }
 
 /// The machine's busy and idle clock ticks so far, all cores (Linux's `/proc/stat`).
@@ -166,7 +184,18 @@ fn main() {
                 let schema = format!("idem_bench_{}", std::process::id());
                 let journal = PostgresJournal::builder(&url).schema(&schema).open().await.expect("open");
                 let pg = latency(&journal, "postgres").await;
-                rows.push(("PostgresJournal", pg));
+                rows.push(("PostgresJournal (TCP)", pg));
+                // A local server's other door: what a client on the database's own machine uses.
+                if !url.contains("@%2F")
+                    && let Some(socket) = over_socket(&url).await
+                {
+                    match PostgresJournal::builder(&socket).schema(&schema).open().await {
+                        Ok(journal) => {
+                            rows.push(("PostgresJournal (Unix socket)", latency(&journal, "postgres-socket").await))
+                        }
+                        Err(e) => eprintln!("the server's Unix socket is not usable from here ({e}): no row for it"),
+                    }
+                }
                 let local = (throughput(&url, &schema, 1).await, throughput(&url, &schema, RUNNERS).await);
                 let slow = slow_link(&url, LINK_DELAY).await;
                 let linked = (throughput(&slow, &schema, 1).await, throughput(&slow, &schema, RUNNERS).await);
@@ -190,14 +219,16 @@ fn main() {
             // How busy the machine's cores were, client and server together: eight runners that
             // keep every core busy are bound by the cores, not by a lock.
             let busy = |b: Option<f64>| b.map_or_else(String::new, |b| format!("; cores {:.0}% busy", b * 100.0));
+            for (name, (median, _)) in rows.iter().filter(|(name, _)| name.starts_with("PostgresJournal")) {
+                println!("\n{name} ÷ SqliteJournal, median: {:.2}× (goal ≤ 2×)", median / sqlite.0);
+            }
             println!(
-                "\nPostgreSQL ÷ SQLite, median: {:.2}× (goal ≤ 2×)\n\n\
+                "\n\
                  | runners (a journal each, one database) | local server ({cores} cores shared with the client), operations/s | through a {} ms link each way, operations/s |\n\
                  |---|---|---|\n\
                  | 1 × {PER_RUNNER} | {one:.0}{} | {one_linked:.0} |\n\
                  | {RUNNERS} × {PER_RUNNER} | {many:.0}: {:.1}× one runner{} | {many_linked:.0}: {:.1}× one runner |\n\
                  \n(goal: {RUNNERS} runners ≥ 4× one runner's)",
-                pg.0 / sqlite.0,
                 LINK_DELAY.as_secs_f64() * 1e3,
                 busy(busy_one),
                 many / one,
@@ -205,6 +236,9 @@ fn main() {
                 many_linked / one_linked,
             );
             figures["postgres_us"] = json!(pg);
+            if let Some((_, socket)) = rows.iter().find(|(name, _)| name.ends_with("(Unix socket)")) {
+                figures["postgres_socket_us"] = json!(socket);
+            }
             figures["throughput_1"] = json!(one);
             figures["throughput_8"] = json!(many);
             figures["busy_1"] = json!(busy_one);

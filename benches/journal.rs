@@ -95,11 +95,18 @@ async fn over_socket(url: &str) -> Option<String> {
     let row = client.query_one("SHOW unix_socket_directories", &[]).await.ok()?;
     let dirs: String = row.get(0);
     let dir = dirs.split(',').map(str::trim).find(|d| d.starts_with('/'))?;
-    let at = url.rfind('@')?;
-    let colon = url[at..].rfind(':')? + at;
-    let encoded: String =
-        dir.bytes().map(|b| if b == b'/' { "%2F".to_owned() } else { (b as char).to_string() }).collect();
-    Some(format!("{}@{encoded}{}", &url[..at], &url[colon..]))
+    let encoded: String = url::form_urlencoded::byte_serialize(dir.as_bytes()).collect();
+    Some(with_host(url, &encoded, None))
+}
+
+/// `url` with another host, and another port when given.
+fn with_host(url: &str, host: &str, port: Option<u16>) -> String {
+    let mut url = url::Url::parse(url).expect("a URL from url_from_env");
+    url.set_host(Some(host)).expect("a host a postgres:// URL can hold");
+    if port.is_some() {
+        url.set_port(port).expect("a URL with a host takes a port");
+    }
+    url.into()
 }
 
 /// The machine's busy and idle clock ticks so far, all cores (Linux's `/proc/stat`).
@@ -158,9 +165,7 @@ async fn slow_link(url: &str, delay: Duration) -> String {
         }
     });
     // The same URL, its host and port the proxy's.
-    let at = url.rfind('@').expect("a URL from url_from_env names a user");
-    let path = url[at..].find('/').expect("and a database") + at;
-    format!("{}@127.0.0.1:{local}{}", &url[..at], &url[path..])
+    with_host(url, "127.0.0.1", Some(local))
 }
 
 fn main() {
@@ -186,20 +191,20 @@ fn main() {
                 let pg = latency(&journal, "postgres").await;
                 rows.push(("PostgresJournal (TCP)", pg));
                 // A local server's other door: what a client on the database's own machine uses.
-                if !url.contains("@%2F")
-                    && let Some(socket) = over_socket(&url).await
-                {
-                    match PostgresJournal::builder(&socket).schema(&schema).open().await {
-                        Ok(journal) => {
-                            rows.push(("PostgresJournal (Unix socket)", latency(&journal, "postgres-socket").await))
-                        }
+                let mut socket = None;
+                if let Some(socket_url) = over_socket(&url).await.filter(|u| *u != url) {
+                    match PostgresJournal::builder(&socket_url).schema(&schema).open().await {
+                        Ok(journal) => socket = Some(latency(&journal, "postgres-socket").await),
                         Err(e) => eprintln!("the server's Unix socket is not usable from here ({e}): no row for it"),
                     }
+                }
+                if let Some(socket) = socket {
+                    rows.push(("PostgresJournal (Unix socket)", socket));
                 }
                 let local = (throughput(&url, &schema, 1).await, throughput(&url, &schema, RUNNERS).await);
                 let slow = slow_link(&url, LINK_DELAY).await;
                 let linked = (throughput(&slow, &schema, 1).await, throughput(&slow, &schema, RUNNERS).await);
-                Some((pg, local, linked))
+                Some((pg, socket, local, linked))
             }
             None => {
                 eprintln!("no PostgreSQL (PGHOST unset): run `pg_virtualenv cargo bench --bench journal` for its rows");
@@ -214,7 +219,7 @@ fn main() {
             "memory_us": memory,
             "sqlite_us": sqlite,
         });
-        if let Some((pg, ((one, busy_one), (many, busy_many)), ((one_linked, _), (many_linked, _)))) = pg {
+        if let Some((pg, socket, ((one, busy_one), (many, busy_many)), ((one_linked, _), (many_linked, _)))) = pg {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             // How busy the machine's cores were, client and server together: eight runners that
             // keep every core busy are bound by the cores, not by a lock.
@@ -236,7 +241,7 @@ fn main() {
                 many_linked / one_linked,
             );
             figures["postgres_us"] = json!(pg);
-            if let Some((_, socket)) = rows.iter().find(|(name, _)| name.ends_with("(Unix socket)")) {
+            if let Some(socket) = socket {
                 figures["postgres_socket_us"] = json!(socket);
             }
             figures["throughput_1"] = json!(one);

@@ -40,7 +40,7 @@ pub use memory::MemoryStore;
 pub use postgres::{PostgresJournal, PostgresJournalBuilder};
 #[cfg(feature = "journal")]
 pub use sqlite::SqliteJournal;
-// Their first home, kept so that code written against 0.2 still builds; documented in `store`.
+// Their first home: code that names them there still builds. Documented in `store`.
 #[doc(hidden)]
 pub use store::{Begun, Claim, Finish, Intent, KeyPlan, Planned};
 

@@ -3,9 +3,10 @@
 //! [`Reconciler`] keeps the Kubernetes ReplicaSet "expectations" discipline, plus what
 //! Kubernetes lacks, a stable identity per create: each slot's key is derived from the caller's
 //! scope, the operation, a *generation* and the slot, so a re-run or a second applier sends the
-//! same keys; nothing is created while a create is expected, nor once the desired count is met;
-//! only members this operation created are pruned, and only when allowed. The rules, with an
-//! example, are set out once, in the guide `docs/reconcile.md`; each setting is documented on
+//! same keys; nothing is created while a create is expected, nor (but for one exception before
+//! pruning) once the desired count is met; only members this operation created are pruned, and
+//! only when allowed. The rules, their exception and an example are set out once, in the guide
+//! `docs/reconcile.md`; each setting is documented on
 //! [`Reconciler`]'s methods.
 //!
 //! Each round reads as its steps, one file each: *observe* (list the collection, read the

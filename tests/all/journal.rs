@@ -25,8 +25,8 @@ async fn sqlite_journal_follows_the_rules() {
     .await;
 }
 
-/// A store written against 0.2 named the store vocabulary at `journal::`; it moved to
-/// `journal::store` and the old paths still name the same types.
+/// Stores written before the move name the store vocabulary at `journal::`; it moved to
+/// `journal::store`, and the old paths still name the same types.
 #[test]
 fn the_store_vocabulary_keeps_its_old_paths() {
     use idempotent_retry::journal::{self, store};

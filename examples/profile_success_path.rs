@@ -9,7 +9,10 @@
 //! ```
 //!
 //! Client and server share one current-thread runtime, so the count covers both ends of each
-//! request. Clients: `raw` (reqwest), `retry` (reqwest-middleware + reqwest-retry), `ours`.
+//! request. Clients: `raw` (reqwest), `retry` (reqwest-middleware + reqwest-retry), `ours`, and
+//! `retry-keyed`: reqwest-retry with a fresh UUIDv4 `Idempotency-Key` header set on each request
+//! by hand, the peer doing the one job that costs the wire something (a header to build, write
+//! and parse) that plain reqwest-retry leaves out.
 
 #[path = "../benches/common/mod.rs"]
 mod common;
@@ -28,7 +31,14 @@ fn main() {
                 "raw" => raw.post(&url).body(body.clone()).send().await.unwrap(),
                 "retry" => retry.post(&url).body(body.clone()).send().await.unwrap(),
                 "ours" => ours.post(&url).body(body.clone()).send().await.unwrap(),
-                other => panic!("unknown client {other}: raw, retry or ours"),
+                "retry-keyed" => retry
+                    .post(&url)
+                    .header("idempotency-key", uuid::Uuid::new_v4().hyphenated().to_string())
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .unwrap(),
+                other => panic!("unknown client {other}: raw, retry, retry-keyed or ours"),
             };
             assert_eq!(response.status(), 201);
             response.bytes().await.unwrap();

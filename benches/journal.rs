@@ -99,6 +99,11 @@ async fn over_socket(url: &str) -> Option<String> {
     Some(with_host(url, &encoded, None))
 }
 
+/// `url` with `pair` added to its query (a later `sslmode` overrides an earlier one).
+fn with_query(url: &str, pair: &str) -> String {
+    format!("{url}{}{pair}", if url.contains('?') { '&' } else { '?' })
+}
+
 /// `url` with another host, and another port when given.
 fn with_host(url: &str, host: &str, port: Option<u16>) -> String {
     let mut url = url::Url::parse(url).expect("a URL from url_from_env");
@@ -186,10 +191,17 @@ fn main() {
         let _ = std::fs::remove_dir_all(&dir);
         let pg = match PostgresJournal::url_from_env() {
             Some(url) => {
+                // Plain text, as every row before TLS came (and as a database on the runner's own
+                // network may be reached); TLS has a row of its own.
+                let url = with_query(&url, "sslmode=disable");
                 let schema = format!("idem_bench_{}", std::process::id());
                 let journal = PostgresJournal::builder(&url).schema(&schema).open().await.expect("open");
                 let pg = latency(&journal, "postgres").await;
                 rows.push(("PostgresJournal (TCP)", pg));
+                match PostgresJournal::builder(with_query(&url, "sslmode=require")).schema(&schema).open().await {
+                    Ok(journal) => rows.push(("PostgresJournal (TCP, TLS)", latency(&journal, "postgres-tls").await)),
+                    Err(e) => eprintln!("the server does not take TLS ({e}): no row for it"),
+                }
                 // A local server's other door: what a client on the database's own machine uses.
                 let mut socket = None;
                 if let Some(socket_url) = over_socket(&url).await.filter(|u| *u != url) {
@@ -241,6 +253,9 @@ fn main() {
                 many_linked / one_linked,
             );
             figures["postgres_us"] = json!(pg);
+            if let Some((_, tls)) = rows.iter().find(|(name, _)| name.ends_with("TLS)")) {
+                figures["postgres_tls_us"] = json!(tls);
+            }
             if let Some(socket) = socket {
                 figures["postgres_socket_us"] = json!(socket);
             }

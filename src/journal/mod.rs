@@ -29,6 +29,8 @@ use sha2::{Digest, Sha256};
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "postgres")]
+mod postgres_tls;
 #[cfg(feature = "journal")]
 mod sqlite;
 pub mod store;

@@ -8,7 +8,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use sha2::{Digest, Sha256};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{NoTls, Row, SimpleQueryMessage};
+use tokio_postgres::{Row, SimpleQueryMessage};
 
 use super::store::{Begun, Finish, Intent, KeyPlan};
 use super::{JournalError, KeyStore, OpState, Record, from_millis, to_millis};
@@ -98,6 +98,35 @@ const COLUMNS: &str =
 /// unrecorded leaves the record pending, as it said. The commit is `synchronous_commit = off`
 /// (losing it to a crash of the database leaves the record pending too: the next run resumes
 /// the key, and the server replays).
+///
+/// # TLS
+///
+/// The URL's `sslmode` and `sslrootcert` mean what they mean to libpq (`psql`, PgBouncer,
+/// Terraform's `pg` backend), on rustls:
+///
+/// | `sslmode` | TLS | the server's certificate |
+/// |---|---|---|
+/// | `disable` | never | – |
+/// | `prefer` (the default) | when the server offers it | not checked (chained to `sslrootcert` when one is given) |
+/// | `require` | always | the same |
+/// | `verify-ca` | always | chained to a root of `sslrootcert` |
+/// | `verify-full` | always | that, and naming the host connected to |
+///
+/// `sslrootcert` is a PEM file (a cloud's CA bundle, say), or `system` for the machine's own
+/// roots. Across a network, use `verify-full`: without a checked certificate, anyone on the
+/// path can read the journal's traffic (keys and all) or stand in for the database.
+/// `sslmode=verify-*` without `sslrootcert`, and client certificates (`sslcert`), are refused
+/// before anything connects. These two parameters are read from a `postgres://` URL; the
+/// `key=value` form takes `sslmode` up to `require`. Unix sockets never use TLS.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), idempotent_retry::journal::JournalError> {
+/// use idempotent_retry::journal::PostgresJournal;
+///
+/// let url = "postgres://ci@db.internal/deploys?sslmode=verify-full&sslrootcert=/etc/ssl/db-ca.pem";
+/// let journal = PostgresJournal::open(url).await?;
+/// # let _ = journal; Ok(()) }
+/// ```
 ///
 /// # Examples
 ///
@@ -191,8 +220,9 @@ impl PostgresJournal {
 
     /// The server libpq's environment names, as a URL for [`builder`](Self::builder): `PGHOST`
     /// (required: `None` without it; a directory is a Unix socket), `PGPORT` (5432), `PGUSER`
-    /// (`postgres`), `PGPASSWORD` (none) and `PGDATABASE` (`postgres`), each percent-encoded.
-    /// What `pg_virtualenv` and most CI services export.
+    /// (`postgres`), `PGPASSWORD` (none) and `PGDATABASE` (`postgres`), each percent-encoded,
+    /// and `PGSSLMODE` and `PGSSLROOTCERT` when set (see [TLS](PostgresJournal#tls)). What
+    /// `pg_virtualenv` and most CI services export.
     ///
     /// # Examples
     ///
@@ -205,14 +235,7 @@ impl PostgresJournal {
     /// # let _ = journal; Ok(()) }
     /// ```
     pub fn url_from_env() -> Option<String> {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        Some(url_from_parts(
-            &var("PGHOST")?,
-            var("PGPORT").as_deref(),
-            var("PGUSER").as_deref(),
-            var("PGPASSWORD").as_deref(),
-            var("PGDATABASE").as_deref(),
-        ))
+        url_from_vars(|name| std::env::var(name).ok())
     }
 
     /// Opens the journal at `url` with every default.
@@ -258,6 +281,26 @@ impl PostgresJournal {
                 Ok(gone + old)
         })
     }
+}
+
+/// [`PostgresJournal::url_from_env`] over `vars` (libpq's variables by name; empty is unset).
+fn url_from_vars(vars: impl Fn(&str) -> Option<String>) -> Option<String> {
+    let var = |name: &str| vars(name).filter(|v| !v.is_empty());
+    let mut url = url_from_parts(
+        &var("PGHOST")?,
+        var("PGPORT").as_deref(),
+        var("PGUSER").as_deref(),
+        var("PGPASSWORD").as_deref(),
+        var("PGDATABASE").as_deref(),
+    );
+    let tls = [("sslmode", var("PGSSLMODE")), ("sslrootcert", var("PGSSLROOTCERT"))];
+    let query: Vec<String> =
+        tls.iter().filter_map(|(key, value)| Some(format!("{key}={}", encode(value.as_deref()?)))).collect();
+    if !query.is_empty() {
+        url.push('?');
+        url.push_str(&query.join("&"));
+    }
+    Some(url)
 }
 
 /// A `postgres://` URL from libpq's parts, each percent-encoded.
@@ -342,8 +385,10 @@ impl PostgresJournalBuilder {
     /// than this program knows.
     pub async fn open(self) -> Result<PostgresJournal, JournalError> {
         let shown = redact_conninfo(&self.url);
+        let tls = super::postgres_tls::configure(&self.url)
+            .map_err(|reason| JournalError::Other { path: shown.clone(), reason })?;
         let mut config: tokio_postgres::Config =
-            self.url.parse().map_err(|e: tokio_postgres::Error| JournalError::Other {
+            tls.conninfo.parse().map_err(|e: tokio_postgres::Error| JournalError::Other {
                 path: shown.clone(),
                 reason: format!("not a PostgreSQL connection string: {}", clean(&e)),
             })?;
@@ -352,7 +397,8 @@ impl PostgresJournalBuilder {
         // `options` stay the user's.
         config.connect_timeout(self.timeout);
         config.application_name("idempotent-retry");
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager =
+            Manager::from_config(config, tls.connector, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(self.pool_size)
             .wait_timeout(Some(self.timeout))
@@ -416,7 +462,14 @@ fn clean(e: &tokio_postgres::Error) -> String {
     }
     let text = e.to_string();
     // tokio-postgres names the parameter it could not read, never its value; keep it short.
-    text.lines().next().unwrap_or_default().to_owned()
+    let mut text = text.lines().next().unwrap_or_default().to_owned();
+    // What went wrong underneath (a certificate, a refused socket): tokio-postgres's own
+    // words ("error performing TLS handshake") do not say.
+    if let Some(cause) = std::error::Error::source(e) {
+        let cause = cause.to_string();
+        text = format!("{text}: {}", cause.lines().next().unwrap_or_default());
+    }
+    text
 }
 
 /// The advisory lock of `what` (an operation or a key) in `scope`: 64 bits of a SHA-256.
@@ -1155,6 +1208,30 @@ mod tests {
         );
         let plain = super::url_from_parts("127.0.0.1", None, None, None, None);
         assert_eq!(plain, "postgres://postgres@127.0.0.1:5432/postgres");
+    }
+
+    #[test]
+    fn a_url_from_libpq_variables_carries_their_tls_settings() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned())
+        };
+        assert_eq!(super::url_from_vars(vars(&[("PGPORT", "5433")])), None, "no PGHOST, no URL");
+        assert_eq!(
+            super::url_from_vars(vars(&[("PGHOST", "db"), ("PGSSLMODE", "")])).as_deref(),
+            Some("postgres://postgres@db:5432/postgres")
+        );
+        let url = super::url_from_vars(vars(&[
+            ("PGHOST", "db"),
+            ("PGSSLMODE", "verify-full"),
+            ("PGSSLROOTCERT", "/etc/ssl/my ca.pem"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            url,
+            "postgres://postgres@db:5432/postgres?sslmode=verify-full&sslrootcert=%2Fetc%2Fssl%2Fmy%20ca.pem"
+        );
+        let tls = crate::journal::postgres_tls::configure(&url).err().expect("the file does not exist");
+        assert!(tls.contains("/etc/ssl/my ca.pem"), "{tls}");
     }
 
     use super::*;

@@ -18,4 +18,5 @@ mod faults;
 mod fleet;
 mod rules;
 mod support;
+mod tls;
 mod values;

@@ -6,8 +6,8 @@
 //! cargo bench --bench figures
 //! ```
 //!
-//! Prints a Markdown table (docs/performance.md's), writes `target/figures.json`, and draws
-//! `docs/attempts-per-operation.svg`.
+//! Prints a Markdown table (docs/performance.md's), writes `figures.json` in the target
+//! directory, and draws `docs/attempts-per-operation.svg`.
 
 // A benchmark measures wall time, and its servers run on the real clock (see `clippy.toml`).
 #![allow(clippy::disallowed_methods)]
@@ -397,7 +397,11 @@ fn main() {
     if let Err(e) = chart(&points, "docs/attempts-per-operation.svg") {
         eprintln!("chart: {e}");
     }
-    let _ = std::fs::write("target/figures.json", serde_json::to_string_pretty(&out).unwrap());
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".to_owned());
+    let _ = std::fs::create_dir_all(&target);
+    if let Err(e) = std::fs::write(format!("{target}/figures.json"), serde_json::to_string_pretty(&out).unwrap()) {
+        eprintln!("{target}/figures.json: {e}");
+    }
     println!("\n| figure | goal | idempotent-retry | reqwest-retry |\n|---|---|---|---|");
     for row in table {
         println!("{row}");

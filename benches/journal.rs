@@ -17,7 +17,7 @@
 //!
 //! The PostgreSQL rows need the server libpq's environment names (`pg_virtualenv` exports it);
 //! without one the bench says so and measures the other two. Prints a Markdown table (the one
-//! in docs/postgres.md) and writes `target/journal-bench.json`.
+//! in docs/postgres.md) and writes `journal-bench.json` in the target directory.
 
 // A benchmark measures wall time (see `clippy.toml`).
 #![allow(clippy::disallowed_methods)]
@@ -266,7 +266,11 @@ fn main() {
             figures["linked_throughput_1"] = json!(one_linked);
             figures["linked_throughput_8"] = json!(many_linked);
         }
-        let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/journal-bench.json");
-        let _ = std::fs::write(target, figures.to_string());
+        // Where cargo builds (`CARGO_TARGET_DIR`, or `target/` here), as the other benches write.
+        let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".to_owned());
+        let _ = std::fs::create_dir_all(&target);
+        if let Err(e) = std::fs::write(format!("{target}/journal-bench.json"), figures.to_string()) {
+            eprintln!("{target}/journal-bench.json: {e}");
+        }
     });
 }

@@ -219,7 +219,8 @@ impl PostgresJournal {
     }
 
     /// The server libpq's environment names, as a URL for [`builder`](Self::builder): `PGHOST`
-    /// (required: `None` without it; a directory is a Unix socket), `PGPORT` (5432), `PGUSER`
+    /// (required: `None` without it; a directory is a Unix socket; a comma-separated list is
+    /// tried in order), `PGPORT` (5432; one for every host, or a list of one each), `PGUSER`
     /// (`postgres`), `PGPASSWORD` (none) and `PGDATABASE` (`postgres`), each percent-encoded,
     /// and `PGSSLMODE` and `PGSSLROOTCERT` when set (see [TLS](PostgresJournal#tls)). What
     /// `pg_virtualenv` and most CI services export.
@@ -303,7 +304,8 @@ fn url_from_vars(vars: impl Fn(&str) -> Option<String>) -> Option<String> {
     Some(url)
 }
 
-/// A `postgres://` URL from libpq's parts, each percent-encoded.
+/// A `postgres://` URL from libpq's parts, each percent-encoded. `host` may be a list
+/// (`h1,h2`, tried in order); `port` is one port for every host, or a list of one each.
 fn url_from_parts(
     host: &str,
     port: Option<&str>,
@@ -313,8 +315,18 @@ fn url_from_parts(
 ) -> String {
     let user = encode(user.unwrap_or("postgres"));
     let password = password.map(|p| format!(":{}", encode(p))).unwrap_or_default();
-    let (host, port, db) = (encode(host), port.unwrap_or("5432"), encode(db.unwrap_or("postgres")));
-    format!("postgres://{user}{password}@{host}:{port}/{db}")
+    let ports: Vec<&str> = port.unwrap_or("5432").split(',').map(|p| p.trim()).collect();
+    let hosts: Vec<String> = host
+        .split(',')
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports.get(i).or(ports.first().filter(|_| ports.len() == 1)).copied();
+            let port = port.filter(|p| !p.is_empty()).unwrap_or("5432");
+            format!("{}:{port}", encode(host.trim()))
+        })
+        .collect();
+    let db = encode(db.unwrap_or("postgres"));
+    format!("postgres://{user}{password}@{}/{db}", hosts.join(","))
 }
 
 /// Percent-encodes every byte but RFC 3986's unreserved ones.
@@ -1208,6 +1220,27 @@ mod tests {
         );
         let plain = super::url_from_parts("127.0.0.1", None, None, None, None);
         assert_eq!(plain, "postgres://postgres@127.0.0.1:5432/postgres");
+    }
+
+    #[test]
+    fn a_list_of_hosts_in_pghost_is_a_list_in_the_url() {
+        use std::str::FromStr;
+        use tokio_postgres::config::Host;
+        let hosts = |url: &str| {
+            let config = tokio_postgres::Config::from_str(url).expect("tokio-postgres reads it");
+            let hosts = config.get_hosts().iter().map(|h| match h {
+                Host::Tcp(name) => name.clone(),
+                Host::Unix(path) => path.display().to_string(),
+            });
+            hosts.zip(config.get_ports().iter().copied()).collect::<Vec<_>>()
+        };
+        let both = super::url_from_parts("db1, db2", Some("5433"), None, None, None);
+        assert_eq!(both, "postgres://postgres@db1:5433,db2:5433/postgres");
+        assert_eq!(hosts(&both), [("db1".to_owned(), 5433), ("db2".to_owned(), 5433)]);
+        let each = super::url_from_parts("db1,/run/pg", Some("5433,5434"), None, None, None);
+        assert_eq!(hosts(&each), [("db1".to_owned(), 5433), ("/run/pg".to_owned(), 5434)]);
+        let fewer = super::url_from_parts("db1,db2,db3", Some("5433,5434"), None, None, None);
+        assert_eq!(hosts(&fewer)[2], ("db3".to_owned(), 5432), "a host without a port of its own gets libpq's");
     }
 
     #[test]

@@ -139,7 +139,11 @@ impl Engine {
             loop {
                 let ended = self.attempt(exchange, extensions, next.clone()).await;
                 if let Some(redirect) = crate::redirect::of(&exchange.template, &ended) {
-                    self.redirected(exchange, redirect, ended)?;
+                    let turn = self.redirected(exchange, redirect, ended)?;
+                    if !turn.is_zero() {
+                        self.sleeper.sleep(turn).await;
+                        exchange.tally.total_delay += turn;
+                    }
                     continue;
                 }
                 let replayed = self.is_replay(exchange, &ended);
@@ -404,9 +408,10 @@ impl Engine {
     }
 
     /// A write answered with a redirect: followed within its origin as one more attempt (the
-    /// same method, body and key, at once), or the end of it. A stop on a redirect never says
+    /// same method, body and key, without backoff, after the adaptive rate limiter's turn when
+    /// it is on, which is what `Ok` holds), or the end of it. A stop on a redirect never says
     /// "not applied".
-    fn redirected(&self, x: &mut Exchange<'_>, redirect: Redirect, ended: Ended) -> Result<(), Error> {
+    fn redirected(&self, x: &mut Exchange<'_>, redirect: Redirect, ended: Ended) -> Result<Duration, Error> {
         let stop = |x: &mut Exchange<'_>, name: &'static str, error: fn(Box<Failure>) -> Error, ended: Ended| {
             x.tally.may_have_been_applied = true;
             x.span.record("outcome", name);
@@ -428,12 +433,20 @@ impl Engine {
         if x.tally.attempts >= x.policy.max_attempts() {
             return stop(x, "attempts_exhausted", Error::AttemptsExhausted, ended);
         }
-        if x.policy.deadline().is_some_and(|deadline| since(x.started, self.clock.now()) >= deadline) {
+        let now = self.clock.now();
+        let left = x.policy.deadline().map(|deadline| deadline.saturating_sub(since(x.started, now)));
+        if left.is_some_and(|left| left.is_zero()) {
             return stop(x, "deadline_exceeded", Error::DeadlineExceeded, ended);
         }
+        // The same origin, so the same host's turn; one that lands past the deadline stops here.
+        let turn = match self.rate.as_ref().map(|rate| rate.reserve(budget_host(&x.template), now, left)) {
+            Some(Err(_)) => return stop(x, "deadline_exceeded", Error::DeadlineExceeded, ended),
+            Some(Ok(turn)) => turn,
+            None => Duration::ZERO,
+        };
         tracing::debug!(parent: &x.attempt_span, status = ended.status().map(|s| s.as_u16()), "following a redirect of the write within its origin");
         *x.template.url_mut() = url;
-        Ok(())
+        Ok(turn)
     }
 
     /// Tells whoever listens that the engine will wait `delay`, and lets the failed attempt go

@@ -1063,3 +1063,27 @@ async fn the_exit_codes_in_the_help_are_the_docs_table() {
         assert_eq!(normal(text), normal(&in_docs[code]), "exit {code}");
     }
 }
+
+/// A PostgreSQL journal URL asking for a check it cannot make (`verify-full` without roots,
+/// roots that are not there) is refused before anything connects or is sent: exit 2, saying
+/// what to add, and never the password.
+#[tokio::test]
+async fn a_journal_url_with_tls_it_cannot_check_is_a_usage_error() {
+    let scratch = Scratch::new("pg-tls");
+    let cloud = cloud(ServerProfile::stripe()).await;
+    let url = format!("{}/cvms", cloud.uri());
+    for (journal, says) in [
+        ("postgres://ci:s3cret@127.0.0.1:9/db?sslmode=verify-full", "sslrootcert"),
+        (
+            "postgres://ci:s3cret@127.0.0.1:9/db?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem",
+            "/nonexistent/ca.pem",
+        ),
+        ("postgres://ci:s3cret@127.0.0.1:9/db?sslcert=/c.pem", "client certificates"),
+    ] {
+        let run = scratch.run(&["post", &url, "--json", "{}", "--journal", journal]).await;
+        assert_eq!(run.code(), 2, "{journal}: {run:?}");
+        assert!(run.stderr().contains(says), "{journal}: {run:?}");
+        assert!(!run.stderr().contains("s3cret") && !run.stdout().contains("s3cret"), "{journal}: {run:?}");
+    }
+    assert!(cloud.requests().is_empty(), "nothing was sent");
+}

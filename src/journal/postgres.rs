@@ -117,7 +117,8 @@ const COLUMNS: &str =
 /// path can read the journal's traffic (keys and all) or stand in for the database.
 /// `sslmode=verify-*` without `sslrootcert`, and client certificates (`sslcert`), are refused
 /// before anything connects. These two parameters are read from a `postgres://` URL; the
-/// `key=value` form takes `sslmode` up to `require`. Unix sockets never use TLS.
+/// `key=value` form takes `sslmode` up to `require`. On a Unix socket `sslmode` does not
+/// apply, as with libpq: it is never encrypted, and `require` connects.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), idempotent_retry::journal::JournalError> {
@@ -408,6 +409,11 @@ impl PostgresJournalBuilder {
         // options: PgBouncer refuses the `options` startup parameter, and the URL's own
         // `options` stay the user's.
         config.connect_timeout(self.timeout);
+        if only_sockets(&config) {
+            // libpq ignores `sslmode` on a Unix socket (the server never offers TLS there);
+            // tokio-postgres would ask, and fail `require` when the server says no.
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        }
         config.application_name("idempotent-retry");
         let manager =
             Manager::from_config(config, tls.connector, ManagerConfig { recycling_method: RecyclingMethod::Fast });
@@ -433,6 +439,12 @@ impl PostgresJournalBuilder {
         call!(&inner, again: true, |client| inner.migrate(&mut client).await)?;
         Ok(PostgresJournal { inner: Arc::new(inner) })
     }
+}
+
+/// Whether every host of `config` is a Unix socket (a directory).
+fn only_sockets(config: &tokio_postgres::Config) -> bool {
+    let hosts = config.get_hosts();
+    !hosts.is_empty() && hosts.iter().all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)))
 }
 
 /// `host/pid/random`: who holds a lease, told apart from every other journal instance.
@@ -1220,6 +1232,17 @@ mod tests {
         );
         let plain = super::url_from_parts("127.0.0.1", None, None, None, None);
         assert_eq!(plain, "postgres://postgres@127.0.0.1:5432/postgres");
+    }
+
+    #[test]
+    fn sslmode_does_not_apply_to_unix_sockets_as_with_libpq() {
+        use std::str::FromStr;
+        let config = |url: &str| tokio_postgres::Config::from_str(url).unwrap();
+        assert!(super::only_sockets(&config("postgres://ci@%2Fvar%2Frun%2Fpostgresql/db?sslmode=require")));
+        assert!(super::only_sockets(&config("host=/run/a,/run/b sslmode=require")));
+        assert!(!super::only_sockets(&config("postgres://ci@%2Frun%2Fpg,db.internal/db?sslmode=require")));
+        assert!(!super::only_sockets(&config("postgres://ci@db.internal/db")));
+        assert!(!super::only_sockets(&config("dbname=x")), "no host at all: tokio-postgres's default, not ours");
     }
 
     #[test]

@@ -199,5 +199,36 @@ async fn the_journal_checks_the_server_certificate_as_libpq_does() {
     assert!(encrypted == 0 && plain >= 1, "sslmode=disable: {encrypted} encrypted, {plain} plain");
     drop(journal);
 
+    // On the server's Unix socket sslmode does not apply, as with libpq: `require` connects,
+    // unencrypted (tokio-postgres alone asks for TLS there and fails on the server's no).
+    // Sockets authenticate by peer here: a role named like this process's user, for the test.
+    let me = String::from_utf8(std::process::Command::new("id").arg("-un").output().unwrap().stdout).unwrap();
+    let me = me.trim();
+    let exists = admin.query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&me]).await.unwrap().is_some();
+    if !exists {
+        admin.batch_execute(&format!("CREATE ROLE \"{me}\" LOGIN SUPERUSER")).await.unwrap();
+    }
+    let dirs: String = admin.query_one("SHOW unix_socket_directories", &[]).await.unwrap().get(0);
+    let dir = dirs.split(',').next().unwrap().trim();
+    let port = url::Url::parse(&url).unwrap().port().unwrap_or(5432);
+    let encoded: String = url::form_urlencoded::byte_serialize(dir.as_bytes()).collect();
+    let socket = format!("postgres://{me}@{encoded}:{port}/postgres?sslmode=require");
+    let since = server_now(&admin).await;
+    let (over_socket, encrypted, plain) = match records(&socket, &support::schema("tls-socket")).await {
+        Ok(journal) => {
+            let (encrypted, plain) = connections(&admin, &since).await;
+            drop(journal);
+            (Ok(()), encrypted, plain)
+        }
+        Err(e) => (Err(e.to_string()), 0, 0),
+    };
+    if !exists {
+        // The journal's connections close as its pool goes.
+        TokioSleeper.sleep(Duration::from_millis(200)).await;
+        admin.batch_execute(&format!("DROP OWNED BY \"{me}\"")).await.unwrap();
+        admin.batch_execute(&format!("DROP ROLE \"{me}\"")).await.unwrap();
+    }
     serve_with(&admin, &url, None).await;
+    over_socket.expect("sslmode=require over the Unix socket");
+    assert!(encrypted == 0 && plain >= 1, "over the socket: {encrypted} encrypted, {plain} plain");
 }

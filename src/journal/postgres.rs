@@ -512,7 +512,7 @@ impl Inner {
         self.pool
             .get()
             .await
-            .map_err(|e| JournalError::Unavailable { path: self.shown.clone(), reason: pool_error(&e) })
+            .map_err(|e| JournalError::Unavailable { path: self.shown.clone(), reason: pool_error(&e, self.timeout) })
     }
 
     /// How long one call may take once connected: each of its statements and lock waits is
@@ -1165,9 +1165,18 @@ fn literal<T: Literal + ?Sized>(value: &T) -> String {
     value.literal()
 }
 
-fn pool_error(e: &deadpool_postgres::PoolError) -> String {
+fn pool_error(e: &deadpool_postgres::PoolError, timeout: Duration) -> String {
+    use deadpool_postgres::{PoolError, TimeoutType};
+    let ms = timeout.as_millis();
     match e {
-        deadpool_postgres::PoolError::Backend(e) => clean(e),
+        PoolError::Backend(e) => clean(e),
+        // The pool's own words ("Timeout occurred while creating a new object") say what it
+        // was doing, not what the user waited for.
+        PoolError::Timeout(TimeoutType::Create) => {
+            format!("no answer within {ms} ms while connecting (the socket, TLS and signing in)")
+        }
+        PoolError::Timeout(TimeoutType::Wait) => format!("every connection of the pool was busy for {ms} ms"),
+        PoolError::Timeout(TimeoutType::Recycle) => format!("a pooled connection gave no answer within {ms} ms"),
         other => other.to_string(),
     }
 }

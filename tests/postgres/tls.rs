@@ -232,3 +232,41 @@ async fn the_journal_checks_the_server_certificate_as_libpq_does() {
     over_socket.expect("sslmode=require over the Unix socket");
     assert!(encrypted == 0 && plain >= 1, "over the socket: {encrypted} encrypted, {plain} plain");
 }
+
+/// A "database" at `127.0.0.1` that takes the connection, says yes to TLS, and then `answer`s
+/// every handshake with the given bytes (nothing, for a host that froze there).
+async fn says_yes_to_tls_then(answer: &'static [u8]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut request = [0u8; 8];
+            if socket.read_exact(&mut request).await.is_ok() && socket.write_all(b"S").await.is_ok() {
+                let _ = socket.write_all(answer).await;
+            }
+            held.push(socket); // never closed, never answered further
+        }
+    });
+    port
+}
+
+/// A server that stalls in the middle of the TLS handshake, or answers it with something that
+/// is not TLS: opening the journal fails as unavailable, by itself, and says why.
+#[tokio::test]
+async fn a_tls_handshake_that_stalls_or_is_not_tls_fails_within_the_bound() {
+    const GUARD: Duration = Duration::from_secs(30);
+    for (answer, says) in
+        [(&b""[..], "no answer within 300 ms while connecting"), (&b"HTTP/1.1 400 Bad Request\r\n\r\n"[..], "TLS")]
+    {
+        let port = says_yes_to_tls_then(answer).await;
+        let url = format!("postgres://ci:s3cret@127.0.0.1:{port}/db?sslmode=require");
+        let open = PostgresJournal::builder(url).timeout(Duration::from_millis(300)).open();
+        let err = tokio::time::timeout(GUARD, open).await.expect("the open ends by itself").expect_err("no database");
+        assert!(matches!(err, JournalError::Unavailable { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains(says), "{says}: {text}");
+        assert!(!text.contains("s3cret"), "{text}");
+    }
+}

@@ -365,18 +365,12 @@ impl Engine {
                 }
             }
         }
-        let delay = match &self.rate {
-            Some(rate) => {
-                let left = x.policy.deadline().map(|deadline| deadline.saturating_sub(setback.elapsed));
-                match rate.reserve(budget_host(&x.template), now, left) {
-                    Ok(wait) => delay.max(wait),
-                    Err(_) => {
-                        x.span.record("outcome", "deadline_exceeded");
-                        return Err(Error::DeadlineExceeded);
-                    }
-                }
+        let delay = match self.turn(x, now) {
+            Ok(wait) => delay.max(wait),
+            Err(_) => {
+                x.span.record("outcome", "deadline_exceeded");
+                return Err(Error::DeadlineExceeded);
             }
-            None => delay,
         };
         telemetry::retry(kind.as_str(), delay);
         Ok(delay)
@@ -387,12 +381,22 @@ impl Engine {
         x.options.partition().unwrap_or(&self.partition)
     }
 
+    /// How long the next send to the request's host waits for its turn with the adaptive rate
+    /// limiter (none when it is off), the turn taken; `Err` with the wait when it lands past
+    /// what is left of the deadline, nothing taken.
+    fn turn(&self, x: &Exchange<'_>, now: SystemTime) -> Result<Duration, Duration> {
+        let Some(rate) = &self.rate else { return Ok(Duration::ZERO) };
+        let left = x.policy.deadline().map(|deadline| deadline.saturating_sub(since(x.started, now)));
+        rate.reserve(budget_host(&x.template), now, left)
+    }
+
     /// Waits for the first send's turn when the host has been throttling (the adaptive rate
     /// limiter); a turn past the deadline sends nothing.
     async fn pace_first(&self, x: &mut Exchange<'_>) -> Result<(), Error> {
-        let Some(rate) = &self.rate else { return Ok(()) };
-        let deadline = x.policy.deadline();
-        match rate.reserve(budget_host(&x.template), self.clock.now(), deadline) {
+        if self.rate.is_none() {
+            return Ok(());
+        }
+        match self.turn(x, self.clock.now()) {
             Ok(Duration::ZERO) => Ok(()),
             Ok(wait) => {
                 tracing::debug!(wait_ms = wait.as_millis() as u64, "waiting for the adaptive rate limit");
@@ -434,16 +438,11 @@ impl Engine {
             return stop(x, "attempts_exhausted", Error::AttemptsExhausted, ended);
         }
         let now = self.clock.now();
-        let left = x.policy.deadline().map(|deadline| deadline.saturating_sub(since(x.started, now)));
-        if left.is_some_and(|left| left.is_zero()) {
+        if x.policy.deadline().is_some_and(|deadline| since(x.started, now) >= deadline) {
             return stop(x, "deadline_exceeded", Error::DeadlineExceeded, ended);
         }
         // The same origin, so the same host's turn; one that lands past the deadline stops here.
-        let turn = match self.rate.as_ref().map(|rate| rate.reserve(budget_host(&x.template), now, left)) {
-            Some(Err(_)) => return stop(x, "deadline_exceeded", Error::DeadlineExceeded, ended),
-            Some(Ok(turn)) => turn,
-            None => Duration::ZERO,
-        };
+        let Ok(turn) = self.turn(x, now) else { return stop(x, "deadline_exceeded", Error::DeadlineExceeded, ended) };
         tracing::debug!(parent: &x.attempt_span, status = ended.status().map(|s| s.as_u16()), "following a redirect of the write within its origin");
         *x.template.url_mut() = url;
         Ok(turn)

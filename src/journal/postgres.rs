@@ -400,20 +400,11 @@ impl PostgresJournalBuilder {
         let shown = redact_conninfo(&self.url);
         let tls = super::postgres_tls::configure(&self.url)
             .map_err(|reason| JournalError::Other { path: shown.clone(), reason })?;
-        let mut config: tokio_postgres::Config =
-            tls.conninfo.parse().map_err(|e: tokio_postgres::Error| JournalError::Other {
-                path: shown.clone(),
-                reason: format!("not a PostgreSQL connection string: {}", clean(&e)),
-            })?;
+        let mut config = tls.config;
         // The statement and lock bounds are set per transaction (`SET LOCAL`), not as startup
         // options: PgBouncer refuses the `options` startup parameter, and the URL's own
         // `options` stay the user's.
         config.connect_timeout(self.timeout);
-        if only_sockets(&config) {
-            // libpq ignores `sslmode` on a Unix socket (the server never offers TLS there);
-            // tokio-postgres would ask, and fail `require` when the server says no.
-            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
-        }
         config.application_name("idempotent-retry");
         let manager =
             Manager::from_config(config, tls.connector, ManagerConfig { recycling_method: RecyclingMethod::Fast });
@@ -439,12 +430,6 @@ impl PostgresJournalBuilder {
         call!(&inner, again: true, |client| inner.migrate(&mut client).await)?;
         Ok(PostgresJournal { inner: Arc::new(inner) })
     }
-}
-
-/// Whether every host of `config` is a Unix socket (a directory).
-fn only_sockets(config: &tokio_postgres::Config) -> bool {
-    let hosts = config.get_hosts();
-    !hosts.is_empty() && hosts.iter().all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)))
 }
 
 /// `host/pid/random`: who holds a lease, told apart from every other journal instance.
@@ -479,7 +464,7 @@ pub(crate) fn redact_conninfo(conninfo: &str) -> String {
 }
 
 /// An error's text with whatever it quotes of the connection string left out.
-fn clean(e: &tokio_postgres::Error) -> String {
+pub(super) fn clean(e: &tokio_postgres::Error) -> String {
     // The server's own words (a refused startup parameter, a missing role), with its code.
     if let Some(db) = e.as_db_error() {
         return format!("{} ({})", db.message(), db.code().code());
@@ -1244,17 +1229,6 @@ mod tests {
     }
 
     #[test]
-    fn sslmode_does_not_apply_to_unix_sockets_as_with_libpq() {
-        use std::str::FromStr;
-        let config = |url: &str| tokio_postgres::Config::from_str(url).unwrap();
-        assert!(super::only_sockets(&config("postgres://ci@%2Fvar%2Frun%2Fpostgresql/db?sslmode=require")));
-        assert!(super::only_sockets(&config("host=/run/a,/run/b sslmode=require")));
-        assert!(!super::only_sockets(&config("postgres://ci@%2Frun%2Fpg,db.internal/db?sslmode=require")));
-        assert!(!super::only_sockets(&config("postgres://ci@db.internal/db")));
-        assert!(!super::only_sockets(&config("dbname=x")), "no host at all: tokio-postgres's default, not ours");
-    }
-
-    #[test]
     fn a_list_of_hosts_in_pghost_is_a_list_in_the_url() {
         use std::str::FromStr;
         use tokio_postgres::config::Host;
@@ -1272,7 +1246,9 @@ mod tests {
         let each = super::url_from_parts("db1,/run/pg", Some("5433,5434"), None, None, None);
         assert_eq!(hosts(&each), [("db1".to_owned(), 5433), ("/run/pg".to_owned(), 5434)]);
         let fewer = super::url_from_parts("db1,db2,db3", Some("5433,5434"), None, None, None);
-        assert_eq!(hosts(&fewer)[2], ("db3".to_owned(), 5432), "a host without a port of its own gets libpq's");
+        // libpq refuses 2 ports for 3 hosts; a URL cannot carry the mismatch, so the host
+        // without a port of its own gets the default port.
+        assert_eq!(hosts(&fewer)[2], ("db3".to_owned(), 5432));
     }
 
     #[test]

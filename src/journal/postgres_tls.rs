@@ -27,49 +27,56 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-/// How much of the server's certificate a connection checks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Check {
-    /// Nothing: the connection is encrypted, not authenticated (libpq's `prefer` and `require`
-    /// without a root certificate).
-    Nothing,
-    /// That it chains to a root of `sslrootcert` (`verify-ca`).
-    Chain,
-    /// That, and that it names the host (`verify-full`).
-    Full,
-}
-
 /// A connection string as tokio-postgres reads it, and the TLS it asks for.
 pub(crate) struct Tls {
-    /// The connection string without `sslrootcert`, with `verify-*` spelled `require`.
-    pub conninfo: String,
+    /// The connection string, read: without `sslrootcert`, `verify-*` as `require`, and no
+    /// TLS asked for when every host is a Unix socket.
+    pub config: tokio_postgres::Config,
     /// What connects: rustls, checking what the string asked for.
     pub connector: MakeRustlsConnect,
 }
 
-/// Reads `sslmode` and `sslrootcert` out of `conninfo` (a URL, or libpq's `key=value` form) and
-/// builds the connector. The error is a sentence for the user, without the connection string.
+/// The TLS parameters of a connection string, read out of it.
+struct Read {
+    /// The connection string, as tokio-postgres can read it.
+    conninfo: String,
+    /// `sslmode`, as given.
+    mode: Option<String>,
+    /// `sslrootcert`, decoded.
+    root: Option<String>,
+}
+
+/// Reads `conninfo` (a URL, or libpq's `key=value` form), its `sslmode` and `sslrootcert` as
+/// libpq would, and builds the connector. The error is a sentence for the user, without the
+/// connection string.
 pub(crate) fn configure(conninfo: &str) -> Result<Tls, String> {
     let is_url = conninfo.starts_with("postgres://") || conninfo.starts_with("postgresql://");
-    let (conninfo, mode, root) = if is_url {
+    let Read { conninfo, mode, root } = if is_url {
         from_url(conninfo)?
     } else {
         from_key_values(conninfo)?;
-        (conninfo.to_owned(), None, None)
+        Read { conninfo: conninfo.to_owned(), mode: None, root: None }
     };
-    let check = match (mode.as_deref(), &root) {
-        (Some("verify-full"), Some(_)) => Check::Full,
-        (Some("verify-ca"), Some(_)) => Check::Chain,
+    let mut config: tokio_postgres::Config = conninfo.parse().map_err(|e: tokio_postgres::Error| {
+        format!("not a PostgreSQL connection string: {}", super::postgres::clean(&e))
+    })?;
+    if only_sockets(&config) {
+        // libpq ignores `sslmode` on a Unix socket (the server never offers TLS there);
+        // tokio-postgres would ask, and fail `require` when the server says no.
+        config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    }
+    // `verify-ca` checks the chain to `sslrootcert`; `verify-full` the name too; `prefer` and
+    // `require` check the chain when given roots (as libpq), nothing otherwise.
+    let names = match (mode.as_deref(), &root) {
         (Some(mode @ ("verify-full" | "verify-ca")), None) => {
             return Err(format!(
                 "sslmode={mode} needs the roots to check the server against: add sslrootcert=<a PEM file> or sslrootcert=system"
             ));
         }
-        (_, Some(_)) => Check::Chain,
-        (_, None) => Check::Nothing,
+        (mode, _) => mode == Some("verify-full"),
     };
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let webpki = match root {
+    let chain = match root {
         Some(root) => Some(
             WebPkiServerVerifier::builder_with_provider(Arc::new(roots(&root)?), provider.clone())
                 .build()
@@ -77,24 +84,23 @@ pub(crate) fn configure(conninfo: &str) -> Result<Tls, String> {
         ),
         None => None,
     };
-    let verifier = Arc::new(Verifier { check, provider: provider.clone(), webpki });
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let verifier = Arc::new(Verifier { provider: provider.clone(), chain, names });
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS: {e}"))?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
-    Ok(Tls { conninfo, connector: MakeRustlsConnect::new(config) })
+    Ok(Tls { config, connector: MakeRustlsConnect::new(tls) })
 }
 
 /// The URL without `sslrootcert`, `verify-*` spelled `require`; the `sslmode` and
 /// `sslrootcert` it had. Only the query is rewritten: the rest stays as the user wrote it
 /// (several hosts, a socket directory, percent-escapes).
-#[allow(clippy::type_complexity)]
-fn from_url(url: &str) -> Result<(String, Option<String>, Option<String>), String> {
+fn from_url(url: &str) -> Result<Read, String> {
     let (base, query) = match url.split_once('?') {
         Some((base, query)) => (base, query),
-        None => return Ok((url.to_owned(), None, None)),
+        None => return Ok(Read { conninfo: url.to_owned(), mode: None, root: None }),
     };
     let (query, fragment) = match query.split_once('#') {
         Some((query, fragment)) => (query, Some(fragment)),
@@ -131,10 +137,17 @@ fn from_url(url: &str) -> Result<(String, Option<String>, Option<String>), Strin
         out.push('#');
         out.push_str(fragment);
     }
-    Ok((out, mode, root))
+    Ok(Read { conninfo: out, mode, root })
 }
 
-/// A URL query value with its `%XX` escapes decoded (as libpq does: `+` stays a plus).
+/// Whether every host of `config` is a Unix socket (a directory).
+fn only_sockets(config: &tokio_postgres::Config) -> bool {
+    let hosts = config.get_hosts();
+    !hosts.is_empty() && hosts.iter().all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)))
+}
+
+/// A URL query value with its `%XX` escapes decoded, as libpq does: `+` stays a plus, and a
+/// bad escape is refused (the `percent-encoding` crate would pass it through).
 fn percent_decoded(value: &str) -> Result<String, String> {
     let bytes = value.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -194,15 +207,17 @@ fn roots(root: &str) -> Result<RootCertStore, String> {
     Ok(store)
 }
 
-/// Checks the server's certificate as far as `check` says, and always that the server holds
-/// its key (the handshake's signatures): with [`Check::Nothing`] the connection is encrypted,
-/// not authenticated (libpq's `prefer` and `require`).
+/// Checks the server's certificate against `chain`'s roots, when there are any (and its name
+/// when `names`), and always that the server holds its key (the handshake's signatures):
+/// without roots the connection is encrypted, not authenticated (libpq's `prefer` and
+/// `require`).
 #[derive(Debug)]
 struct Verifier {
-    check: Check,
     provider: Arc<CryptoProvider>,
-    /// The roots' verifier, for [`Check::Chain`] and [`Check::Full`].
-    webpki: Option<Arc<WebPkiServerVerifier>>,
+    /// `sslrootcert`'s roots.
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    /// The certificate must name the host (`verify-full`).
+    names: bool,
 }
 
 impl ServerCertVerifier for Verifier {
@@ -214,12 +229,12 @@ impl ServerCertVerifier for Verifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let Some(webpki) = &self.webpki else { return Ok(ServerCertVerified::assertion()) };
-        match webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
-            // `verify-ca`: webpki checks the chain first, so a name error means the chain held.
+        let Some(chain) = &self.chain else { return Ok(ServerCertVerified::assertion()) };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            // Not `verify-full`: webpki checks the chain first, so a name error means it held.
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) if self.check == Check::Chain => Ok(ServerCertVerified::assertion()),
+            )) if !self.names => Ok(ServerCertVerified::assertion()),
             other => other,
         }
     }
@@ -253,7 +268,7 @@ mod tests {
 
     #[test]
     fn the_url_loses_sslrootcert_and_verify_modes_become_require() {
-        let (url, mode, root) = from_url(
+        let Read { conninfo: url, mode, root } = from_url(
             "postgres://ci:pw@h1:5432,h2:5433/db?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&application_name=x",
         )
         .unwrap();
@@ -261,16 +276,16 @@ mod tests {
         assert_eq!(mode.as_deref(), Some("verify-full"));
         assert_eq!(root.as_deref(), Some("/etc/ca.pem"));
 
-        let (url, mode, root) = from_url("postgresql://%2Fvar%2Frun%2Fpostgresql/db").unwrap();
+        let Read { conninfo: url, mode, root } = from_url("postgresql://%2Fvar%2Frun%2Fpostgresql/db").unwrap();
         assert_eq!((url.as_str(), mode, root), ("postgresql://%2Fvar%2Frun%2Fpostgresql/db", None, None));
 
-        let (url, mode, _) = from_url("postgres://h/db?sslmode=disable").unwrap();
+        let Read { conninfo: url, mode, .. } = from_url("postgres://h/db?sslmode=disable").unwrap();
         assert_eq!((url.as_str(), mode.as_deref()), ("postgres://h/db?sslmode=disable", Some("disable")));
 
-        let (url, _, root) = from_url("postgres://h/db?sslrootcert=system").unwrap();
+        let Read { conninfo: url, root, .. } = from_url("postgres://h/db?sslrootcert=system").unwrap();
         assert_eq!((url.as_str(), root.as_deref()), ("postgres://h/db", Some("system")));
 
-        let (_, _, root) = from_url("postgres://h/db?sslrootcert=/a+b%20c.pem#frag").unwrap();
+        let root = from_url("postgres://h/db?sslrootcert=/a+b%20c.pem#frag").unwrap().root;
         assert_eq!(root.as_deref(), Some("/a+b c.pem"));
         assert!(from_url("postgres://h/db?sslrootcert=%zz").is_err());
     }
@@ -307,7 +322,22 @@ mod tests {
     fn the_plain_modes_connect_unchecked_and_keep_the_string() {
         for conninfo in ["postgres://h/db", "postgres://h/db?sslmode=require", "host=h sslmode=require"] {
             let tls = configure(conninfo).unwrap();
-            assert_eq!(tls.conninfo, conninfo);
+            assert_eq!(tls.config, conninfo.parse::<tokio_postgres::Config>().unwrap(), "{conninfo}");
         }
+    }
+
+    #[test]
+    fn sslmode_does_not_apply_to_unix_sockets_as_with_libpq() {
+        use tokio_postgres::config::SslMode;
+        let mode = |conninfo: &str| configure(conninfo).unwrap().config.get_ssl_mode();
+        assert_eq!(mode("postgres://ci@%2Fvar%2Frun%2Fpostgresql/db?sslmode=require"), SslMode::Disable);
+        assert_eq!(mode("host=/run/a,/run/b sslmode=require"), SslMode::Disable);
+        assert_eq!(
+            mode("postgres://ci@%2Frun%2Fpg,db.internal/db?sslmode=require"),
+            SslMode::Require,
+            "a TCP host too"
+        );
+        assert_eq!(mode("postgres://ci@db.internal/db?sslmode=verify-full&sslrootcert=system"), SslMode::Require);
+        assert_eq!(mode("dbname=x"), SslMode::Prefer, "no host at all: tokio-postgres's default, not ours");
     }
 }
